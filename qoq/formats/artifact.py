@@ -1,0 +1,232 @@
+"""The qoq artifact: a folder with config.json, safetensors weights, tokenizer files and a report.
+
+Writing is atomic (a temporary sibling folder renamed into place). Reading validates the whole schema
+against config.json before any tensor is used and never unpickles anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qoq.algorithm.progressive import PROTECTIVE_RANGE, QuantizedWeight, padded_dims
+from qoq.errors import QoqError
+from qoq.formats.layout import LAYOUT_NAME, pack_group_params, pack_weight, unpack_group_params, unpack_weight
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "qoq"
+REPORT_FILE = "qoq_report.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_BYTES = 4 * 2**30
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: its folder, HF config (with quantization_config) and every tensor on CPU."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    report: dict = field(default_factory=dict)
+
+    @property
+    def qconfig(self) -> dict:
+        return self.config["quantization_config"]
+
+    @property
+    def group_size(self) -> int:
+        return self.qconfig["group_size"]
+
+    @property
+    def linear_names(self) -> list[str]:
+        return list(self.qconfig["modules"])
+
+    def quantized_weight(self, name: str) -> QuantizedWeight:
+        """Unpack one linear back to natural order (the inverse of what `write_artifact` stored)."""
+        n, k = self.qconfig["modules"][name]
+        t = self.tensors
+        q = unpack_weight(t[f"{name}.qweight"])
+        s1 = t[f"{name}.s1_scales"]
+        if self.group_size == -1:
+            return QuantizedWeight(q=q, s1=s1, group_size=-1, out_features=n, in_features=k,
+                                   szeros=t[f"{name}.s1_szeros"])
+        return QuantizedWeight(q=q, s1=s1, group_size=self.group_size, out_features=n, in_features=k,
+                               s2=unpack_group_params(t[f"{name}.s2_scales"]),
+                               z=-unpack_group_params(t[f"{name}.s2_zeros"]))
+
+
+def quantized_tensors(name: str, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The stored tensors of one linear: packed qweight, scales, zeros (negated: the kernel adds them)."""
+    out = {f"{name}.qweight": pack_weight(qw.q), f"{name}.s1_scales": qw.s1.to(torch.float16).contiguous()}
+    if qw.group_size == -1:
+        out[f"{name}.s1_szeros"] = qw.szeros.to(torch.float16).contiguous()
+    else:
+        out[f"{name}.s2_scales"] = pack_group_params(qw.s2)
+        out[f"{name}.s2_zeros"] = pack_group_params(-qw.z)
+    if bias is not None:
+        out[f"{name}.bias"] = bias.detach().to(torch.float16).contiguous()
+    return out
+
+
+def quantization_config(group_size: int, modules: dict[str, tuple[int, int]], recipe: dict) -> dict:
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "w_bits": 4,
+        "a_bits": 8,
+        "kv_bits": 4,
+        "group_size": group_size,
+        "protective_range": PROTECTIVE_RANGE,
+        "layout": LAYOUT_NAME,
+        "s2_zeros": "negated",
+        "norms_folded": bool(recipe.get("rotation", False)),
+        "recipe": recipe,
+        "modules": {name: list(shape) for name, shape in modules.items()},
+    }
+
+
+def write_artifact(output: Path, config: dict, tensors: dict[str, torch.Tensor], report: dict,
+                   tokenizer=None, overwrite: bool = False) -> Path:
+    """Write everything into a temporary sibling folder, then rename it to `output`."""
+    output = Path(output).resolve()
+    if output.exists() and not overwrite:
+        raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        _write_weights(tmp, tensors)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        _replace_folder(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    """Load and validate an artifact; any defect is a one-line QoqError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise QoqError(f"artifact {path} does not exist or is not a folder; pass the folder `qoq quantize` wrote")
+    config = _read_json(path / "config.json", path)
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise QoqError(f"{path} is not a qoq artifact (config.json has no qoq quantization_config); run qoq quantize first")
+    if qc.get("format_version") != FORMAT_VERSION or qc.get("layout") != LAYOUT_NAME:
+        raise QoqError(f"{path} has artifact format {qc.get('format_version')}/{qc.get('layout')}, this qoq reads "
+                       f"{FORMAT_VERSION}/{LAYOUT_NAME}; re-run qoq quantize with this version")
+    tensors = _read_weights(path)
+    _validate_tensors(path, qc, tensors)
+    report_file = path / REPORT_FILE
+    report = _read_json(report_file, path) if report_file.exists() else {}
+    return Artifact(path=path, config=config, tensors=tensors, report=report)
+
+
+def expected_shapes(name: str, n: int, k: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    np_, kp = padded_dims(n, k, group_size)
+    shapes = {f"{name}.qweight": ((np_, kp // 2), torch.int8), f"{name}.s1_scales": ((np_,), torch.float16)}
+    if group_size == -1:
+        shapes[f"{name}.s1_szeros"] = ((np_,), torch.float16)
+    else:
+        shapes[f"{name}.s2_scales"] = ((kp // group_size, np_), torch.int8)
+        shapes[f"{name}.s2_zeros"] = ((kp // group_size, np_), torch.int8)
+    return shapes
+
+
+# ---- internals ----------------------------------------------------------------------------------------
+
+def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    metadata = {"format": "pt", "quant_method": QUANT_METHOD}
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS_FILE, metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / fname, metadata=metadata)
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _replace_folder(new: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output, old)
+        os.replace(new, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, output)
+
+
+def _read_json(file: Path, artifact: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise QoqError(f"{artifact} is not a qoq artifact: {file.name} is missing; run qoq quantize to create one") from None
+    except (OSError, ValueError) as e:
+        raise QoqError(f"{artifact} is corrupt: {file.name} is not valid JSON ({_one_line(e)}); re-run qoq quantize") from None
+    if not isinstance(data, dict):
+        raise QoqError(f"{artifact} is corrupt: {file.name} is not a JSON object; re-run qoq quantize")
+    return data
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if (path / INDEX_FILE).exists():
+        files = sorted(set(_read_json(path / INDEX_FILE, path).get("weight_map", {}).values()))
+    else:
+        files = [WEIGHTS_FILE]
+    tensors: dict[str, torch.Tensor] = {}
+    for fname in files:
+        file = path / fname
+        if not file.is_file():
+            raise QoqError(f"{path} is incomplete: {fname} is missing; re-run qoq quantize")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises several types for truncated/corrupt headers
+            raise QoqError(f"{path} is corrupt: {fname} cannot be read ({_one_line(e)}); re-run qoq quantize") from None
+    return tensors
+
+
+def _validate_tensors(path: Path, qc: dict, tensors: dict[str, torch.Tensor]) -> None:
+    group_size = qc.get("group_size")
+    if group_size not in (32, 64, 128, -1):
+        raise QoqError(f"{path} is corrupt: group_size {group_size!r} is not 32/64/128/-1; re-run qoq quantize")
+    modules = qc.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise QoqError(f"{path} is corrupt: quantization_config lists no modules; re-run qoq quantize")
+    for name, (n, k) in modules.items():
+        for tname, (shape, dtype) in expected_shapes(name, n, k, group_size).items():
+            t = tensors.get(tname)
+            if t is None:
+                raise QoqError(f"{path} is corrupt: tensor {tname} is missing; re-run qoq quantize")
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise QoqError(f"{path} is corrupt: {tname} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}; "
+                               "re-run qoq quantize")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]

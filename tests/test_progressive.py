@@ -1,0 +1,83 @@
+"""The integer scheme of progressive group quantization (DESIGN.md §3)."""
+import pytest
+import torch
+
+from qoq.algorithm.progressive import (
+    PROTECTIVE_RANGE, dequantize, level2_params_from_range, padded_dims, quantize_weight,
+)
+
+
+def all_level1_ranges(step=0.25):
+    """Every (min, max) pair with min <= max on a 0.25 grid over the protective range."""
+    v = torch.arange(-PROTECTIVE_RANGE, PROTECTIVE_RANGE + step / 2, step, dtype=torch.float64)
+    lo, hi = torch.meshgrid(v, v, indexing="ij")
+    keep = lo <= hi
+    return lo[keep], hi[keep]
+
+
+def test_reconstruction_stays_in_int8_for_every_level1_range():
+    lo, hi = all_level1_ranges()
+    s2, z = level2_params_from_range(lo, hi)
+    s2, z = s2.long(), z.long()
+    assert s2.min() >= 1 and s2.max() <= 16
+    # q is monotonic in x, so the extremes of q*s2 - z inside a group come from its min and max
+    q_lo = torch.round((lo + z) / s2).clamp(0, 15).long()
+    q_hi = torch.round((hi + z) / s2).clamp(0, 15).long()
+    assert (q_lo * s2 - z).min() >= -128
+    assert (q_hi * s2 - z).max() <= 127
+    assert (q_hi * s2).max() <= 255  # no carry between bytes in the packed multiply
+
+
+def test_packed_multiply_then_byte_add_equals_integer_dequant():
+    """4 nibbles x s2 in one 32-bit multiply, then a byte-wise add of -z (mod 256) == q*s2 - z."""
+    lo, hi = all_level1_ranges(step=0.5)
+    s2, z = level2_params_from_range(lo, hi)
+    s2, z = s2.long(), z.long()
+    q_lo = torch.round((lo + z) / s2).clamp(0, 15).long()
+    q_hi = torch.round((hi + z) / s2).clamp(0, 15).long()
+    for q0 in range(16):
+        # four lanes of one register: q0, and three other in-range values of each group
+        qs = [torch.maximum(q_lo, torch.minimum(q_hi, torch.full_like(q_lo, q))) for q in (q0, 15 - q0, q0 // 2, 7)]
+        word = sum(q << (8 * i) for i, q in enumerate(qs))
+        prod = (word * s2) & 0xFFFFFFFF
+        neg_z = (-z) & 0xFF
+        for i, q in enumerate(qs):
+            byte = (((prod >> (8 * i)) & 0xFF) + neg_z) & 0xFF  # __vadd4 is byte-wise mod 256
+            as_int8 = torch.where(byte >= 128, byte - 256, byte)
+            assert torch.equal(as_int8, q * s2 - z)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("shape", [(64, 256), (96, 576), (40, 100), (192, 1536)])
+def test_quantize_dequantize_shapes_and_error(group, shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.02
+    qw = quantize_weight(w, group)
+    assert qw.q.shape == padded_dims(*shape, group)
+    assert qw.q.max() <= 15
+    w_hat = dequantize(qw)
+    assert w_hat.shape == w.shape
+    rel = (w_hat - w).norm() / w.norm()
+    assert rel < (0.12 if group > 0 else 0.2)
+    if group > 0:
+        assert qw.s2.min() >= 1 and qw.s2.max() <= 16
+
+
+def test_finer_groups_are_more_accurate():
+    torch.manual_seed(0)
+    w = torch.randn(128, 512) * torch.logspace(-2, 0, 512)
+    errs = [(dequantize(quantize_weight(w, g)) - w).norm() for g in (32, 64, 128, -1)]
+    assert errs[0] < errs[1] < errs[2] < errs[3]
+
+
+def test_zero_rows_and_constant_groups():
+    w = torch.zeros(32, 64)
+    w[1] = 1.0
+    qw = quantize_weight(w, 32)
+    assert torch.equal(dequantize(qw)[0], torch.zeros(64))
+    assert torch.allclose(dequantize(qw)[1], torch.ones(64), rtol=1e-3)
+
+
+def test_bad_group_size():
+    with pytest.raises(ValueError, match="32, 64, 128"):
+        quantize_weight(torch.zeros(32, 32), 100)
