@@ -132,3 +132,76 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16)
     """y [M, N] = dequant(W) @ dequant(x) through the exact int32 GEMM."""
     acc = int_matmul(a.q, int8_weight(w))
     return w4a8_epilogue(acc, a, w, out_dtype)
+
+
+# ---- KV4 cache ----------------------------------------------------------------------------------------
+# Per token, per KV head, asymmetric UINT4 after RoPE (DESIGN.md §3), scale and zero stored in fp16:
+#   scale = (max - min) / 15 (1 when max == min), zero = -min / scale, both rounded to fp16;
+#   q = clamp(round_half_even(x / scale16 + zero16), 0, 15);  x_hat = (q - zero16) * scale16.
+# Two values per byte: element 2i in the low nibble, 2i+1 in the high nibble.
+# The cache is preallocated per batch slot: codes uint8 [B, Hkv, T_max, D/2], scale/zero fp16 [B, Hkv, T_max].
+
+@dataclass
+class KV4Cache:
+    k: torch.Tensor  # uint8 [B, Hkv, T_max, D/2]
+    k_scale: torch.Tensor  # fp16 [B, Hkv, T_max]
+    k_zero: torch.Tensor  # fp16 [B, Hkv, T_max]
+    v: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, device="cpu") -> "KV4Cache":
+        codes = lambda: torch.zeros(batch, kv_heads, max_len, head_dim // 2, dtype=torch.uint8, device=device)
+        halves = lambda: torch.zeros(batch, kv_heads, max_len, dtype=torch.float16, device=device)
+        return cls(codes(), halves(), halves(), codes(), halves(), halves())
+
+
+def kv4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (codes uint8 [..., D/2], scale fp16 [...], zero fp16 [...])."""
+    xf = x.float()
+    lo, hi = xf.amin(-1), xf.amax(-1)
+    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).to(torch.float16)
+    zero = (-lo / scale.float()).to(torch.float16)
+    q = torch.round(xf / scale.float()[..., None] + zero.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4), scale, zero
+
+
+def kv4_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Inverse of `kv4_quantize` up to rounding: fp32 [..., D]."""
+    q = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2).float()
+    return (q - zero.float()[..., None]) * scale.float()[..., None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF Llama convention) on x [B, H, T, D] with cos/sin [B, T, D]; fp32 math."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos[:, None].float() + rotated * sin[:, None].float()).to(x.dtype)
+
+
+def kv4_append(cache: KV4Cache, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+    """Quantize post-RoPE k, v [B, Hkv, T, D] into cache positions start[b] .. start[b]+T-1."""
+    kq, ks, kz = kv4_quantize(k)
+    vq, vs, vz = kv4_quantize(v)
+    t = k.shape[2]
+    for b, s in enumerate(start.tolist()):
+        sl = slice(s, s + t)
+        cache.k[b, :, sl], cache.k_scale[b, :, sl], cache.k_zero[b, :, sl] = kq[b], ks[b], kz[b]
+        cache.v[b, :, sl], cache.v_scale[b, :, sl], cache.v_zero[b, :, sl] = vq[b], vs[b], vz[b]
+
+
+def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """One new query per sequence, q [B, Hq, D], over the first lengths[b] cached tokens (GQA): [B, Hq, D]."""
+    b, hq, d = q.shape
+    hkv = cache.k.shape[1]
+    t_max = int(lengths.max())
+    k = kv4_dequantize(cache.k[:, :, :t_max], cache.k_scale[:, :, :t_max], cache.k_zero[:, :, :t_max])
+    v = kv4_dequantize(cache.v[:, :, :t_max], cache.v_scale[:, :, :t_max], cache.v_zero[:, :, :t_max])
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * sm_scale
+    valid = torch.arange(t_max, device=q.device)[None, :] < lengths[:, None].to(q.device)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), v).to(q.dtype)
