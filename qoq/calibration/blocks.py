@@ -1,0 +1,88 @@
+"""Block-by-block calibration: one decoder block on the device at a time, its inputs cached.
+
+Peak device memory is one block in fp32 plus the cached hidden states of the calibration set.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from qoq.models.arch import decoder_layers, head_dims, rotary_cos_sin
+from qoq.runtime.ops import apply_rope
+
+
+@dataclass
+class BlockStats:
+    """Per-channel max |.| of post-RoPE queries and keys over the calibration tokens."""
+
+    query_absmax: torch.Tensor  # [H*D]
+    key_absmax: torch.Tensor  # [Hkv*D]
+
+
+class BlockRunner:
+    """Runs the decoder blocks of `model` on `device` over cached calibration hidden states."""
+
+    def __init__(self, model, input_ids: torch.Tensor, device: torch.device, batch_size: int = 4):
+        self.model = model
+        self.device = device
+        self.batch_size = batch_size
+        self.heads, self.kv_heads, self.head_dim = head_dims(model.config)
+        self.cos, self.sin = rotary_cos_sin(model, input_ids.shape[1], device)
+        self.store = device if device.type == "cuda" else torch.device("cpu")
+        embed = model.get_input_embeddings()
+        with torch.no_grad():
+            self.hidden = torch.cat([
+                embed(ids.to(embed.weight.device)).float().to(self.store)
+                for ids in input_ids.split(batch_size)
+            ])
+
+    @property
+    def layers(self):
+        return decoder_layers(self.model)
+
+    @torch.no_grad()
+    def forward(self, layer, hidden: torch.Tensor | None = None, limit: int | None = None) -> torch.Tensor:
+        """The block's outputs for the cached inputs (or `hidden`), optionally the first `limit` samples."""
+        hidden = self.hidden if hidden is None else hidden
+        if limit is not None:
+            hidden = hidden[:limit]
+        outs = [self._call(layer, x.to(self.device)).to(self.store) for x in hidden.split(self.batch_size)]
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def forward_with_stats(self, layer) -> tuple[torch.Tensor, BlockStats]:
+        """Outputs for the cached inputs, and max |post-RoPE q/k| per channel, in one pass."""
+        absmax = {}
+        with _capture_rope_absmax(layer, self.cos, self.sin, self.head_dim, absmax):
+            out = self.forward(layer)
+        return out, BlockStats(query_absmax=absmax["self_attn.q_proj"], key_absmax=absmax["self_attn.k_proj"])
+
+    def advance(self, outputs: torch.Tensor) -> None:
+        """The next block's inputs are this block's outputs."""
+        self.hidden = outputs
+
+    def _call(self, layer, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        positions = torch.arange(t, device=self.device)[None]
+        out = layer(x, attention_mask=None, position_ids=positions,
+                    position_embeddings=(self.cos[:, :t], self.sin[:, :t]))
+        return out[0] if isinstance(out, tuple) else out
+
+
+@contextmanager
+def _capture_rope_absmax(layer, cos, sin, head_dim, absmax: dict):
+    def hook(name):
+        def fn(_module, _inputs, output):
+            b, t, _ = output.shape
+            x = apply_rope(output.float().view(b, t, -1, head_dim).transpose(1, 2), cos[:, :t], sin[:, :t])
+            m = x.abs().amax(dim=(0, 2)).flatten()
+            absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
+        return fn
+    handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in ("self_attn.q_proj", "self_attn.k_proj")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

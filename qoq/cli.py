@@ -1,0 +1,148 @@
+"""The `qoq` command line: a thin Typer layer over the Python API, rendering with rich."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qoq.errors import QoqError
+from qoq.progress import RichReporter
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench.")
+out = Console()
+err = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn QoqError (and Ctrl-C) into one line on stderr and a non-zero exit, never a traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QoqError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]; nothing was written")
+            raise typer.Exit(130)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # a bug: still one line, with the way to get the traceback
+            if os.environ.get("QOQ_DEBUG"):
+                raise
+            msg = " ".join(str(e).split())[:300]
+            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {msg} (set QOQ_DEBUG=1 for the traceback)",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="HF hub id, local HF folder or .gguf file; "
+                                        "default: the embedded SmolLM2-135M-Instruct"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="pileval | wikitext2 | data-free | PATH (text/jsonl "
+                                        "file or folder); default auto: pileval, else local data, else data-free"),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="calibration samples"),
+    calib_seqlen: int = typer.Option(1024, "--calib-seqlen", help="tokens per calibration sample"),
+    group: int = typer.Option(128, "--group", "-g", help="weight group size: 32, 64, 128, or -1 for per-channel"),
+    smooth_attn_alpha: float = typer.Option(0.5, "--smooth-attn-alpha", help="SmoothAttention alpha; 0 turns it off"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact folder "
+                                          "(default ./<model>-qoq-w4a8kv4-g<group>)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    batch_size: int = typer.Option(4, "--batch-size", help="calibration samples per forward pass"),
+):
+    """Calibrate and quantize a model to a QoQ W4A8KV4 artifact."""
+    from qoq.pipeline import QuantizeOptions, quantize as run_quantize
+
+    opts = QuantizeOptions(model=model, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                           group_size=group, smooth_attn_alpha=smooth_attn_alpha, device=device, output=output,
+                           overwrite=overwrite, batch_size=batch_size)
+    result = run_quantize(opts, RichReporter(err))
+    sizes, timings = result.report["sizes"], result.report["timings"]
+    worst = max(result.report["layers"], key=lambda r: r["block_output_rel_error"])
+    out.print(f"wrote [bold]{result.path}[/]: {_mb(sizes['artifact_bytes'])} vs {_mb(sizes['fp16_bytes'])} FP16 "
+              f"({sizes['compression']:.2f}x smaller), quantized in {timings['quantize_s']:.1f} s; "
+              f"largest block output error {worst['block_output_rel_error']:.3%} (layer {worst['layer']})",
+              highlight=False)
+
+
+@app.command()
+@user_errors
+def inspect(
+    artifact: Path = typer.Argument(..., help="artifact folder written by qoq quantize"),
+    linears: bool = typer.Option(False, "--linears", help="one row per quantized linear instead of per block"),
+):
+    """What is inside an artifact: layers, bits per weight, sizes and the compression ratio."""
+    from qoq.formats.artifact import read_artifact
+
+    art = read_artifact(artifact)
+    qc = art.qconfig
+    rows = _inspect_rows(art, by_linear=linears)
+    table = Table(title=f"{art.path}  (W4A8KV4, group {qc['group_size']}, layout {qc['layout']})")
+    for col, justify in (("tensor" if linears else "part", "left"), ("weights", "right"), ("bytes", "right"),
+                         ("bits/weight", "right")):
+        table.add_column(col, justify=justify)
+    for name, params, nbytes in rows:
+        table.add_row(name, f"{params:,}", _mb(nbytes), f"{8 * nbytes / max(params, 1):.2f}")
+    total_params = sum(r[1] for r in rows)
+    total_bytes = sum(r[2] for r in rows)
+    table.add_row("[bold]total[/]", f"{total_params:,}", _mb(total_bytes), f"{8 * total_bytes / total_params:.2f}")
+    out.print(table)
+    fp16 = 2 * total_params
+    out.print(f"FP16 size {_mb(fp16)}, artifact {_mb(total_bytes)}: compression {fp16 / total_bytes:.2f}x; "
+              f"recipe {qc.get('recipe', {}).get('name', '?')}; source {art.report.get('source', {}).get('model', '?')}",
+              highlight=False)
+
+
+def _inspect_rows(art, by_linear: bool) -> list[tuple[str, int, int]]:
+    """(name, weights represented, bytes stored) per linear or per block/part."""
+    modules = art.qconfig["modules"]
+    rows: dict[str, list[int]] = {}
+
+    def add(key, params, nbytes):
+        r = rows.setdefault(key, [0, 0])
+        r[0] += params
+        r[1] += nbytes
+
+    claimed = set()
+    for name, (n, k) in modules.items():
+        tnames = [t for t in art.tensors if t.startswith(name + ".")]
+        claimed.update(tnames)
+        key = name if by_linear else _block_key(name)
+        add(key, n * k, sum(art.tensors[t].numel() * art.tensors[t].element_size() for t in tnames))
+    for tname, t in art.tensors.items():
+        if tname in claimed:
+            continue
+        key = tname if by_linear else _block_key(tname)
+        add(key, t.numel(), t.numel() * t.element_size())
+    return [(k, v[0], v[1]) for k, v in rows.items()]
+
+
+def _block_key(name: str) -> str:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m:
+        return f"block {int(m.group(1)):>3}"
+    return name.removesuffix(".weight")
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def main() -> None:
+    app(prog_name="qoq")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Remembers the artifact the last `qoq quantize` wrote, so `qoq verify` and `qoq bench` can default to it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from qoq.errors import QoqError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QOQ_CACHE_DIR", Path.home() / ".cache" / "qoq"))
+
+
+def _state_file() -> Path:
+    return cache_dir() / "last_artifact.json"
+
+
+def remember_last_artifact(path: Path) -> None:
+    file = _state_file()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"path": str(Path(path).resolve())}))
+    os.replace(tmp, file)
+
+
+def last_artifact() -> Path:
+    """The folder the last `qoq quantize` wrote; a QoqError when there is none or it is gone."""
+    try:
+        path = Path(json.loads(_state_file().read_text())["path"])
+    except (OSError, ValueError, KeyError):
+        raise QoqError("no ARTIFACT given and no earlier `qoq quantize` is recorded; run qoq quantize first "
+                       "or pass the artifact folder") from None
+    if not path.is_dir():
+        raise QoqError(f"the last `qoq quantize` wrote {path}, which no longer exists; pass an artifact folder")
+    return path
+
+
+def resolve_artifact(path: str | Path | None, reporter=None) -> Path:
+    """The given artifact, or the last one `qoq quantize` wrote (and say which)."""
+    if path is not None:
+        return Path(path)
+    found = last_artifact()
+    if reporter is not None:
+        reporter.info(f"artifact: {found} (written by the last `qoq quantize`)")
+    return found
