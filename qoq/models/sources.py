@@ -1,0 +1,389 @@
+"""Load the FP model to quantize: the embedded default, a .gguf file, a local HF folder or a hub id.
+
+Every failure reaches the user as a one-line `QoqError` that names the fix. The architecture is
+checked from the config (or the GGUF header) before any weights are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from qoq.errors import QoqError
+from qoq.hub import hub_reachable
+from qoq.models import smollm2
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# GGUF `general.architecture` values (llama.cpp names) that transformers maps onto the classes above.
+_GGUF_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_SUPPORTED_TEXT = "qoq supports Llama, Mistral and Qwen2 models"
+_FILE_EXTS = {".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".txt", ".onnx", ".ggml",
+              ".h5", ".msgpack", ".model", ".zip", ".tar", ".gz", ".tgz", ".npz", ".npy", ".pkl"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_CACHE_RECORD = "qoq_gguf_source.json"
+_CACHE_FORMAT = 1
+DEFAULT_ALIAS = "default"
+
+
+@dataclass
+class LoadedModel:
+    model: "PreTrainedModel"  # eval mode, on CPU, requested dtype, requires_grad False
+    tokenizer: "PreTrainedTokenizerBase"
+    source: str  # what the user asked for
+    name: str  # short name for the default output folder
+    source_sha256: str  # sha256 of the weight file(s) read
+    architecture: str  # "Llama" | "Mistral" | "Qwen2"
+    reload_spec: str  # a spec load_model() accepts later to reload the same FP model
+
+
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load `spec` (None/"default" = the embedded SmolLM2-135M-Instruct) for quantization.
+
+    spec: None or "default"; a `.gguf` file; a local HF folder with config.json; or a hub id.
+    """
+    try:
+        return _load(spec, dtype)
+    except QoqError:
+        raise
+    except Exception as e:  # transformers / gguf / IO: one line for the user
+        raise QoqError(_oneline(f"could not load model '{spec if spec is not None else DEFAULT_ALIAS}': "
+                                f"{type(e).__name__}: {e}")) from e
+
+
+def load_reference_model(reload_spec: str, dtype: torch.dtype = torch.float16) -> LoadedModel:
+    """Reload the FP model an artifact was made from (its recorded `reload_spec`)."""
+    return load_model(reload_spec, dtype)
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+
+def _load(spec: str | None, dtype: torch.dtype) -> LoadedModel:
+    if not isinstance(dtype, torch.dtype):
+        raise QoqError(f"dtype must be a torch.dtype, got {dtype!r}")
+    if spec is None or str(spec).strip() in ("", DEFAULT_ALIAS):
+        path = smollm2.default_gguf_path()
+        lm = _load_gguf(path, dtype, source=smollm2.SOURCE_LABEL)
+        lm.name = smollm2.MODEL_NAME
+        lm.reload_spec = DEFAULT_ALIAS
+        return lm
+    s = str(spec).strip()
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return _load_folder(p, dtype, source=s)
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return _load_gguf(p, dtype, source=s)
+        raise QoqError(f"model path '{s}' is a file, not a model; pass an existing HF folder (with config.json), "
+                       "a .gguf file, or a hub id")
+    if _looks_like_path(s):
+        raise QoqError(f"model path '{s}' does not exist; pass an existing HF folder, a .gguf file, or a hub id")
+    return _load_hub(s, dtype)
+
+
+def _looks_like_path(s: str) -> bool:
+    if s.startswith(("/", "./", "../", "~", ".\\", "..\\")) or s in (".", "..") or "\\" in s:
+        return True
+    if s.count("/") > 1 or Path(s).suffix.lower() in _FILE_EXTS:
+        return True
+    return not _HUB_ID.match(s)
+
+
+# ---------------------------------------------------------------------------------------- local folder
+
+def _read_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise QoqError(f"folder '{folder}' has no config.json; pass an HF model folder, a .gguf file, or a hub id")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QoqError(_oneline(f"cannot read '{cfg_path}': {e}")) from e
+    if not isinstance(cfg, dict):
+        raise QoqError(f"'{cfg_path}' is not a JSON object")
+    return cfg
+
+
+def _check_architecture(cfg: dict, where: str) -> tuple[str, str]:
+    """(class name, short name) of a config dict, or QoqError when unsupported."""
+    archs = cfg.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if not archs and cfg.get("model_type") in _MODEL_TYPES:
+        archs = [_MODEL_TYPES[cfg["model_type"]]]
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return a, SUPPORTED_ARCHITECTURES[a]
+    shown = archs[0] if archs else (cfg.get("model_type") or "unknown")
+    raise QoqError(f"unsupported architecture '{shown}' in {where}; {_SUPPORTED_TEXT}")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
+    if not files:
+        files = sorted(f for f in folder.glob("*.bin") if f.is_file() and f.name != "training_args.bin")
+    if not files:
+        raise QoqError(f"folder '{folder}' has no weights (*.safetensors or *.bin); pass a complete HF model folder")
+    return files
+
+
+def _sha256_files(files: list[Path]) -> str:
+    """sha256 of the concatenated contents of `files` (in the given, sorted, order)."""
+    if len(files) == 1:
+        return smollm2.sha256_file(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    import transformers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _load_tokenizer(folder: Path, **kw):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), **kw)
+    except Exception as e:
+        raise QoqError(_oneline(f"could not load the tokenizer from '{folder}': {type(e).__name__}: {e}")) from e
+
+
+def _finish(model, dtype: torch.dtype):
+    model = model.to(device="cpu", dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, *, source: str, name: str | None = None,
+                 source_sha256: str | None = None, reload_spec: str | None = None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    folder = folder.resolve()
+    cfg = _read_config(folder)
+    arch_cls, arch = _check_architecture(cfg, f"'{folder / 'config.json'}'")
+    files = _weight_files(folder)
+    tokenizer = _load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), low_cpu_mem_usage=True, **_dtype_kwargs(dtype))
+    if type(model).__name__ not in SUPPORTED_ARCHITECTURES:  # config said one thing, transformers built another
+        raise QoqError(f"unsupported architecture '{type(model).__name__}' in '{folder}'; {_SUPPORTED_TEXT}")
+    model = _finish(model, dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, name=name or folder.name,
+                       source_sha256=source_sha256 or _sha256_files(files), architecture=arch,
+                       reload_spec=reload_spec or str(folder))
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_architecture(path: str | os.PathLike) -> str:
+    """`general.architecture` from a GGUF header, reading only the metadata before it."""
+    with open(path, "rb") as f:
+
+        def read(n: int) -> bytes:
+            b = f.read(n)
+            if len(b) != n:
+                raise QoqError(f"'{path}' is not a valid GGUF file (truncated header)")
+            return b
+
+        def u32() -> int:
+            return struct.unpack("<I", read(4))[0]
+
+        def u64() -> int:
+            return struct.unpack("<Q", read(8))[0]
+
+        def string() -> str:
+            n = u64()
+            if n > 1 << 24:
+                raise QoqError(f"'{path}' is not a valid GGUF file (bad string length)")
+            return read(n).decode("utf-8", errors="replace")
+
+        def skip(vtype: int) -> None:
+            if vtype in _GGUF_FIXED:
+                f.seek(_GGUF_FIXED[vtype], os.SEEK_CUR)
+            elif vtype == 8:
+                f.seek(u64(), os.SEEK_CUR)
+            elif vtype == 9:
+                etype, count = u32(), u64()
+                if etype in _GGUF_FIXED:
+                    f.seek(_GGUF_FIXED[etype] * count, os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip(etype)
+            else:
+                raise QoqError(f"'{path}' is not a valid GGUF file (unknown value type {vtype})")
+
+        if read(4) != b"GGUF":
+            raise QoqError(f"'{path}' is not a GGUF file (bad magic)")
+        version = u32()
+        if version not in (2, 3):
+            raise QoqError(f"'{path}' is GGUF version {version}; only versions 2 and 3 are supported")
+        _n_tensors, n_kv = u64(), u64()
+        for _ in range(n_kv):
+            key, vtype = string(), u32()
+            if key == "general.architecture" and vtype == 8:
+                return string()
+            skip(vtype)
+    raise QoqError(f"'{path}' has no general.architecture in its GGUF header")
+
+
+def _gguf_cache_dir(sha: str) -> Path:
+    return smollm2.qoq_cache_dir() / "gguf-hf" / sha[:32]
+
+
+def _gguf_cache_valid(folder: Path, sha: str) -> bool:
+    import transformers
+
+    try:
+        rec = json.loads((folder / _CACHE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (rec.get("gguf_sha256") == sha and rec.get("format") == _CACHE_FORMAT
+            and rec.get("transformers") == transformers.__version__)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
+    """Load a GGUF through transformers (dequantized to fp32), caching the converted HF folder.
+
+    Converting costs ~15-20 s even for a 135M model (the gguf reader parses the whole tokenizer
+    metadata twice); the cached safetensors folder loads in ~1 s. Set QOQ_NO_GGUF_CACHE=1 to skip it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = path.expanduser().resolve()
+    garch = gguf_architecture(path)
+    if garch not in _GGUF_ARCHS:
+        raise QoqError(f"unsupported architecture '{garch}' in GGUF '{path.name}'; {_SUPPORTED_TEXT}")
+    arch_cls = _GGUF_ARCHS[garch]
+    sha = smollm2.sha256_file(path)
+    name = re.sub(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", "", path.stem, flags=re.I) or path.stem
+    common = dict(source=source, name=name, source_sha256=sha, reload_spec=str(path))
+    use_cache = os.environ.get("QOQ_NO_GGUF_CACHE", "").strip().lower() not in ("1", "true", "yes", "on")
+    cache = _gguf_cache_dir(sha)
+    if use_cache and _gguf_cache_valid(cache, sha):
+        return _load_folder(cache, dtype, **common)
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **_dtype_kwargs(torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    cls_name = type(model).__name__
+    if cls_name not in SUPPORTED_ARCHITECTURES:
+        raise QoqError(f"unsupported architecture '{cls_name}' in GGUF '{path.name}'; {_SUPPORTED_TEXT}")
+    # Drop the "this is a gguf-quantized model" markers: the weights are plain dequantized fp32 now.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [cls_name]
+    for attr, val in (("hf_quantizer", None), ("is_quantized", False)):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, val)
+            except Exception:
+                pass
+    if use_cache and _write_gguf_cache(model, tokenizer, cache, sha, path):
+        del model
+        return _load_folder(cache, dtype, **common)
+    return LoadedModel(model=_finish(model, dtype), tokenizer=tokenizer, architecture=SUPPORTED_ARCHITECTURES[cls_name],
+                       **common)
+
+
+def _write_gguf_cache(model, tokenizer, cache: Path, sha: str, gguf_path: Path) -> bool:
+    """Write the converted model as an HF folder (fp32 safetensors, tokenizer) atomically. Best effort."""
+    import transformers
+    from safetensors.torch import save_file
+
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        os.chmod(tmp, 0o755)
+        seen: set[tuple[int, int]] = set()
+        tensors = {}
+        for k, v in model.state_dict().items():  # tied weights: keep the first name (embed_tokens)
+            key = (v.untyped_storage().data_ptr(), v.storage_offset())
+            if key in seen:
+                continue
+            seen.add(key)
+            tensors[k] = v.detach().contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            try:
+                model.generation_config.save_pretrained(str(tmp))
+            except Exception:
+                pass
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _CACHE_RECORD).write_text(json.dumps({
+            "format": _CACHE_FORMAT, "gguf_sha256": sha, "gguf_path": str(gguf_path),
+            "transformers": transformers.__version__, "torch": torch.__version__,
+            "note": "qoq's fp32 conversion of the GGUF above; safe to delete",
+        }, indent=2) + "\n", encoding="utf-8")
+        if cache.exists():
+            shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+        tmp = None
+        return True
+    except Exception:
+        return _gguf_cache_valid(cache, sha)  # e.g. another process won the race
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------- hub
+
+_WANTED_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken", ".py")
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
+    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    name = repo_id.split("/")[-1]
+    if not hub_reachable():
+        try:  # downloaded before? then the HF cache is enough
+            local = snapshot_download(repo_id, local_files_only=True)
+        except Exception:
+            raise QoqError(f"cannot reach the Hugging Face hub to download '{repo_id}' (offline?); download it "
+                           "elsewhere and pass the local folder with --model PATH") from None
+        return _load_folder(Path(local), dtype, source=repo_id, name=name, reload_spec=repo_id)
+    try:
+        cfg_file = hf_hub_download(repo_id, "config.json")
+        _check_architecture(json.loads(Path(cfg_file).read_text(encoding="utf-8")), f"hub model '{repo_id}'")
+        files = [f for f in list_repo_files(repo_id) if "/" not in f]
+        wanted = [f for f in files if f.endswith(_WANTED_SUFFIXES) and not f.endswith(".py")]
+        if not any(f.endswith(".safetensors") for f in files):
+            wanted += [f for f in files if f.endswith(".bin") and f != "training_args.bin"]
+        local = snapshot_download(repo_id, allow_patterns=wanted)
+    except GatedRepoError as e:
+        raise QoqError(f"hub model '{repo_id}' is gated; accept its license on huggingface.co and log in "
+                       "(huggingface-cli login or HF_TOKEN), or pass a local folder with --model PATH") from e
+    except RepositoryNotFoundError as e:
+        raise QoqError(f"hub model '{repo_id}' not found (or private: log in with huggingface-cli login or "
+                       "HF_TOKEN); check the id or pass a local folder with --model PATH") from e
+    return _load_folder(Path(local), dtype, source=repo_id, name=name, reload_spec=repo_id)
+
+
+def _oneline(s: str, limit: int = 500) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
