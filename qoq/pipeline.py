@@ -58,6 +58,7 @@ class QuantizeOptions:
 class QuantizeResult:
     path: Path
     report: dict = field(default_factory=dict)
+    model: object = None  # the in-memory model with every quantized linear replaced by its W_hat (CPU)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -118,7 +119,7 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
         path = write_artifact(output, config, tensors, report, tokenizer=loaded.tokenizer, overwrite=opts.overwrite)
     timings["write_s"] = time.perf_counter() - t0
     remember_last_artifact(path)
-    return QuantizeResult(path=path, report=report)
+    return QuantizeResult(path=path, report=report, model=loaded.model)
 
 
 @torch.no_grad()
