@@ -131,6 +131,7 @@ def quantize_model(model, input_ids: torch.Tensor, opts: QuantizeOptions, device
     tensors = {"model.embed_tokens.weight": model.get_input_embeddings().weight.detach().half().cpu()}
     modules, layer_reports = {}, []
     for i, layer in enumerate(reporter.track(runner.layers, "quantizing blocks")):
+        started = time.perf_counter()
         layer.to(device=device, dtype=torch.float32)
         outputs, stats = runner.forward_with_stats(layer)
         linears = block_linears(layer)
@@ -150,7 +151,8 @@ def quantize_model(model, input_ids: torch.Tensor, opts: QuantizeOptions, device
         block_error = _relative_error(runner.forward(layer, limit=ERROR_SAMPLES), outputs[:ERROR_SAMPLES])
         for norm in ("input_layernorm", "post_attention_layernorm"):
             tensors[f"{prefix}.{norm}.weight"] = layer.get_submodule(norm).weight.detach().half().cpu()
-        layer_reports.append({"layer": i, "block_output_rel_error": block_error, "weight_rel_error": weight_errors})
+        layer_reports.append({"layer": i, "block_output_rel_error": block_error, "weight_rel_error": weight_errors,
+                              "seconds": time.perf_counter() - started})
         runner.advance(outputs)
         layer.to("cpu")
     tensors["model.norm.weight"] = model.model.norm.weight.detach().half().cpu()
