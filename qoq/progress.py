@@ -40,6 +40,9 @@ class RichReporter(Reporter):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         if total is None and hasattr(items, "__len__"):
             total = len(items)
+        if not self.console.is_terminal:  # logs and CI: one plain line per step instead of a live bar
+            yield from self._track_plain(items, description, total)
+            return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=False) as progress:
@@ -47,3 +50,11 @@ class RichReporter(Reporter):
             for item in items:
                 yield item
                 progress.advance(task)
+
+    def _track_plain(self, items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+        import time
+        start = time.perf_counter()
+        for i, item in enumerate(items, 1):
+            yield item
+            self.console.print(f"{description}: {i}/{total or '?'} ({time.perf_counter() - start:.1f} s)",
+                               highlight=False)
