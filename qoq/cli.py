@@ -140,6 +140,54 @@ def _mb(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
 
+@app.command()
+@user_errors
+def bench(
+    artifact: Optional[Path] = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote"),
+    gpu: str = typer.Option("auto", "--gpu", help="GPU profile: l40s | a100 | h100 | h200 | auto (the detected GPU)"),
+    shape: Optional[str] = typer.Option(None, "--shape", help="synthetic model instead of ARTIFACT: llama-3-8b | "
+                                        "llama-2-7b | mistral-7b | qwen2-7b | smollm2-135m (random weights, RTN)"),
+    input_len: int = typer.Option(1024, "--input-len", help="prompt tokens per sequence"),
+    output_len: int = typer.Option(512, "--output-len", help="generated tokens per sequence"),
+    batches: str = typer.Option("1,8,32,64", "--batches", help="batch sizes measured besides the max batch"),
+    max_batch: str = typer.Option("auto", "--max-batch", help="auto (largest that fits), N (at most N) or none"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write every figure as JSON here"),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="exit 1 when qoq's end-to-end speedup "
+                                                "over the FP16 engine at the max batch is below this"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of tokens/s vs batch (needs matplotlib)"),
+    skip_kernels: bool = typer.Option(False, "--skip-kernels", help="no GEMM/attention micro-benchmarks"),
+    skip_hf: bool = typer.Option(False, "--skip-hf", help="no transformers FP16 baseline"),
+    group: int = typer.Option(128, "--group", help="group size of the synthetic model (--shape)"),
+    backend: str = typer.Option("auto", "--backend", help="qoq engine backend: auto | cupy | reference"),
+    prefill_chunk: int = typer.Option(16384, "--prefill-chunk", help="prompt tokens per prefill chunk (engines)"),
+):
+    """GEMM + end-to-end throughput of the quantized model vs FP16 baselines on this GPU."""
+    from qoq.bench.report import e2e_table, kernels_table, plot_throughput, summary_lines, write_json
+    from qoq.bench.suite import BenchOptions, min_speedup_error, parse_batches, run_bench
+
+    opts = BenchOptions(artifact=artifact, shape=shape, gpu=gpu, input_len=input_len, output_len=output_len,
+                        batches=parse_batches(batches), max_batch=max_batch, json_path=json_path,
+                        min_speedup=min_speedup, plot=plot, skip_kernels=skip_kernels, skip_hf=skip_hf,
+                        group_size=group, backend=backend, prefill_chunk_tokens=prefill_chunk)
+    report = run_bench(opts, RichReporter(err))
+    if report["kernels"]:
+        out.print(kernels_table(report))
+    elif report["kernels_note"]:
+        out.print(f"kernels: {report['kernels_note']}", highlight=False)
+    out.print(e2e_table(report))
+    for line in summary_lines(report):
+        out.print(line, highlight=False)
+    if json_path is not None:
+        write_json(report, json_path)
+        out.print(f"wrote {json_path}", highlight=False)
+    if plot is not None:
+        plot_throughput(report, plot)
+        out.print(f"wrote {plot}", highlight=False)
+    failure = min_speedup_error(report, min_speedup)
+    if failure:
+        raise QoqError(failure)
+
+
 def main() -> None:
     app(prog_name="qoq")
 

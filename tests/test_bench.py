@@ -1,0 +1,409 @@
+"""CPU tests of `qoq bench`: arguments, GPU profiles, the JSON schema, --min-speedup, the no-GPU error,
+the max-batch plan, the roofline, synthetic shapes and the FP16 baseline engine."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qoq.bench import e2e, profiles, report, suite, synthetic
+from qoq.bench.profiles import DeviceInfo
+from qoq.cli import app
+from qoq.errors import QoqError
+
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=300, rope_theta=10000.0, max_position_embeddings=512,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+H100 = DeviceInfo(name="NVIDIA H100 80GB HBM3", memory_bytes=85_520_809_984, sm_count=132, capability=(9, 0))
+
+
+@pytest.fixture
+def tiny_shapes(monkeypatch):
+    shapes = dict(synthetic.SHAPES)
+    shapes["tiny"] = TINY
+    shapes["tiny-qwen2"] = {**TINY, "model_type": "qwen2", "use_sliding_window": False}
+    shapes["tiny-tied"] = {**TINY, "tie_word_embeddings": True}
+    monkeypatch.setattr(synthetic, "SHAPES", shapes)
+    monkeypatch.setattr(synthetic, "SHAPE_CHOICES", tuple(shapes))
+    monkeypatch.setattr(suite, "SHAPE_CHOICES", tuple(shapes))
+    return shapes
+
+
+def one_line_error(result) -> str:
+    text = result.output.strip()
+    assert result.exit_code == 1, text
+    assert "\n" not in text, text
+    assert "Traceback" not in text
+    return text
+
+
+# ---- CLI: arguments and the no-GPU error --------------------------------------------------------------
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("args", [[], ["--gpu", "l40s"], ["--shape", "llama-3-8b", "--gpu", "h100", "--json", "x.json"],
+                                  ["--gpu", "auto", "--min-speedup", "1.5", "--skip-hf"]])
+def test_no_gpu_is_one_line_and_exit_1(no_gpu, args, tmp_path, monkeypatch):
+    monkeypatch.setenv("QOQ_CACHE_DIR", str(tmp_path))  # no earlier quantize: the GPU error still comes first
+    text = one_line_error(CliRunner().invoke(app, ["bench", *args]))
+    assert text == "error: qoq bench needs an NVIDIA GPU (none visible); run it on a GPU machine"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--gpu", "v100"], "--gpu 'v100' is not one of l40s, a100, h100, h200, auto"),
+    (["--shape", "llama-9b"], "--shape 'llama-9b' is not one of"),
+    (["--batches", "1,x"], "--batches '1,x'"),
+    (["--batches", "0,8"], "--batches '0,8'"),
+    (["--max-batch", "lots"], "--max-batch 'lots'"),
+    (["--max-batch", "0"], "--max-batch '0'"),
+    (["--output-len", "1"], "--output-len >= 2"),
+    (["--min-speedup", "-1"], "--min-speedup -1 must be positive"),
+    (["--group", "48", "--shape", "llama-3-8b"], "--group 48"),
+    (["--backend", "triton"], "--backend 'triton'"),
+    (["--min-speedup", "1.5", "--skip-hf"], None),  # valid: reaches the GPU check
+    (["some/artifact", "--shape", "llama-3-8b"], "either ARTIFACT or --shape"),
+])
+def test_argument_errors_are_one_line(no_gpu, args, needle):
+    text = one_line_error(CliRunner().invoke(app, ["bench", *args]))
+    assert (needle or "needs an NVIDIA GPU") in text
+
+
+def test_plot_without_matplotlib_names_the_install(no_gpu, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    text = one_line_error(CliRunner().invoke(app, ["bench", "--plot", "t.png"]))
+    assert "pip install matplotlib" in text
+
+
+def test_parse_helpers():
+    assert suite.parse_batches("64, 1,8,8") == (1, 8, 64)
+    assert suite.parse_max_batch("AUTO") == "auto"
+    assert suite.parse_max_batch("256") == 256
+    assert suite.parse_max_batch("none") == "none"
+    o = suite.validate_options(suite.BenchOptions(skip_hf=True))
+    assert o.engines == ("qoq-w4a8kv4", "fp16-engine")
+    with pytest.raises(QoqError, match="both must run"):
+        suite.validate_options(suite.BenchOptions(engines=("qoq-w4a8kv4",), min_speedup=1.5))
+
+
+# ---- profiles --------------------------------------------------------------------------------------------
+
+def test_profiles_have_every_figure():
+    assert set(profiles.PROFILES) == {"l40s", "a100", "h100", "h200"}
+    for p in profiles.PROFILES.values():
+        assert p.mem_bw_gbs > 0 and p.fp16_tflops > 0 and p.int8_tops >= 2 * p.fp16_tflops * 0.99
+        assert p.memory_gb > 0 and p.sm_count > 0 and p.arch.startswith("sm_") and p.source
+        for key in ("w4a8_small_m", "w4a8_large_m", "kv4_decode", "fused_rows"):
+            assert key in p.tiles
+        for key in ("w4a8_small_m", "w4a8_large_m"):
+            t = p.tiles[key]
+            assert t["block_n"] % 32 == 0 and t["block_k"] % 32 == 0
+        d = p.as_dict()
+        assert "match" not in d and d["tiles"] == p.tiles
+        json.dumps(d)
+    # datasheet figures the issue names
+    assert profiles.PROFILES["l40s"].mem_bw_gbs == 864 and profiles.PROFILES["l40s"].memory_gb == 48
+    assert profiles.PROFILES["a100"].mem_bw_gbs == 2039 and profiles.PROFILES["a100"].int8_tops == 624
+    assert profiles.PROFILES["h100"].mem_bw_gbs == 3350 and profiles.PROFILES["h100"].int8_tops == 1979
+    assert profiles.PROFILES["h200"].mem_bw_gbs == 4800 and profiles.PROFILES["h200"].memory_gb == 141
+    assert profiles.PROFILES["a100"].fp8_tflops is None
+
+
+@pytest.mark.parametrize("name, expected", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA L40S", "l40s"),
+                                            ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA H200", "h200"),
+                                            ("Tesla T4", None)])
+def test_profile_detection_by_name(name, expected):
+    p = profiles.profile_for_device_name(name)
+    assert (p.name if p else None) == expected
+
+
+def test_resolve_profile_auto_named_and_mismatch():
+    p, detected, note = profiles.resolve_profile("auto", H100)
+    assert p.name == "h100" and detected is p and note is None
+    p, detected, note = profiles.resolve_profile("h100", H100)
+    assert p.name == "h100" and note is None
+    p, detected, note = profiles.resolve_profile("l40s", H100)
+    assert p.name == "l40s" and detected.name == "h100"
+    assert "detected NVIDIA H100 80GB HBM3, not NVIDIA L40S" in note and "\n" not in note
+    rtx = DeviceInfo(name="NVIDIA GeForce RTX 4090", memory_bytes=24 * 2**30, sm_count=128, capability=(8, 9))
+    p, detected, note = profiles.resolve_profile("auto", rtx)
+    assert p.name == "l40s" and detected is None and "nearest" in note
+    with pytest.raises(QoqError, match="not one of"):
+        profiles.resolve_profile("v100", H100)
+
+
+def test_w4a8_tile_choice():
+    h100 = profiles.PROFILES["h100"]
+    for m in (1, 16, 32):
+        t = profiles.w4a8_tile(h100, m, 4096, 4096)
+        assert t["config"] == "w4a8_small_m"
+        kblocks = 4096 // t["block_k"]
+        assert kblocks % t["split_k"] == 0
+        ctas = math.ceil(m / t["block_m"]) * (4096 // t["block_n"]) * t["split_k"]
+        assert ctas >= h100.sm_count  # every SM has work
+    big_n = profiles.w4a8_tile(h100, 1, 28672, 4096)
+    assert big_n["split_k"] <= profiles.w4a8_tile(h100, 1, 4096, 4096)["split_k"]
+    assert profiles.w4a8_tile(h100, 4096, 4096, 4096) == {**h100.tiles["w4a8_large_m"], "config": "w4a8_large_m"}
+
+
+# ---- JSON schema, speedups, --min-speedup ------------------------------------------------------------
+
+def fake_row(engine, batch, tps, is_max=False, **extra):
+    return {"engine": engine, "batch": batch, "is_max_batch": is_max, "input_len": 1024, "output_len": 512,
+            "tokens_per_s": tps, "ttft_ms": 100.0, "decode_ms_per_token": 10.0, "total_s": batch * 512 / tps,
+            "peak_mem_gb": 20.0, "weights_gb": 5.0, "kv_cache_gb": 1.0, "roofline_fraction": 0.5, **extra}
+
+
+def fake_report(rows, min_speedup=None):
+    rows = [dict(r) for r in rows]
+    dims = synthetic.ModelDims.from_config(synthetic.shape_config("llama-3-8b"))
+    settings = {"model": "synthetic:llama-3-8b", "shape": "llama-3-8b", "group_size": 128, "input_len": 1024,
+                "output_len": 512, "batches": [1, 8, 32, 64], "max_batch": "auto", "backend": "cupy",
+                "engines": list(e2e.ENGINES), "skip_kernels": False, "skip_hf": False, "prefill_chunk_tokens": 16384,
+                "tokens_per_s": e2e.TOKENS_PER_S_DEFINITION}
+    memory = {"capacity_gb": 80.0, "max_batch": {"qoq-w4a8kv4": 900, "fp16-engine": 300, "hf-fp16": 150},
+              "plans": {}, "kv4_vs_fp16_kv": {"kv4_batch": 900, "fp16_kv_batch": 260, "gain": 900 / 260},
+              "profile_max_batch": {"qoq-w4a8kv4": 900}}
+    return report.build_report(device=H100.as_dict(), profile=profiles.PROFILES["h100"].as_dict(),
+                               profile_matches_device=True, settings=settings, model=dims.as_dict(), memory=memory,
+                               kernels=[{"kernel": "w4a8", "m": 1, "us": 12.5}], kernels_note=None, rows=rows,
+                               engine_errors={}, min_speedup=min_speedup)
+
+
+ROWS = [fake_row("qoq-w4a8kv4", 900, 6000.0, True), fake_row("qoq-w4a8kv4", 1, 150.0),
+        fake_row("qoq-w4a8kv4", 64, 3000.0),
+        fake_row("fp16-engine", 300, 3000.0, True), fake_row("fp16-engine", 1, 60.0),
+        fake_row("fp16-engine", 64, 2000.0),
+        fake_row("hf-fp16", 150, 1500.0, True), fake_row("hf-fp16", 1, 30.0),
+        {"engine": "hf-fp16", "batch": 64, "is_max_batch": False, "input_len": 1024, "output_len": 512,
+         "error": "out of memory"}]
+
+
+def test_report_conforms_to_schema_and_round_trips(tmp_path):
+    rep = fake_report(ROWS, min_speedup=1.5)
+    assert report.validate_report(rep) == []
+    path = tmp_path / "out" / "bench.json"
+    report.write_json(rep, path)
+    back = json.loads(path.read_text())
+    assert report.validate_report(back) == []
+    assert back["schema"] == "qoq-bench/1"
+    for key in ("qoq", "python", "torch", "cuda", "transformers", "cupy"):
+        assert key in back["versions"]
+    assert back["device"]["name"] == H100.name and back["profile"]["name"] == "h100"
+    assert back["speedups"]["max_batch"] == {"vs_fp16_engine": 2.0, "vs_hf_fp16": 4.0}
+    assert back["speedups"]["by_batch"]["1"] == {"vs_fp16_engine": 2.5, "vs_hf_fp16": 5.0}
+    assert back["speedups"]["by_batch"]["64"] == {"vs_fp16_engine": 1.5, "vs_hf_fp16": None}
+    assert back["check"] == {"min_speedup": 1.5, "passed": True}
+
+
+def test_schema_violations_are_named():
+    rep = fake_report(ROWS)
+    del rep["device"]["name"]
+    rep["e2e"][0]["tokens_per_s"] = "fast"
+    rep["e2e"][1]["engine"] = "vllm"
+    problems = report.validate_report(rep)
+    assert "device.name is missing" in problems
+    assert any("e2e[0].tokens_per_s" in p for p in problems)
+    assert any("e2e[1].engine" in p for p in problems)
+    assert report.validate_report({"schema": "x"})  # everything else missing
+
+
+@pytest.mark.parametrize("threshold, passed", [(1.5, True), (2.0, True), (2.01, False), (3.0, False)])
+def test_min_speedup_logic(threshold, passed):
+    rep = fake_report(ROWS, min_speedup=threshold)
+    ok, line = report.check_min_speedup(rep, threshold)
+    assert ok is passed and rep["check"]["passed"] is passed
+    assert "2.00x" in line and "\n" not in line
+    assert (suite.min_speedup_error(rep, threshold) is None) == passed
+
+
+def test_min_speedup_without_fp16_max_row_fails_and_none_passes():
+    rows = [r for r in ROWS if r["engine"] != "fp16-engine"]
+    ok, line = report.check_min_speedup(fake_report(rows), 1.0)
+    assert ok is False and "no end-to-end speedup" in line
+    assert report.check_min_speedup(fake_report(rows), None) == (None, "")
+    assert suite.min_speedup_error(fake_report(rows), None) is None
+
+
+def test_table_summary_and_plot(tmp_path):
+    from rich.console import Console
+
+    rep = fake_report(ROWS)
+    console = Console(record=True, width=160)
+    console.print(report.e2e_table(rep))
+    console.print(report.kernels_table(rep))
+    text = console.export_text()
+    assert "qoq-w4a8kv4" in text and "900 (max)" in text and "out of memory" in text and "6,000" in text
+    lines = report.summary_lines(rep)
+    assert any("2.00x fp16-engine" in line for line in lines)
+    assert any("KV4 vs FP16 KV" in line and "3.46x" in line for line in lines)
+    pytest.importorskip("matplotlib")
+    report.plot_throughput(rep, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_paper_figures_are_named_by_gpu():
+    rep = fake_report(ROWS)
+    rep["profile"]["name"] = "a100"
+    assert any("QServe paper, A100: 3005 tok/s" in line for line in report.summary_lines(rep))
+
+
+# ---- max batch and roofline --------------------------------------------------------------------------
+
+def test_plan_max_batch_fits_and_backs_off():
+    gib = 2**30
+    fixed, per_seq, cap = 20 * gib, 50e6, 70 * gib
+    truth = int((cap - fixed) // per_seq)
+    calls = []
+
+    def probe(b):
+        calls.append(b)
+        if fixed + per_seq * b > cap:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return int(fixed + per_seq * b)
+
+    plan = e2e.plan_max_batch(probe, cap, 16, 32)
+    assert plan.batch == truth and calls == [16, 32, truth]
+    assert plan.per_seq_bytes == pytest.approx(per_seq, rel=1e-6)
+
+    # the probes underestimate (e.g. fragmentation): the confirmation backs off until it fits
+    def probe_tight(b):
+        if fixed + 1.2 * per_seq * b > cap:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return int(fixed + per_seq * b) if b <= 32 else int(fixed + 1.2 * per_seq * b)
+
+    plan = e2e.plan_max_batch(probe_tight, cap, 16, 32)
+    assert 0 < plan.batch <= (cap - fixed) / (1.2 * per_seq)
+    assert any(p is None for _, p in plan.probes)
+    assert e2e.plan_max_batch(probe, cap, 16, 32, limit=100).batch == 100
+    assert plan.as_dict()["per_seq_mb"] == pytest.approx(50.0, rel=1e-3)
+
+
+def test_kv4_lets_the_batch_grow():
+    dims = synthetic.ModelDims.from_config(synthetic.shape_config("llama-3-8b"))
+    assert dims.kv_bytes_per_token(16) == 32 * 2 * 8 * 128 * 2  # 128 KiB per token
+    assert dims.kv_bytes_per_token(4) == 32 * 2 * 8 * (64 + 4)
+    assert dims.kv_bytes_per_token(16) / dims.kv_bytes_per_token(4) > 3.7
+    assert dims.linear_params == 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
+
+
+def test_roofline():
+    dims = synthetic.ModelDims.from_config(synthetic.shape_config("llama-3-8b"))
+    h100 = profiles.PROFILES["h100"]
+    # batch 1 decode is bound by the weight bytes: W4 reads ~3.5x fewer bytes than FP16 (lm_head stays fp16)
+    w4 = e2e.roofline_tokens_per_s(dims, "w4a8", 4, 1, 1024, 512, h100)
+    f16 = e2e.roofline_tokens_per_s(dims, "fp16", 16, 1, 1024, 512, h100)
+    assert 2.5 < w4 / f16 < 4
+    assert f16 == pytest.approx(512 / (e2e.roofline_seconds(dims, "fp16", 16, 1, 1024, 512, h100)))
+    # decode at batch 1: about bandwidth / weight bytes per token
+    assert f16 == pytest.approx(h100.mem_bw_gbs * 1e9 / e2e.weight_bytes_streamed(dims, "fp16"), rel=0.15)
+    # large batches approach the tensor-core peak: tokens/s grows with batch, sublinearly
+    big = e2e.roofline_tokens_per_s(dims, "w4a8", 4, 256, 1024, 512, h100)
+    assert w4 < big < 256 * w4
+
+
+# ---- synthetic models and the engines on CPU ---------------------------------------------------------
+
+def test_synthetic_artifact_has_the_artifact_layout(tiny_shapes):
+    from qoq.formats.artifact import expected_shapes
+
+    art = synthetic.build_synthetic_artifact("tiny", "cpu", 32)
+    modules = art.qconfig["modules"]
+    assert len(modules) == 2 * 7
+    for name, (n, k) in modules.items():
+        for tname, (shape, dtype) in expected_shapes(name, n, k, 32).items():
+            assert tuple(art.tensors[tname].shape) == shape and art.tensors[tname].dtype == dtype
+    assert art.tensors["lm_head.weight"].dtype == torch.float16
+    assert art.qconfig["recipe"]["synthetic"] is True
+    qwen = synthetic.build_synthetic_artifact("tiny-qwen2", "cpu", -1)
+    assert "model.layers.0.self_attn.q_proj.bias" in qwen.tensors
+    assert "model.layers.0.self_attn.q_proj.s1_szeros" in qwen.tensors
+    with pytest.raises(QoqError, match="--shape"):
+        synthetic.shape_config("nope")
+
+
+@pytest.mark.parametrize("shape", synthetic.SHAPE_CHOICES)
+def test_published_shapes_build_hf_configs(shape):
+    hf_config = pytest.importorskip("qoq.runtime.engine").hf_config
+
+    cfg = synthetic.shape_config(shape)
+    c = hf_config(cfg)
+    dims = synthetic.ModelDims.from_config(cfg)
+    assert c.num_hidden_layers == dims.layers and c.hidden_size == dims.hidden
+    assert dims.heads % dims.kv_heads == 0
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen2", "tiny-tied"])
+def test_fp16_engine_matches_transformers(tiny_shapes, shape):
+    """The FP16 baseline engine computes the same function as HF on the FP16 twin (chunked prefill + decode)."""
+    pytest.importorskip("qoq.runtime.engine")
+    art = synthetic.build_synthetic_artifact(shape, "cpu", 32)
+    cfg = {k: v for k, v in art.config.items() if k != "quantization_config"}
+    dims = synthetic.ModelDims.from_config(cfg)
+    twin = synthetic.fp16_twin(art, "cpu")
+    hf = e2e.HFRunner(cfg, dims, torch.device("cpu"))
+    hf.model.load_state_dict({k: v.float() for k, v in twin.items()}, strict=False)
+    fp16 = e2e.FP16EngineRunner(cfg, dict(twin), dims, torch.device("cpu"), prefill_chunk_tokens=16)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 12))
+    nxt = torch.randint(0, TINY["vocab_size"], (3,))
+    with torch.no_grad():
+        ref = hf.model(ids).logits[:, -1]
+        ref2 = hf.model(torch.cat([ids, nxt[:, None]], 1)).logits[:, -1]
+        fp16._reset(3, 20)
+        got = fp16._prefill(ids)  # chunks of one sequence
+        got2 = fp16._decode(nxt)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(got2, ref2, rtol=1e-4, atol=1e-4)
+
+
+def test_qoq_runner_chunked_prefill_matches_the_engine(tiny_shapes):
+    pytest.importorskip("qoq.runtime.engine")
+    art = synthetic.build_synthetic_artifact("tiny", "cpu", 32)
+    dims = synthetic.ModelDims.from_config(art.config)
+    runner = e2e.QoqRunner(art, dims, torch.device("cpu"), "reference", prefill_chunk_tokens=8)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 8))
+    runner._reset(3, 12)
+    chunked = runner._prefill(ids)  # one sequence per chunk
+    nxt = chunked.argmax(-1)
+    step = runner._decode(nxt)
+    runner.eng.reset(3, 12)
+    whole = runner.eng.prefill(ids)
+    step_whole = runner.eng.decode_step(nxt)
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    assert torch.allclose(step, step_whole, atol=1e-5)
+
+
+def test_whole_bench_on_cpu_produces_a_valid_report(tiny_shapes, tmp_path):
+    """The orchestration end to end on CPU (tiny shape, no max-batch search, which needs CUDA)."""
+    pytest.importorskip("qoq.runtime.engine")
+    cpu = DeviceInfo(name="NVIDIA H100 80GB HBM3", memory_bytes=80 * 2**30, sm_count=132, capability=(9, 0))
+    o = suite.BenchOptions(shape="tiny", gpu="l40s", input_len=8, output_len=3, batches=(1, 2), max_batch="none",
+                           skip_kernels=True, group_size=32, backend="reference")
+    rep = suite.run_bench(o, device_override=(cpu, torch.device("cpu")))
+    assert report.validate_report(rep) == [], report.validate_report(rep)
+    assert rep["engine_errors"] == {}
+    assert {(r["engine"], r["batch"]) for r in rep["e2e"]} == {(e, b) for e in e2e.ENGINES for b in (1, 2)}
+    assert rep["profile"]["name"] == "l40s" and rep["profile_matches_device"] is False
+    assert rep["kernels"] is None and "skipped" in rep["kernels_note"]
+    assert set(rep["speedups"]["by_batch"]) == {"1", "2"}
+    for r in rep["e2e"]:
+        assert r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 and r["kv_cache_gb"] > 0 and r["weights_gb"] > 0
+    qoq_w = next(r["weights_gb"] for r in rep["e2e"] if r["engine"] == "qoq-w4a8kv4")
+    fp_w = next(r["weights_gb"] for r in rep["e2e"] if r["engine"] == "fp16-engine")
+    assert qoq_w < fp_w
+    report.write_json(rep, tmp_path / "b.json")
+    assert report.validate_report(json.loads((tmp_path / "b.json").read_text())) == []
