@@ -1,0 +1,214 @@
+"""Numerics: a simulated-quantization HF model of an artifact, and the kernel-vs-reference check.
+
+`simulated_model(artifact)` is the plain floating-point twin of what the engine computes: an HF model
+whose linears hold the dequantized weights W_hat, with fake per-token INT8 quantization of every linear
+input and fake KV4 (quantize + dequantize) of the post-RoPE keys and values inside attention. The
+reference engine must match it within floating-point rounding.
+
+`check_kernels(...)` runs the reference engine on real token windows; at every kernel call it replays
+the same inputs through a candidate backend (the cupy kernels) and records the largest relative error
+per op type, so errors never accumulate across layers and each op is judged on its own.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from qoq.algorithm.progressive import dequantize
+from qoq.formats.artifact import Artifact
+from qoq.runtime import ops
+from qoq.runtime.backend import KERNELS, Backend
+
+FAKE_KV4_ATTENTION = "qoq_fake_kv4"
+
+
+# ---- simulated quantization -----------------------------------------------------------------------
+
+def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric INT8 quantize-dequantize of x [..., K] (ops.quantize_act's integers)."""
+    shape = x.shape
+    a = ops.quantize_act(x.reshape(-1, shape[-1]), shape[-1])
+    return (a.q.float() * a.scale[:, None]).reshape(shape).to(x.dtype)
+
+
+def fake_kv4(x: torch.Tensor) -> torch.Tensor:
+    """Per-token, per-head asymmetric UINT4 quantize-dequantize of x [..., D] (ops.kv4_quantize)."""
+    return ops.kv4_dequantize(*ops.kv4_quantize(x)).to(x.dtype)
+
+
+def _register_fake_kv4_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(module, query, fake_kv4(key), fake_kv4(value), attention_mask, **kwargs)
+
+    AttentionInterface.register(FAKE_KV4_ATTENTION, attention)
+
+
+def simulated_model(art: Artifact, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    act_quant: bool = True, kv_quant: bool = True):
+    """The HF model with W_hat weights, fake INT8 activations and fake KV4 (see module doc)."""
+    from transformers import AutoModelForCausalLM
+
+    from qoq.runtime.engine import hf_config
+
+    cfg = hf_config(art.config)
+    if "lm_head.weight" in art.tensors:
+        cfg.tie_word_embeddings = False
+    if kv_quant:
+        _register_fake_kv4_attention()
+        cfg._attn_implementation = FAKE_KV4_ATTENTION
+    else:
+        cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    state = {}
+    for name in art.linear_names:
+        state[f"{name}.weight"] = dequantize(art.quantized_weight(name))
+        if f"{name}.bias" in art.tensors:
+            state[f"{name}.bias"] = art.tensors[f"{name}.bias"]
+    for name, t in art.tensors.items():
+        if name.endswith(("layernorm.weight", "norm.weight", "embed_tokens.weight")) or name == "lm_head.weight":
+            state[name] = t
+    state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise ValueError(f"simulated model: parameters missing from the artifact: {leftover[:4]}")
+    # non-persistent buffers (rotary inv_freq) were created on meta: rebuild them
+    for mod in model.modules():
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            fresh = type(mod)(config=cfg)
+            for bname, buf in fresh.named_buffers(recurse=False):
+                setattr(mod, bname, buf)
+    model = model.to(device).eval().requires_grad_(False)
+    if act_quant:
+        for name in art.linear_names:
+            model.get_submodule(name).register_forward_pre_hook(lambda _m, args: (fake_quant_act(args[0]),))
+    return model
+
+
+# ---- kernel check ---------------------------------------------------------------------------------
+
+@dataclass
+class OpError:
+    calls: int = 0
+    max_rel: float = 0.0  # max over calls of max|cand - ref| / max|ref|, over the float outputs
+    int_mismatch: int = 0  # integer outputs (int8 codes, KV4 nibbles, qsum) that differ
+    int_total: int = 0
+    max_int_diff: int = 0
+
+    def as_dict(self) -> dict:
+        return {"calls": self.calls, "max_rel_error": self.max_rel, "int_mismatches": self.int_mismatch,
+                "int_values": self.int_total, "max_int_diff": self.max_int_diff}
+
+
+@dataclass
+class KernelCheck:
+    candidate: str
+    ops: dict[str, OpError] = field(default_factory=dict)
+    logits_rel_error: float | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"candidate": self.candidate, "tokens": self.tokens, "seconds": self.seconds,
+                "logits_rel_error": self.logits_rel_error, "ops": {k: v.as_dict() for k, v in self.ops.items()}}
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, ops.KV4Cache):
+        return ops.KV4Cache(*(getattr(x, f).clone() for f in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")))
+    if isinstance(x, ops.QuantAct):
+        return ops.QuantAct(x.q.clone(), x.scale.clone(), None if x.qsum is None else x.qsum.clone())
+    return x
+
+
+def _leaves(x) -> list[torch.Tensor | None]:
+    if isinstance(x, ops.QuantAct):
+        return [x.q, x.scale, x.qsum]
+    if isinstance(x, ops.KV4Cache):
+        return [x.k, x.k_scale, x.k_zero, x.v, x.v_scale, x.v_zero]
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in _leaves(item)]
+    return [x]
+
+
+def _compare(err: OpError, ref, cand) -> None:
+    err.calls += 1
+    for r, c in zip(_leaves(ref), _leaves(cand)):
+        if r is None or c is None:
+            continue
+        if r.dtype.is_floating_point:
+            denom = r.float().abs().max().clamp_min(1e-30)
+            err.max_rel = max(err.max_rel, float((c.float() - r.float()).abs().max() / denom) if r.numel() else 0.0)
+        else:
+            if r.dtype == torch.uint8:  # packed nibbles: compare the 4-bit values
+                r = torch.stack((r & 0xF, r >> 4), -1)
+                c = torch.stack((c & 0xF, c >> 4), -1)
+            d = (c.to(torch.int64) - r.to(torch.int64)).abs()
+            err.int_mismatch += int((d > 0).sum())
+            err.int_total += d.numel()
+            err.max_int_diff = max(err.max_int_diff, int(d.max()) if d.numel() else 0)
+
+
+def comparing_backend(reference: Backend, candidate: Backend, result: KernelCheck) -> Backend:
+    """A backend that computes with `reference` and replays each call through `candidate`."""
+    def wrap(name):
+        ref_fn, cand_fn = reference.fns[name], candidate.fns[name]
+
+        def fn(*args, **kwargs):
+            cargs = [_clone(a) for a in args]
+            ckw = {k: _clone(v) for k, v in kwargs.items()}
+            out = ref_fn(*args, **kwargs)
+            cout = cand_fn(*cargs, **ckw)
+            err = result.ops.setdefault(name, OpError())
+            if name == "kv4_append":  # in place: compare the caches after the append
+                _compare(err, args[0], cargs[0])
+            else:
+                _compare(err, out, cout)
+            return out
+        return fn
+
+    fns = dict(reference.fns)
+    for name in KERNELS:
+        if name not in candidate.fallbacks:
+            fns[name] = wrap(name)
+    return Backend(f"{reference.name}+check", fns)
+
+
+@torch.no_grad()
+def check_kernels(art: Artifact, windows: torch.Tensor, device: torch.device, candidate: Backend,
+                  reference: Backend, decode_tokens: int = 8) -> KernelCheck:
+    """Per-op errors of `candidate` against `reference` on `windows` [N, T] (prefill, then decode the last
+    `decode_tokens` tokens one by one), plus the relative error of the two engines' final logits."""
+    from qoq.runtime.engine import Engine
+
+    t0 = time.perf_counter()
+    result = KernelCheck(candidate=candidate.describe())
+    checker = Engine(art, device=device, backend=comparing_backend(reference, candidate, result))
+    fast = Engine(art, device=device, backend=candidate)
+    worst = 0.0
+    for row in windows:
+        ids = row[None].to(device)
+        split = max(1, ids.shape[1] - decode_tokens)
+        for eng in (checker, fast):
+            eng.reset(1, ids.shape[1])
+        ref_logits = [checker.prefill(ids[:, :split], all_logits=True)]
+        cand_logits = [fast.prefill(ids[:, :split], all_logits=True)]
+        for j in range(split, ids.shape[1]):
+            ref_logits.append(checker.decode_step(ids[:, j])[:, None])
+            cand_logits.append(fast.decode_step(ids[:, j])[:, None])
+        r, c = torch.cat(ref_logits, 1), torch.cat(cand_logits, 1)
+        worst = max(worst, float((c - r).abs().max() / r.abs().max().clamp_min(1e-30)))
+        result.tokens += ids.shape[1]
+    result.logits_rel_error = worst
+    result.seconds = time.perf_counter() - t0
+    return result
