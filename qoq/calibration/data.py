@@ -37,7 +37,8 @@ JSONL_SUFFIXES = (".jsonl",)
 _DOC_TAG = re.compile(r"<doc\b[^>]*>|</doc\s*>")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _TOKENIZE_BATCH = 64
-_DATA_FREE_BATCH = 16
+_DATA_FREE_MAX_BATCH = 64
+_DATA_FREE_KV_BUDGET = 2 << 30  # bytes of KV cache per generate() batch
 
 
 @dataclass
@@ -262,7 +263,9 @@ def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Ca
     gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=seqlen,
                            min_new_tokens=seqlen, pad_token_id=pad, eos_token_id=eos, bos_token_id=start,
                            use_cache=True)
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
+    batch = _data_free_batch(cfg, seqlen, param.element_size(), n_samples)
     was_training = model.training
     model.eval()
     out_rows: list[torch.Tensor] = []
@@ -273,7 +276,7 @@ def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Ca
             torch.manual_seed(seed)
             done = 0
             while done < n_samples:
-                b = min(_DATA_FREE_BATCH, n_samples - done)
+                b = min(batch, n_samples - done)
                 prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
                 with torch.no_grad():
                     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
@@ -287,6 +290,16 @@ def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Ca
     finally:
         model.train(was_training)
     return torch.cat(out_rows, 0)
+
+
+def _data_free_batch(cfg, seqlen: int, elem_size: int, n_samples: int) -> int:
+    """Sequences per generate() call: decoding is weight-bandwidth bound, so batch up to a KV-cache budget."""
+    layers = getattr(cfg, "num_hidden_layers", None) or 32
+    heads = getattr(cfg, "num_attention_heads", None) or 32
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 4096) // heads)
+    per_seq = 2 * layers * kv_heads * head_dim * (seqlen + 1) * elem_size
+    return max(1, min(n_samples, _DATA_FREE_MAX_BATCH, _DATA_FREE_KV_BUDGET // max(per_seq, 1)))
 
 
 def _oneline(s: str, limit: int = 500) -> str:

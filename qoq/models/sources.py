@@ -36,6 +36,7 @@ _FILE_EXTS = {".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_RECORD = "qoq_gguf_source.json"
 _CACHE_FORMAT = 1
+_CACHE_MAX_BYTES = 4 << 30  # converted GGUFs above this (fp32, ~1B params) are not cached on disk
 DEFAULT_ALIAS = "default"
 
 
@@ -268,7 +269,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
     """Load a GGUF through transformers (dequantized to fp32), caching the converted HF folder.
 
     Converting costs ~15-20 s even for a 135M model (the gguf reader parses the whole tokenizer
-    metadata twice); the cached safetensors folder loads in ~1 s. Set QOQ_NO_GGUF_CACHE=1 to skip it.
+    metadata twice); the cached safetensors folder loads in ~2.5 s. Only models up to 4 GiB in fp32
+    (~1B parameters) are cached. Set QOQ_NO_GGUF_CACHE=1 to skip it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -300,7 +302,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
                 setattr(model, attr, val)
             except Exception:
                 pass
-    if use_cache and _write_gguf_cache(model, tokenizer, cache, sha, path):
+    fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
+    if use_cache and fp32_bytes <= _CACHE_MAX_BYTES and _write_gguf_cache(model, tokenizer, cache, sha, path):
         del model
         return _load_folder(cache, dtype, **common)
     return LoadedModel(model=_finish(model, dtype), tokenizer=tokenizer, architecture=SUPPORTED_ARCHITECTURES[cls_name],
