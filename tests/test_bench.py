@@ -107,11 +107,11 @@ def test_profiles_have_every_figure():
     for p in profiles.PROFILES.values():
         assert p.mem_bw_gbs > 0 and p.fp16_tflops > 0 and p.int8_tops >= 2 * p.fp16_tflops * 0.99
         assert p.memory_gb > 0 and p.sm_count > 0 and p.arch.startswith("sm_") and p.source
-        for key in ("w4a8_small_m", "w4a8_large_m", "kv4_decode", "fused_rows"):
+        for key in ("w4a8_gemv", "w4a8_small_m", "w4a8_mid_m", "w4a8_large_m", "kv4_decode", "fused_rows"):
             assert key in p.tiles
-        for key in ("w4a8_small_m", "w4a8_large_m"):
+        for key in ("w4a8_small_m", "w4a8_mid_m", "w4a8_large_m"):
             t = p.tiles[key]
-            assert t["block_n"] % 32 == 0 and t["block_k"] % 32 == 0
+            assert t["bn"] % 32 == 0 and t["bm"] % 16 == 0 and t["stages"] >= 2
         d = p.as_dict()
         assert "match" not in d and d["tiles"] == p.tiles
         json.dumps(d)
@@ -148,16 +148,18 @@ def test_resolve_profile_auto_named_and_mismatch():
 
 def test_w4a8_tile_choice():
     h100 = profiles.PROFILES["h100"]
-    for m in (1, 16, 32):
+    for m, bucket in ((1, "w4a8_gemv"), (16, "w4a8_gemv"), (17, "w4a8_small_m"), (100, "w4a8_mid_m"),
+                      (4096, "w4a8_large_m")):
         t = profiles.w4a8_tile(h100, m, 4096, 4096)
-        assert t["config"] == "w4a8_small_m"
-        kblocks = 4096 // t["block_k"]
-        assert kblocks % t["split_k"] == 0
-        ctas = math.ceil(m / t["block_m"]) * (4096 // t["block_n"]) * t["split_k"]
-        assert ctas >= h100.sm_count  # every SM has work
-    big_n = profiles.w4a8_tile(h100, 1, 28672, 4096)
-    assert big_n["split_k"] <= profiles.w4a8_tile(h100, 1, 4096, 4096)["split_k"]
-    assert profiles.w4a8_tile(h100, 4096, 4096, 4096) == {**h100.tiles["w4a8_large_m"], "config": "w4a8_large_m"}
+        assert t["config"] == bucket and t["splits"] >= 1
+    gemv = profiles.w4a8_tile(h100, 1, 4096, 4096)
+    assert gemv["tb"] == 1 and (4096 // 32 // gemv["nt"]) * gemv["splits"] >= h100.sm_count  # every SM has work
+    mid = profiles.w4a8_tile(h100, 64, 4096, 4096)
+    assert (4096 // mid["bn"]) * mid["splits"] >= h100.sm_count
+    assert profiles.w4a8_tile(h100, 4096, 4096, 4096)["splits"] == 1
+    assert profiles.w4a8_tile(h100, 1, 28672, 4096)["splits"] <= gemv["splits"]
+    # shared memory decides the pipeline depth
+    assert profiles.PROFILES["l40s"].tiles["w4a8_large_m"]["stages"] < h100.tiles["w4a8_large_m"]["stages"]
 
 
 # ---- JSON schema, speedups, --min-speedup ------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The FP16 baseline engine for `qoq bench`: the same decoder loop as qoq.runtime.engine.Engine, with
-cuBLAS FP16 GEMMs (torch.matmul; q/k/v and gate/up fused into one GEMM each, as serving engines do),
-an FP16 KV cache preallocated per batch slot, and torch SDPA (flash) attention.
+cuBLAS FP16 GEMMs (F.linear; q/k/v and gate/up fused into one GEMM each, as serving engines do),
+an FP16 KV cache preallocated per batch slot, and torch SDPA attention (flash; never cuDNN).
 
 Cache layout [B, T_max, Hkv, D]: a step writes its K/V rows where the linear output already has them,
 and `transpose(1, 2)` gives SDPA the [B, Hkv, T, D] view it reads in place. Decode attention for GQA
@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qoq.errors import QoqError
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+# cuDNN attention (preferred by torch on Hopper) builds a plan per new key length: every decode step
+# would pay it. Flash (then memory-efficient, then math) attention takes any length as it comes.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -102,6 +106,10 @@ class FP16Engine:
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         """Run ids [b, t] for cache rows `rows` from position self.length; final-normed last hidden [b, H]."""
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self._layers(ids, rows)
+
+    def _layers(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         b, t = ids.shape
         start = self.length
         if start + t > self.capacity:

@@ -12,16 +12,21 @@ twice these) and are used as the roofline that `qoq bench` reports fractions of:
 - H200 SXM 141GB:            NVIDIA H200 datasheet: 4800 GB/s, 141 GB HBM3e; tensor math as H100 SXM
   (989.4 FP16, 1979 INT8/FP8 dense); 132 SMs (sm_90).
 
-Kernel tile choices (`GpuProfile.tiles`): a plain dict the kernels read by name (qoq.runtime_kernels);
-`w4a8_tile(profile, m, n, k)` turns it into one concrete launch configuration for a GEMM of that shape.
+Kernel tile choices (`GpuProfile.tiles`): a plain dict in the vocabulary of qoq.runtime_kernels.gemm
+(`GemvConfig`, `GemmConfig`: CTA tile bm x bn x 128, wm x wn warps, cp.async stages, min resident
+blocks) and .attention (`plan_splits`); `w4a8_tile(profile, m, n, k)` gives the concrete choice for one
+GEMM shape. Buckets by M, as the kernels' `choose_config`:
 
-    tiles["w4a8_small_m"]  decode-sized M (m <= max_m): narrow M tile, split-K so every SM has work
-    tiles["w4a8_large_m"]  prefill-sized M: big CTA tile, multi-stage cp.async pipeline
-    tiles["kv4_decode"]    KV4 decode attention: split the sequence when batch*kv_heads < split_below_ctas
-    tiles["fused_rows"]    threads per row for the fused RMSNorm/SiLU + INT8 quant kernels
+    tiles["w4a8_gemv"]     M <= 16: weight-streaming kernel (tb = ceil(M/8) token blocks), split-K
+                           planned to `splits_per_sm` CTAs per SM
+    tiles["w4a8_small_m"]  M <= 32;  tiles["w4a8_mid_m"]  M <= 128;  tiles["w4a8_large_m"]  larger M
+    tiles["split_k_ctas_per_sm"]  tensor-core kernel: split K until tiles*splits covers the SMs this often
+    tiles["kv4_decode"]    decode attention: split the sequence until B*Hkv*splits covers the SMs
+                           `ctas_per_sm` times, chunks a multiple of 16 tokens
 
-Block sizes are multiples of the packed layout's 32x32 tile; `stages` fit each GPU's shared memory
-(L40S: 100 KB per SM, A100: 164 KB, H100/H200: 228 KB).
+Stages and min_blocks follow each GPU's shared memory per SM (one 128x128 int8 A + 4-bit B stage is
+24 KB): L40S 100 KB -> 3 stages, 1 block; A100 164 KB -> 3 stages, 2 blocks; H100/H200 228 KB ->
+4 stages, 2 blocks.
 """
 from __future__ import annotations
 
@@ -60,15 +65,15 @@ class GpuProfile:
         return self.memory_gb * GIB
 
 
-def _tiles(small_block_n: int, small_stages: int, large_block: tuple[int, int, int], large_stages: int,
-           large_warps: int, kv_split_below_ctas: int, kv_chunk: int) -> dict:
-    bm, bn, bk = large_block
+def _tiles(stages: int, large_min_blocks: int, ctas_per_sm: float = 1.5) -> dict:
     return {
-        "w4a8_small_m": {"max_m": 32, "block_m": 16, "block_n": small_block_n, "block_k": 128, "warps": 4,
-                         "stages": small_stages, "split_k": "auto", "target_ctas_per_sm": 2},
-        "w4a8_large_m": {"block_m": bm, "block_n": bn, "block_k": bk, "warps": large_warps, "stages": large_stages,
-                         "split_k": 1},
-        "kv4_decode": {"split_below_ctas": kv_split_below_ctas, "chunk_tokens": kv_chunk, "warps": 4},
+        "w4a8_gemv": {"max_m": 16, "nt": 2, "warps": 8, "u": 4, "splits_per_sm": 4},
+        "w4a8_small_m": {"max_m": 32, "bm": 32, "bn": 128, "wm": 1, "wn": 4, "stages": max(stages, 3),
+                         "min_blocks": 3 if stages >= 4 else 2},
+        "w4a8_mid_m": {"max_m": 128, "bm": 64, "bn": 128, "wm": 2, "wn": 2, "stages": stages, "min_blocks": 2},
+        "w4a8_large_m": {"bm": 128, "bn": 128, "wm": 2, "wn": 2, "stages": stages, "min_blocks": large_min_blocks},
+        "split_k_ctas_per_sm": ctas_per_sm,
+        "kv4_decode": {"warps": 4, "ctas_per_sm": 2, "chunk_multiple": 16},
         "fused_rows": {"threads_per_row": 256},
     }
 
@@ -78,26 +83,22 @@ PROFILES: dict[str, GpuProfile] = {
         name="l40s", full_name="NVIDIA L40S 48GB", memory_gb=48, mem_bw_gbs=864, fp16_tflops=362.05, int8_tops=733,
         fp8_tflops=733, sm_count=142, arch="sm_89", smem_per_sm_kb=100, match=("L40S",),
         source="NVIDIA L40S datasheet (dense tensor figures)",
-        tiles=_tiles(small_block_n=64, small_stages=3, large_block=(128, 128, 64), large_stages=3, large_warps=8,
-                     kv_split_below_ctas=284, kv_chunk=256)),
+        tiles=_tiles(stages=3, large_min_blocks=1)),
     "a100": GpuProfile(
         name="a100", full_name="NVIDIA A100 80GB SXM", memory_gb=80, mem_bw_gbs=2039, fp16_tflops=312, int8_tops=624,
         fp8_tflops=None, sm_count=108, arch="sm_80", smem_per_sm_kb=164, match=("A100",),
         source="NVIDIA A100 datasheet, 80GB SXM column (dense tensor figures)",
-        tiles=_tiles(small_block_n=64, small_stages=4, large_block=(128, 128, 64), large_stages=4, large_warps=8,
-                     kv_split_below_ctas=216, kv_chunk=256)),
+        tiles=_tiles(stages=3, large_min_blocks=2)),
     "h100": GpuProfile(
         name="h100", full_name="NVIDIA H100 SXM5 80GB", memory_gb=80, mem_bw_gbs=3350, fp16_tflops=989.4,
         int8_tops=1979, fp8_tflops=1979, sm_count=132, arch="sm_90", smem_per_sm_kb=228, match=("H100",),
         source="NVIDIA H100 datasheet, SXM column (dense tensor figures)",
-        tiles=_tiles(small_block_n=64, small_stages=4, large_block=(128, 256, 64), large_stages=4, large_warps=8,
-                     kv_split_below_ctas=264, kv_chunk=256)),
+        tiles=_tiles(stages=4, large_min_blocks=2)),
     "h200": GpuProfile(
         name="h200", full_name="NVIDIA H200 SXM 141GB", memory_gb=141, mem_bw_gbs=4800, fp16_tflops=989.4,
         int8_tops=1979, fp8_tflops=1979, sm_count=132, arch="sm_90", smem_per_sm_kb=228, match=("H200",),
         source="NVIDIA H200 datasheet, SXM column (dense tensor figures)",
-        tiles=_tiles(small_block_n=64, small_stages=4, large_block=(128, 256, 64), large_stages=4, large_warps=8,
-                     kv_split_below_ctas=264, kv_chunk=256)),
+        tiles=_tiles(stages=4, large_min_blocks=2)),
 }
 GPU_CHOICES = (*PROFILES, "auto")
 # When the device matches no profile by name: nearest by compute capability.
@@ -165,20 +166,21 @@ def resolve_profile(gpu: str, device: DeviceInfo) -> tuple[GpuProfile, GpuProfil
 
 
 def w4a8_tile(profile: GpuProfile, m: int, n: int, k: int) -> dict:
-    """The concrete W4A8 GEMM launch choice for an [m, k] x [n, k]^T product on `profile`.
-
-    Small M: the small-M tile with split-K chosen so that about `target_ctas_per_sm` CTAs run per SM
-    (split-K never cuts K below one 128-wide k-block per split). Large M: the large tile, no split.
-    """
-    small = profile.tiles["w4a8_small_m"]
-    if m <= small["max_m"]:
-        ctas = math.ceil(m / small["block_m"]) * math.ceil(n / small["block_n"])
-        want = small["target_ctas_per_sm"] * profile.sm_count
-        max_split = max(1, k // small["block_k"])
-        split = max(1, min(max_split, math.ceil(want / max(ctas, 1))))
-        while split > 1 and (k // small["block_k"]) % split:
-            split -= 1  # an even division of the k-blocks
-        return {**{key: v for key, v in small.items() if key not in ("max_m", "target_ctas_per_sm")},
-                "split_k": split, "config": "w4a8_small_m"}
-    large = profile.tiles["w4a8_large_m"]
-    return {**large, "config": "w4a8_large_m"}
+    """The W4A8 GEMM launch choice for [m, k] x [n, k]^T on `profile`: the M bucket's tile dict plus
+    "config" (its name) and "splits" (split-K over 128-wide k-steps, as the kernels plan it)."""
+    t = profile.tiles
+    k_steps = max(1, math.ceil(k / 128))
+    if m <= t["w4a8_gemv"]["max_m"]:
+        cfg = dict(t["w4a8_gemv"], config="w4a8_gemv", tb=math.ceil(m / 8))
+        groups = math.ceil(math.ceil(n / 32) / cfg["nt"])
+        cfg["splits"] = max(1, min(k_steps, math.ceil(cfg["splits_per_sm"] * profile.sm_count / groups)))
+        return cfg
+    name = next((b for b in ("w4a8_small_m", "w4a8_mid_m") if m <= t[b]["max_m"]), "w4a8_large_m")
+    cfg = dict(t[name], config=name)
+    tiles = math.ceil(m / cfg["bm"]) * math.ceil(n / cfg["bn"])
+    if tiles >= profile.sm_count:
+        cfg["splits"] = 1
+    else:
+        want = math.ceil(t["split_k_ctas_per_sm"] * profile.sm_count / tiles)
+        cfg["splits"] = max(1, min(want, k_steps // 2))
+    return cfg
