@@ -142,6 +142,106 @@ def _mb(nbytes: float) -> str:
 
 @app.command()
 @user_errors
+def verify(
+    artifact: Optional[Path] = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote"),
+    ppl: str = typer.Option("wikitext2", "--ppl", help="perplexity dataset (wikitext2)"),
+    data: Optional[str] = typer.Option(None, "--data", help="local WikiText-2 wiki.test.raw (or its folder); "
+                                       "default: $QOQ_WIKITEXT2, the hub, then $QOQ_DATA_DIR"),
+    seq_len: int = typer.Option(2048, "--seq-len", help="tokens per non-overlapping window"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows"),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the FP16 source model"),
+    backend: str = typer.Option("auto", "--backend", help="auto | reference | cupy"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    check_kernels: Optional[bool] = typer.Option(None, "--check-kernels/--no-check-kernels",
+                                                 help="compare cupy kernels with the reference, op by op "
+                                                 "(default: on when the cupy backend is available)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward (default 1 CPU, 4 CUDA)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout instead of the table"),
+    max_delta: Optional[float] = typer.Option(None, "--max-delta", help="exit 1 when PPL quantized - PPL FP16 "
+                                              "exceeds this"),
+):
+    """Perplexity of an artifact on WikiText-2 against its FP16 source model (and kernel numerics)."""
+    import json
+
+    from qoq.state import resolve_artifact
+    from qoq.verify.perplexity import DATASETS, VerifyOptions, verify as run_verify
+
+    if ppl not in DATASETS:
+        raise QoqError(f"--ppl {ppl!r} is not supported; use --ppl wikitext2")
+    if max_delta is not None and no_baseline:
+        raise QoqError("--max-delta compares with the FP16 baseline; drop --no-baseline")
+    reporter = RichReporter(err)
+    path = resolve_artifact(artifact, reporter)
+    opts = VerifyOptions(artifact=path, ppl=ppl, data=data, seq_len=seq_len, max_windows=max_windows,
+                         baseline=not no_baseline, backend=backend, device=device, check_kernels=check_kernels,
+                         batch_size=batch_size)
+    result = run_verify(opts, reporter)
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        out.print(_verify_table(result))
+        if result.kernel_check:
+            out.print(_kernel_table(result.kernel_check))
+        for note in result.notes:
+            out.print(f"note: {note}", highlight=False)
+    if max_delta is not None and result.delta is not None and not result.delta <= max_delta:
+        raise QoqError(f"quantized PPL {result.quantized.ppl:.4f} is {result.delta:+.4f} over FP16 "
+                       f"{result.baseline.ppl:.4f}, more than --max-delta {max_delta}")
+
+
+def _verify_table(result) -> Table:
+    table = Table(title=f"{result.artifact}: WikiText-2, {result.windows} x {result.seq_len} tokens "
+                        f"({result.backend} on {result.device})")
+    for col in ("PPL FP16", "PPL W4A8KV4", "delta", "tokens", "time FP16", "time W4A8KV4"):
+        table.add_column(col, justify="right")
+    b, q = result.baseline, result.quantized
+    table.add_row("-" if b is None else f"{b.ppl:.4f}", f"{q.ppl:.4f}",
+                  "-" if result.delta is None else f"{result.delta:+.4f}", f"{q.tokens:,}",
+                  "-" if b is None else f"{b.seconds:.1f} s", f"{q.seconds:.1f} s")
+    return table
+
+
+def _kernel_table(kc: dict) -> Table:
+    table = Table(title=f"kernels vs reference ({kc['candidate']}, {kc['tokens']} tokens); "
+                        f"logits rel. error {kc['logits_rel_error']:.2e}")
+    for col, justify in (("op", "left"), ("calls", "right"), ("max rel. error", "right"),
+                         ("int mismatches", "right"), ("max int diff", "right")):
+        table.add_column(col, justify=justify)
+    for op, e in kc["ops"].items():
+        table.add_row(op, str(e["calls"]), f"{e['max_rel_error']:.2e}",
+                      f"{e['int_mismatches']}/{e['int_values']}" if e["int_values"] else "-",
+                      str(e["max_int_diff"]) if e["int_values"] else "-")
+    return table
+
+
+@app.command()
+@user_errors
+def generate(
+    artifact: Optional[Path] = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="most tokens to generate"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples"),
+    top_p: float = typer.Option(0.9, "--top-p", help="nucleus sampling mass (with --temperature > 0)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed"),
+    no_chat_template: bool = typer.Option(False, "--no-chat-template", help="feed the prompt as raw text"),
+    backend: str = typer.Option("auto", "--backend", help="auto | reference | cupy"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+):
+    """Generate text with the quantized model (KV4 cache), streaming tokens as they come."""
+    from qoq.runtime.engine import generate_text
+    from qoq.state import resolve_artifact
+
+    path = resolve_artifact(artifact, RichReporter(err))
+    stats = generate_text(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, chat_template=not no_chat_template, backend=backend, device=device,
+                          write=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    err.print(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s, "
+              f"prompt {stats['prompt_tokens']} tokens, {stats['backend']} on {stats['device']})", highlight=False)
+
+
+@app.command()
+@user_errors
 def bench(
     artifact: Optional[Path] = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote"),
     gpu: str = typer.Option("auto", "--gpu", help="GPU profile: l40s | a100 | h100 | h200 | auto (the detected GPU)"),

@@ -257,3 +257,58 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
         probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 0.9,
+                  seed: int | None = None, chat_template: bool = True, backend: str = "auto", device: str = "auto",
+                  write=None) -> dict:
+    """Tokenize `prompt` (through the chat template when the tokenizer has one), generate, and `write` the
+    text as it is produced; returns counts and timings."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    if max_new_tokens < 1:
+        raise QoqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise QoqError("--temperature must be >= 0 and --top-p in (0, 1]")
+    art = read_artifact(artifact)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(art.path))
+    except Exception as e:
+        raise QoqError(f"{art.path} has no usable tokenizer ({type(e).__name__}); re-run qoq quantize") from None
+    engine = Engine(art, device=device, backend=backend)
+    if chat_template and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    else:
+        ids = tok(prompt, return_tensors="pt").input_ids[0]
+    if ids.numel() == 0:
+        raise QoqError("the prompt is empty after tokenization; pass some text with -p")
+    eos = set()
+    for src in (tok.eos_token_id, art.config.get("eos_token_id")):
+        eos.update(src if isinstance(src, (list, tuple)) else ([] if src is None else [src]))
+    gen = None
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+    elif temperature > 0:
+        gen = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    write = write or (lambda s: None)
+    out: list[int] = []
+    shown = ""
+    t0 = time.perf_counter()
+    for token in engine.generate(ids, max_new_tokens, temperature, top_p, eos, gen):
+        out.append(token)
+        text = tok.decode(out, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            continue
+        if text.startswith(shown):
+            write(text[len(shown):])
+        shown = text
+    text = tok.decode(out, skip_special_tokens=True)
+    if text != shown and text.startswith(shown):
+        write(text[len(shown):])
+    seconds = time.perf_counter() - t0
+    return {"prompt_tokens": int(ids.numel()), "new_tokens": len(out), "seconds": seconds,
+            "tokens_per_s": len(out) / seconds if seconds > 0 else 0.0, "backend": engine.backend.describe(),
+            "device": str(engine.device), "text": text}

@@ -43,7 +43,12 @@ def _register_fake_kv4_attention() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        return sdpa_attention_forward(module, query, fake_kv4(key), fake_kv4(value), attention_mask, **kwargs)
+        hook = getattr(module, "qoq_kv_hook", None)  # (layer_idx, key, value) -> (key, value): for tests
+        if hook is not None:
+            key, value = hook(module.layer_idx, key, value)
+        elif getattr(module, "qoq_kv_quant", True):
+            key, value = fake_kv4(key), fake_kv4(value)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(FAKE_KV4_ATTENTION, attention)
 
@@ -58,11 +63,8 @@ def simulated_model(art: Artifact, dtype: torch.dtype = torch.float32, device: s
     cfg = hf_config(art.config)
     if "lm_head.weight" in art.tensors:
         cfg.tie_word_embeddings = False
-    if kv_quant:
-        _register_fake_kv4_attention()
-        cfg._attn_implementation = FAKE_KV4_ATTENTION
-    else:
-        cfg._attn_implementation = "sdpa"
+    _register_fake_kv4_attention()
+    cfg._attn_implementation = FAKE_KV4_ATTENTION
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     state = {}
@@ -87,6 +89,9 @@ def simulated_model(art: Artifact, dtype: torch.dtype = torch.float32, device: s
             for bname, buf in fresh.named_buffers(recurse=False):
                 setattr(mod, bname, buf)
     model = model.to(device).eval().requires_grad_(False)
+    for mod in model.modules():
+        if hasattr(mod, "layer_idx") and hasattr(mod, "o_proj"):
+            mod.qoq_kv_quant = kv_quant
     if act_quant:
         for name in art.linear_names:
             model.get_submodule(name).register_forward_pre_hook(lambda _m, args: (fake_quant_act(args[0]),))
