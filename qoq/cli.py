@@ -126,7 +126,13 @@ def _inspect_rows(art, by_linear: bool) -> list[tuple[str, int, int]]:
             continue
         key = tname if by_linear else _block_key(tname)
         add(key, t.numel(), t.numel() * t.element_size())
-    return [(k, v[0], v[1]) for k, v in rows.items()]
+    return sorted(((k, v[0], v[1]) for k, v in rows.items()), key=lambda r: _natural_key(r[0]))
+
+
+def _natural_key(name: str) -> list:
+    """'block 10' after 'block 9', embeddings first, lm_head last."""
+    order = 0 if "embed" in name else 2 if ("lm_head" in name or name.startswith("model.norm")) else 1
+    return [order] + [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _block_key(name: str) -> str:
