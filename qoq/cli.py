@@ -138,7 +138,7 @@ def _natural_key(name: str) -> list:
 def _block_key(name: str) -> str:
     m = re.match(r"model\.layers\.(\d+)\.", name)
     if m:
-        return f"block {int(m.group(1)):>3}"
+        return f"block {int(m.group(1))}"
     return name.removesuffix(".weight")
 
 
