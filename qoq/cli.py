@@ -276,11 +276,12 @@ def bench(
                         min_speedup=min_speedup, plot=plot, skip_kernels=skip_kernels, skip_hf=skip_hf,
                         group_size=group, backend=backend, prefill_chunk_tokens=prefill_chunk)
     report = run_bench(opts, RichReporter(err))
+    screen = out if out.is_terminal else Console(width=160)  # logs and CI: no truncated columns
     if report["kernels"]:
-        out.print(kernels_table(report))
+        screen.print(kernels_table(report))
     elif report["kernels_note"]:
         out.print(f"kernels: {report['kernels_note']}", highlight=False)
-    out.print(e2e_table(report))
+    screen.print(e2e_table(report))
     for line in summary_lines(report):
         out.print(line, highlight=False)
     if json_path is not None:

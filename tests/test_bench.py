@@ -182,10 +182,19 @@ def fake_report(rows, min_speedup=None):
               "profile_max_batch": {"qoq-w4a8kv4": 900}}
     return report.build_report(device=H100.as_dict(), profile=profiles.PROFILES["h100"].as_dict(),
                                profile_matches_device=True, settings=settings, model=dims.as_dict(), memory=memory,
-                               kernels=[{"kernel": "w4a8", "m": 1, "us": 12.5}], kernels_note=None, rows=rows,
+                               kernels=KERNEL_ROWS, kernels_note=None, rows=rows,
                                engine_errors={}, min_speedup=min_speedup)
 
 
+KERNEL_ROWS = [
+    {"bench": "gemm", "n": 4096, "k": 4096, "m": 1, "impl": "fp16", "us": 40.0, "vs_fp16": 1.0, "vs_int8": None},
+    {"bench": "gemm", "n": 4096, "k": 4096, "m": 1, "impl": "w4a8_g128", "us": 10.0, "vs_fp16": 4.0, "vs_int8": None},
+    {"bench": "gemm", "n": 4096, "k": 4096, "m": 1024, "impl": "fp16", "us": 50.0, "vs_fp16": 1.0, "vs_int8": 0.6},
+    {"bench": "gemm", "n": 4096, "k": 4096, "m": 1024, "impl": "int8", "us": 30.0, "vs_fp16": 1.67, "vs_int8": 1.0},
+    {"bench": "gemm", "n": 4096, "k": 4096, "m": 1024, "impl": "w4a8_g128", "us": 33.0, "vs_fp16": 1.52,
+     "vs_int8": 0.91},
+    {"bench": "attention", "batch": 64, "ctx": 1024, "impl": "kv4", "us": 60.0, "vs_sdpa": 2.5},
+]
 ROWS = [fake_row("qoq-w4a8kv4", 900, 6000.0, True), fake_row("qoq-w4a8kv4", 1, 150.0),
         fake_row("qoq-w4a8kv4", 64, 3000.0),
         fake_row("fp16-engine", 300, 3000.0, True), fake_row("fp16-engine", 1, 60.0),
@@ -249,6 +258,7 @@ def test_table_summary_and_plot(tmp_path):
     console.print(report.e2e_table(rep))
     console.print(report.kernels_table(rep))
     text = console.export_text()
+    assert "4096x4096" in text and "0.91x" in text and "4.00x" in text and "2.50x" in text
     assert "qoq-w4a8kv4" in text and "900 (max)" in text and "out of memory" in text and "6,000" in text
     lines = report.summary_lines(rep)
     assert any("2.00x fp16-engine" in line for line in lines)

@@ -233,19 +233,56 @@ def e2e_table(report: dict):
     return table
 
 
-def kernels_table(report: dict, max_rows: int = 40):
+GEMM_IMPLS = ("fp16", "int8", "fp8", "w4a8_g128", "w4a8_pc")
+
+
+def kernels_table(report: dict, max_rows: int = 60):
+    """GEMM rows of qoq.bench.gemm pivoted to one line per (N x K, M) with µs per implementation and our
+    speedups; attention rows after them. Rows of another shape are shown generically."""
     from rich.table import Table
 
     rows = report.get("kernels") or []
     if not rows:
         return None
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    table = Table(title="kernels (qoq.bench.gemm)")
-    for c in cols:
-        table.add_column(str(c), justify="right")
-    for r in rows[:max_rows]:
-        table.add_row(*(_cell(r.get(c)) for c in cols))
+    gemm = [r for r in rows if r.get("bench") == "gemm" and {"n", "k", "m", "impl", "us"} <= set(r)]
+    if not gemm:
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        table = Table(title="kernels (qoq.bench.gemm)")
+        for c in cols:
+            table.add_column(str(c), justify="right")
+        for r in rows[:max_rows]:
+            table.add_row(*(_cell(r.get(c)) for c in cols))
+        return table
+    impls = [i for i in GEMM_IMPLS if any(r["impl"] == i for r in gemm)]
+    ours = [i for i in impls if i.startswith("w4a8")]
+    table = Table(title=f"kernels on {report['device']['name']}: µs per call (qoq.bench.gemm)")
+    table.add_column("N x K", justify="left")
+    table.add_column("M", justify="right")
+    for i in impls:
+        table.add_column(i, justify="right")
+    for i in ours:
+        table.add_column(f"{i.removeprefix('w4a8_')} vs fp16", justify="right")
+        table.add_column(f"{i.removeprefix('w4a8_')} vs int8", justify="right")
+    keys = list(dict.fromkeys((r["n"], r["k"], r["m"]) for r in gemm))
+    by = {(r["n"], r["k"], r["m"], r["impl"]): r for r in gemm}
+    for n, k, m in keys[:max_rows]:
+        cells = [f"{n}x{k}", str(m)]
+        cells += [_num(by.get((n, k, m, i), {}).get("us"), 1) for i in impls]
+        for i in ours:
+            r = by.get((n, k, m, i), {})
+            cells += [_ratio(r.get("vs_fp16")), _ratio(r.get("vs_int8"))]
+        table.add_row(*cells)
+    for r in rows:
+        if r.get("bench") == "attention":
+            label = f"attention B={r.get('batch')} ctx={r.get('ctx')}"
+            cells = [label, r.get("impl", ""), _num(r.get("us"), 1)] + [""] * (len(impls) - 1)
+            cells += [_ratio(r.get("vs_sdpa")), ""] + [""] * (2 * len(ours) - 2)
+            table.add_row(*cells[: 2 + len(impls) + 2 * len(ours)])
     return table
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def summary_lines(report: dict) -> list[str]:
