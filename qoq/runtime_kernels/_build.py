@@ -1,0 +1,244 @@
+"""Compile (NVRTC), cache and launch the qoq CUDA kernels.
+
+Sources: `common.cuh` (helpers, no #include) is prepended to each unit (`gemm.cu`, `quant.cu`, `attention.cu`).
+Templated kernels get a small `extern "C"` wrapper per variant (see `Variant`), so every variant is compiled on
+first use only, once per process per device arch: options `-arch=sm_XX -std=c++17` (IEEE division, no fast math,
+no flush-to-zero). Compiled cubins are also kept on disk (`$QOQ_KERNEL_CACHE`, default ~/.cache/qoq/kernels),
+keyed by source, options and NVRTC version. CuPy only loads modules and launches; torch owns every buffer and
+the stream (kernels go to torch's current stream). cupy is imported lazily: this module imports without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SRC_DIR = Path(__file__).resolve().parent
+UNITS = ("gemm.cu", "quant.cu", "attention.cu")
+NVRTC_OPTIONS = ("-std=c++17",)
+
+_lock = threading.RLock()
+_functions: dict = {}  # (device, variant) -> cupy Function
+_streams: dict = {}
+_smem_set: set = set()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel: the unit it lives in, its C symbol and the wrapper code appended to the unit (may be empty)."""
+
+    unit: str
+    name: str
+    wrapper: str = ""
+
+
+def unit_source(unit: str) -> str:
+    return (SRC_DIR / "common.cuh").read_text() + "\n" + (SRC_DIR / unit).read_text()
+
+
+def variant_source(v: Variant) -> str:
+    return unit_source(v.unit) + "\n" + v.wrapper + "\n"
+
+
+# ---- variants ---------------------------------------------------------------------------------------------------
+
+def gemv_variant(tb: int, nt: int, grouped: bool, warps: int, u: int) -> Variant:
+    name = f"qoq_gemv_tb{tb}_nt{nt}_{'g' if grouped else 'c'}_w{warps}_u{u}"
+    body = (f'extern "C" __global__ void __launch_bounds__({warps * 32}) {name}(GEMM_PARAMS) '
+            f'{{ gemv_body<{tb}, {nt}, {str(grouped).lower()}, {warps}, {u}>(GEMM_ARGS); }}')
+    return Variant("gemm.cu", name, body)
+
+
+def gemm_variant(bm: int, bn: int, wm: int, wn: int, stages: int, grouped: bool, min_blocks: int) -> Variant:
+    name = f"qoq_gemm_{bm}x{bn}_w{wm}x{wn}_s{stages}_b{min_blocks}_{'g' if grouped else 'c'}"
+    body = (f'extern "C" __global__ void __launch_bounds__({wm * wn * 32}, {min_blocks}) {name}(GEMM_PARAMS) '
+            f'{{ gemm_body<{bm}, {bn}, {wm}, {wn}, {stages}, {str(grouped).lower()}>(GEMM_ARGS); }}')
+    return Variant("gemm.cu", name, body)
+
+
+def gemm_smem_bytes(bm: int, bn: int, stages: int, grouped: bool) -> int:
+    bk = 128
+    return stages * (bm * bk + bn * bk // 2 + (2 * (bk // 32) * bn if grouped else 0))
+
+
+def rowquant_variant(dt: int, mode: int, ch: int, threads: int) -> Variant:
+    name = f"qoq_rowquant_d{dt}_m{mode}_c{ch}_t{threads}"
+    body = (f'extern "C" __global__ void __launch_bounds__({threads}) {name}(ROWQUANT_PARAMS) '
+            f'{{ rowquant_body<{dt}, {mode}, {ch}, {threads}>(ROWQUANT_ARGS); }}')
+    return Variant("quant.cu", name, body)
+
+
+def attn_variant(d: int, nw: int) -> Variant:
+    name = f"qoq_attn_d{d}_w{nw}"
+    body = (f'extern "C" __global__ void __launch_bounds__({nw * 32}) {name}(ATTN_PARAMS) '
+            f'{{ attn_body<{d}, {nw}>(ATTN_ARGS); }}')
+    return Variant("attention.cu", name, body)
+
+
+KV4_APPEND = Variant("attention.cu", "qoq_kv4_append")
+ATTN_COMBINE = Variant("attention.cu", "qoq_attn_combine")
+
+
+# ---- compile ------------------------------------------------------------------------------------------------------
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QOQ_KERNEL_CACHE", Path.home() / ".cache" / "qoq" / "kernels"))
+
+
+def nvrtc_compile(source: str, name: str, arch: str) -> bytes:
+    """NVRTC -> cubin for `sm_<arch>`, with an on-disk cache."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    options = (f"-arch=sm_{arch}",) + NVRTC_OPTIONS
+    try:
+        version = nvrtc.getVersion()
+    except Exception:  # pragma: no cover - older bindings
+        version = "?"
+    key = hashlib.sha256(f"{version}|{options}|{name}|".encode() + source.encode()).hexdigest()[:40]
+    path = _cache_dir() / f"{name}-{key}.cubin"
+    if path.is_file():
+        return path.read_bytes()
+    prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, list(options))
+        except Exception as e:
+            log = nvrtc.getProgramLog(prog)
+            raise RuntimeError(f"NVRTC failed to compile {name} for sm_{arch}:\n{log}") from e
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(cubin)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return cubin
+
+
+def device_arch(device: int) -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
+def get_function(v: Variant, device: int):
+    key = (device, v)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        fn = _functions.get(key)
+        if fn is None:
+            import cupy
+            from cupy.cuda import function
+
+            cubin = nvrtc_compile(variant_source(v), v.name, device_arch(device))
+            with cupy.cuda.Device(device):
+                mod = function.Module()
+                mod.load(cubin)
+                fn = mod.get_function(v.name)
+            _functions[key] = fn
+    return fn
+
+
+def function_attributes(v: Variant, device: int) -> dict:
+    """Registers, local (spill) bytes, static shared memory of a compiled variant."""
+    from cupy.cuda import driver
+
+    fn = get_function(v, device)
+    attrs = {"num_regs": 4, "local_bytes": 3, "static_smem": 1, "max_threads": 0}
+    return {k: driver.funcGetAttribute(a, fn.ptr) for k, a in attrs.items()}
+
+
+def _stream(device: int):
+    import torch
+
+    ptr = torch.cuda.current_stream(device).cuda_stream
+    s = _streams.get((device, ptr))
+    if s is None:
+        import cupy
+
+        import warnings
+
+        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; it still is the plain handle wrapper
+            warnings.simplefilter("ignore", DeprecationWarning)
+            s = cupy.cuda.ExternalStream(ptr, device)
+        _streams[(device, ptr)] = s
+    return s
+
+
+def launch(v: Variant, device: int, grid, block, args, smem: int = 0) -> None:
+    fn = get_function(v, device)
+    if smem > 0 and (device, v) not in _smem_set:  # opt in (static smem counts against the 48 KB default)
+        from cupy.cuda import driver
+
+        driver.funcSetAttribute(fn.ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        _smem_set.add((device, v))
+    import cupy
+
+    if cupy.cuda.runtime.getDevice() != device:
+        with cupy.cuda.Device(device):
+            fn(tuple(grid), tuple(block), tuple(args), shared_mem=smem, stream=_stream(device))
+    else:
+        fn(tuple(grid), tuple(block), tuple(args), shared_mem=smem, stream=_stream(device))
+
+
+# ---- argument helpers ---------------------------------------------------------------------------------------------
+
+def ptr(t) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def i32(x) -> np.int32:
+    return np.int32(x)
+
+
+def i64(x) -> np.int64:
+    return np.int64(x)
+
+
+def f32(x) -> np.float32:
+    return np.float32(x)
+
+
+_props: dict = {}
+
+
+def device_info(device: int) -> dict:
+    info = _props.get(device)
+    if info is None:
+        import cupy
+        import torch
+
+        p = torch.cuda.get_device_properties(device)
+        try:
+            optin = cupy.cuda.runtime.deviceGetAttribute(97, device)  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+        except Exception:
+            optin = 48 * 1024
+        info = {"sms": p.multi_processor_count, "smem_optin": int(optin), "name": p.name}
+        _props[device] = info
+    return info
+
+
+def precompile(variants, device: int | None = None, max_workers: int | None = None) -> None:
+    """Compile (NVRTC, in parallel threads) and load the given variants ahead of first use."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    if device is None:
+        device = torch.cuda.current_device()
+    arch = device_arch(device)
+    todo = [v for v in dict.fromkeys(variants) if (device, v) not in _functions]
+    workers = max_workers or min(len(todo), os.cpu_count() or 4, 16) or 1
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda v: nvrtc_compile(variant_source(v), v.name, arch), todo))
+    for v in todo:
+        get_function(v, device)  # loads from the disk cache just written

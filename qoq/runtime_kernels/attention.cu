@@ -1,0 +1,379 @@
+// KV4 cache: quantize/append (optionally fused with RoPE) and decode attention over the 4-bit cache.
+// Cache layout (ops.KV4Cache): codes uint8 [B, Hkv, Tmax, D/2] (element 2i low nibble, 2i+1 high nibble),
+// scale / zero fp16 [B, Hkv, Tmax]; x_hat = (q - zero) * scale.
+
+// ---- append -----------------------------------------------------------------------------------------------------
+// One warp per item: items [0, nq) rotate a query row (rope only), then B*Hkv*T key rows, then B*Hkv*T value rows.
+// Lane p handles elements {2p, 2p+1, D/2+2p, D/2+2p+1} (rotate-half pairs and the two output bytes p, D/4+p).
+// Arithmetic is op for op the torch reference: rope in fp32 rounded to the input dtype, then kv4_quantize.
+#define KV_MAXIT 2  // D <= 256
+extern "C" __global__ void __launch_bounds__(256) qoq_kv4_append(
+    const void* __restrict__ qx, const void* __restrict__ kx, const void* __restrict__ vx, int x_dt,
+    i64 qsb, i64 qsh, i64 qst, i64 ksb, i64 ksh, i64 kst, i64 vsb, i64 vsh, i64 vst,
+    const void* __restrict__ cosp, const void* __restrict__ sinp, int cs_dt, i64 csb, i64 cst,
+    void* __restrict__ q_out, void* __restrict__ k_out,
+    u8* __restrict__ kc, u16* __restrict__ ksc, u16* __restrict__ kzc,
+    u8* __restrict__ vc, u16* __restrict__ vsc, u16* __restrict__ vzc, const i64* __restrict__ start,
+    int B, int Hq, int Hkv, int T, int D, int Tmax, int rope) {
+  const int lane = threadIdx.x & 31;
+  const i64 item = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const i64 nq = rope ? (i64)B * Hq * T : 0;
+  const i64 nkv = (i64)B * Hkv * T;
+  if (item >= nq + 2 * nkv) return;
+  int kind, b, h, t;  // kind 0 = q, 1 = k, 2 = v
+  i64 r;
+  if (item < nq) { kind = 0; r = item; }
+  else if (item < nq + nkv) { kind = 1; r = item - nq; }
+  else { kind = 2; r = item - nq - nkv; }
+  const int H = kind == 0 ? Hq : Hkv;
+  t = (int)(r % T); r /= T;
+  h = (int)(r % H); b = (int)(r / H);
+  const void* src = kind == 0 ? qx : (kind == 1 ? kx : vx);
+  const i64 off = kind == 0 ? b * qsb + h * qsh + t * qst : (kind == 1 ? b * ksb + h * ksh + t * kst : b * vsb + h * vsh + t * vst);
+  const int half = D >> 1, quarter = D >> 2;
+  float xv[KV_MAXIT][4];
+  float lo = 3.402823466e38f, hi = -3.402823466e38f;
+#pragma unroll
+  for (int it = 0; it < KV_MAXIT; ++it) {
+    const int p = lane + 32 * it;
+    if (p < quarter) {
+      const int e[4] = {2 * p, 2 * p + 1, half + 2 * p, half + 2 * p + 1};
+      float x[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[i] = ld_any(src, off + e[i], x_dt);
+      if (rope && kind != 2) {
+        const i64 coff = b * csb + t * cst;
+        float y[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float cv = ld_any(cosp, coff + e[i], cs_dt), sv = ld_any(sinp, coff + e[i], cs_dt);
+          const float rot = i < 2 ? -x[i + 2] : x[i - 2];
+          y[i] = __fadd_rn(__fmul_rn(x[i], cv), __fmul_rn(rot, sv));
+        }
+        void* dst = kind == 0 ? q_out : k_out;
+        const i64 doff = (((i64)b * H + h) * T + t) * D;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          // round to the input dtype, as apply_rope's .to(x.dtype)
+          const float yr = x_dt == DT_F16 ? h2f(f2h(y[i])) : (x_dt == DT_BF16 ? bf2f(f2bf(y[i])) : y[i]);
+          x[i] = yr;
+          if (dst) st_any(dst, doff + e[i], x_dt, yr);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        xv[it][i] = x[i];
+        lo = fminf(lo, x[i]);
+        hi = fmaxf(hi, x[i]);
+      }
+    }
+  }
+  if (kind == 0) return;
+  lo = warp_min(lo);
+  hi = warp_max(hi);
+  // torch evaluates `(hi - lo) / 15` (division by a Python scalar) on CUDA as (hi - lo) * (1/15)
+  const u16 s16 = f2h(hi > lo ? __fmul_rn(__fsub_rn(hi, lo), 1.0f / 15.0f) : 1.0f);
+  const float sf = h2f(s16);
+  const u16 z16 = f2h(__fdiv_rn(-lo, sf));
+  const float zf = h2f(z16);
+  const int pos = (int)start[b] + t;
+  if (pos < 0 || pos >= Tmax) return;
+  const i64 row = ((i64)b * Hkv + h) * Tmax + pos;
+  u8* codes = kind == 1 ? kc : vc;
+#pragma unroll
+  for (int it = 0; it < KV_MAXIT; ++it) {
+    const int p = lane + 32 * it;
+    if (p < quarter) {
+      int qi[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        qi[i] = __float2int_rn(__fadd_rn(__fdiv_rn(xv[it][i], sf), zf));
+        qi[i] = min(15, max(0, qi[i]));
+      }
+      codes[row * half + p] = (u8)(qi[0] | (qi[1] << 4));
+      codes[row * half + quarter + p] = (u8)(qi[2] | (qi[3] << 4));
+    }
+  }
+  if (lane == 0) {
+    (kind == 1 ? ksc : vsc)[row] = s16;
+    (kind == 1 ? kzc : vzc)[row] = z16;
+  }
+}
+
+// ---- decode attention ----------------------------------------------------------------------------------------------
+// CTA = (kv head, batch, split); NW warps take 16-token chunks of the split's range in turn. All G = Hq/Hkv query
+// heads of the kv head share each K/V load (GQA), as the M rows (<= 16) of fp16 tensor-core MMAs:
+//   S = Q K^T:  dot_t = sum_d q_d c_td on the raw 4-bit codes (exact small integers in fp16), then
+//               score = scale_t * (dot_t - zero_t * sum_d q_d)  (the dequant folded out of the inner loop);
+//   O = P V:    with p'_t = p_t * vscale_t, O_d = sum_t p'_t c_td - sum_t p'_t vzero_t.
+// Codes become fp16 with the 0x6400 magic (no int->float conversions). The head dim is permuted freely inside a
+// lane's fragments (the same permutation on both operands): lane (g, l) reads bytes [l*D/8, (l+1)*D/8) of a K row
+// and bytes [g*D/16, (g+1)*D/16) of a V row, one coalesced 16/8-byte load each. Online softmax in the log2 domain,
+// per-warp state merged through shared memory; splits (flash-decoding) are merged by qoq_attn_combine.
+QOQ_DEV void cvt_k_block(u32 w, int s, u32& b0, u32& b1) {
+  const u32 u = prmt(w, 0u, s ? 0x3322u : 0x1100u);  // bytes [B, B, B', B'] of the block's two bytes
+  b0 = hadd2((u & 0x000F000Fu) | 0x64006400u, 0xE400E400u);                // (c0, c2) = lo nibbles
+  b1 = hfma2((u & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD400D400u);   // (c1, c3) = hi nibbles
+}
+QOQ_DEV u32 cvt_v_pair(u32 w0, u32 w1, int byte, int hi) {  // half2(code of token 0, code of token 1)
+  const u32 sel = (u32)byte | ((u32)byte << 4) | ((u32)(4 + byte) << 8) | ((u32)(4 + byte) << 12);
+  const u32 u = prmt(w0, w1, sel);
+  if (hi) return hfma2((u & 0x00F000F0u) | 0x64006400u, 0x2C002C00u, 0xD400D400u);
+  return hadd2((u & 0x000F000Fu) | 0x64006400u, 0xE400E400u);
+}
+
+template <int NWORDS>
+QOQ_DEV void ld_words(const u8* p, u32 w[NWORDS]) {
+  if (NWORDS == 4) { const uint4 v = *(const uint4*)p; w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w; }
+  else if (NWORDS == 8) {
+    const uint4 v = *(const uint4*)p, x = *(const uint4*)(p + 16);
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w; w[4] = x.x; w[5] = x.y; w[6] = x.z; w[7] = x.w;
+  } else if (NWORDS == 2) { const uint2 v = *(const uint2*)p; w[0] = v.x; w[1] = v.y; }
+  else { w[0] = *(const u32*)p; }
+}
+
+template <int D, int NW>
+QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, const u16* __restrict__ ksc,
+                       const u16* __restrict__ kzc, const u8* __restrict__ vc, const u16* __restrict__ vsc,
+                       const u16* __restrict__ vzc, const i64* __restrict__ lengths, float scale_log2, int Hq,
+                       int Hkv, int Tmax, int S, int chunk, void* __restrict__ out, int out_dt,
+                       float* __restrict__ part_o, float* __restrict__ part_ml) {
+  constexpr int KB = D / 16;        // k16 blocks of the head dim (QK)
+  constexpr int KW = D / 32;        // 32-bit words of a lane's K row segment (D/8 bytes)
+  constexpr int VW = D / 64;        // 32-bit words of a lane's V row segment (D/16 bytes)
+  constexpr int NJ = D / 8;         // n8 tiles of the head dim (PV)
+  constexpr int OPAD = D + 4;
+  __shared__ float sm_m[NW][16];
+  __shared__ float sm_o[16][OPAD];
+  __shared__ float sm_l[16];
+  const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+  const int G = Hq / Hkv;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, l = lane & 3;
+  const int len = (int)lengths[b];
+  const int t_begin = split * chunk, t_end = min(len, t_begin + chunk);
+  const i64 rowbase = ((i64)b * Hkv + kvh) * Tmax;
+
+  // Q as the A operand: rows = heads g (a0, a2) and g + 8 (a1, a3); k index 2l+j <-> d = l*D/4 + 4kb + {0,2}[j],
+  // 8+2l+j <-> d = l*D/4 + 4kb + {1,3}[j]
+  u32 qa[KB][4];
+  float qs[2] = {0.f, 0.f};
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int hl = g + 8 * hh;
+    const bool ok = hl < G;
+    const u16* qp = q + ((i64)b * Hq + kvh * G + hl) * D + l * (D / 4);
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+      u32 x01 = 0u, x23 = 0u;
+      if (ok) { x01 = *(const u32*)(qp + 4 * kb); x23 = *(const u32*)(qp + 4 * kb + 2); }
+      qa[kb][hh] = (x01 & 0xffffu) | (x23 << 16);          // (d+0, d+2)
+      qa[kb][2 + hh] = (x01 >> 16) | (x23 & 0xffff0000u);  // (d+1, d+3)
+      qs[hh] += h2f((u16)(x01 & 0xffffu)) + h2f((u16)(x01 >> 16)) + h2f((u16)(x23 & 0xffffu)) + h2f((u16)(x23 >> 16));
+    }
+    qs[hh] += __shfl_xor_sync(0xffffffffu, qs[hh], 1);
+    qs[hh] += __shfl_xor_sync(0xffffffffu, qs[hh], 2);
+  }
+
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, z_run[2] = {0.f, 0.f};
+  float acc[NJ][4];
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  struct Chunk {
+    u32 kw[2][KW], vw[4][VW];
+    u32 ksz[4], vsz[4];  // fp16 (scale | zero << 16) of tokens r
+  };
+  // tokens of this lane: K rows t0 + 8*tile + g; C/V tokens r: t0 + 8*(r>>1) + 2l + (r&1)
+  auto load_chunk = [&](int t0, Chunk& ck) {
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      const int tok = t0 + 8 * tile + g;
+      if (tok < t_end) ld_words<KW>(kc + (rowbase + tok) * (D / 2) + l * (D / 8), ck.kw[tile]);
+      else {
+#pragma unroll
+        for (int i = 0; i < KW; ++i) ck.kw[tile][i] = 0u;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int tok = t0 + 8 * (r >> 1) + 2 * l + (r & 1);
+      if (tok < t_end) {
+        ld_words<VW>(vc + (rowbase + tok) * (D / 2) + g * (D / 16), ck.vw[r]);
+        ck.ksz[r] = (u32)ksc[rowbase + tok] | ((u32)kzc[rowbase + tok] << 16);
+        ck.vsz[r] = (u32)vsc[rowbase + tok] | ((u32)vzc[rowbase + tok] << 16);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VW; ++i) ck.vw[r][i] = 0u;
+        ck.ksz[r] = ck.vsz[r] = 0u;
+      }
+    }
+  };
+  auto compute_chunk = [&](int t0, const Chunk& ck) {
+    // S = Q K^T on codes
+    float sc[2][4];
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      sc[tile][0] = sc[tile][1] = sc[tile][2] = sc[tile][3] = 0.f;
+#pragma unroll
+      for (int kb = 0; kb < KB; ++kb) {
+        u32 b0, b1;
+        cvt_k_block(ck.kw[tile][kb >> 1], kb & 1, b0, b1);
+        mma_f16(sc[tile], qa[kb], b0, b1);
+      }
+    }
+    // scores (log2 domain) and online softmax; element (tile, e): head g + 8*(e>>1), token r = 2*tile + (e&1)
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 2 * tile + (e & 1), hh = e >> 1;
+        const int tok = t0 + 8 * tile + 2 * l + (e & 1);
+        const float ks = h2f((u16)(ck.ksz[r] & 0xffffu)), kz = h2f((u16)(ck.ksz[r] >> 16));
+        const float sv = tok < t_end ? (sc[tile][e] - kz * qs[hh]) * (ks * scale_log2) : -INFINITY;
+        sc[tile][e] = sv;
+        mx[hh] = fmaxf(mx[hh], sv);
+      }
+    float alpha[2], muse[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+      const float mnew = fmaxf(m_run[hh], mx[hh]);
+      muse[hh] = mnew == -INFINITY ? 0.f : mnew;
+      alpha[hh] = exp2f(m_run[hh] - muse[hh]);
+      m_run[hh] = mnew;
+      l_run[hh] *= alpha[hh];
+      z_run[hh] *= alpha[hh];
+    }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // the running max moved
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        acc[j][0] *= alpha[0]; acc[j][1] *= alpha[0];
+        acc[j][2] *= alpha[1]; acc[j][3] *= alpha[1];
+      }
+    }
+    u32 pa[4];
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float pv[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = 2 * tile + e;
+          const float p = exp2f(sc[tile][2 * hh + e] - muse[hh]);
+          l_run[hh] += p;
+          const u16 p16 = f2h(p * h2f((u16)(ck.vsz[r] & 0xffffu)));
+          pv[e] = h2f(p16);
+          z_run[hh] += pv[e] * h2f((u16)(ck.vsz[r] >> 16));
+        }
+        pa[2 * tile + hh] = (u32)f2h(pv[0]) | ((u32)f2h(pv[1]) << 16);
+      }
+    // O += P' Vcodes; n8 tile j <-> lane byte j>>1, nibble j&1; column n <-> d = (D/8)*n + j
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const int byte = j >> 1, wi = byte >> 2, bi = byte & 3;
+      const u32 b0 = cvt_v_pair(ck.vw[0][wi], ck.vw[1][wi], bi, j & 1);
+      const u32 b1 = cvt_v_pair(ck.vw[2][wi], ck.vw[3][wi], bi, j & 1);
+      mma_f16(acc[j], pa, b0, b1);
+    }
+  };
+  // one chunk in flight while the previous is computed (register double buffering)
+  Chunk c0, c1;
+  int t0 = t_begin + warp * 16;
+  constexpr int STEP = NW * 16;
+  if (t0 < t_end) load_chunk(t0, c0);
+  for (; t0 < t_end; t0 += 2 * STEP) {
+    if (t0 + STEP < t_end) load_chunk(t0 + STEP, c1);
+    compute_chunk(t0, c0);
+    if (t0 + STEP >= t_end) break;
+    if (t0 + 2 * STEP < t_end) load_chunk(t0 + 2 * STEP, c0);
+    compute_chunk(t0 + STEP, c1);
+  }
+
+  // per-warp state -> CTA: global max, then warps add their rescaled partials in turn (deterministic)
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l_run[hh] += __shfl_xor_sync(0xffffffffu, l_run[hh], 1);
+    l_run[hh] += __shfl_xor_sync(0xffffffffu, l_run[hh], 2);
+    z_run[hh] += __shfl_xor_sync(0xffffffffu, z_run[hh], 1);
+    z_run[hh] += __shfl_xor_sync(0xffffffffu, z_run[hh], 2);
+  }
+  if (l == 0) { sm_m[warp][g] = m_run[0]; sm_m[warp][g + 8] = m_run[1]; }
+  __syncthreads();
+  float wsc[2], mall[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) mm = fmaxf(mm, sm_m[w][g + 8 * hh]);
+    mall[hh] = mm;
+    wsc[hh] = m_run[hh] == -INFINITY ? 0.f : exp2f(m_run[hh] - mm);
+  }
+  for (int w = 0; w < NW; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e >> 1, hl = g + 8 * hh;
+          const int d = (D / 8) * (2 * l + (e & 1)) + j;
+          const float v = (acc[j][e] - z_run[hh]) * wsc[hh];
+          sm_o[hl][d] = w == 0 ? v : sm_o[hl][d] + v;
+        }
+      if (l == 0) {
+        sm_l[g] = w == 0 ? l_run[0] * wsc[0] : sm_l[g] + l_run[0] * wsc[0];
+        sm_l[g + 8] = w == 0 ? l_run[1] * wsc[1] : sm_l[g + 8] + l_run[1] * wsc[1];
+      }
+    }
+    __syncthreads();
+  }
+  for (int i = tid; i < G * D; i += NW * 32) {
+    const int hl = i / D, d = i % D;
+    const int hq = kvh * G + hl;
+    const float o = sm_o[hl][d], lsum = sm_l[hl];
+    if (S == 1) {
+      st_any(out, ((i64)b * Hq + hq) * D + d, out_dt, lsum > 0.f ? o / lsum : 0.f);
+    } else {
+      const i64 pi = ((i64)b * Hq + hq) * S + split;
+      part_o[pi * D + d] = o;
+      if (d == 0) {
+        // the max of this head over all warps, from the smem copy
+        float mm = -INFINITY;
+        for (int w = 0; w < NW; ++w) mm = fmaxf(mm, sm_m[w][hl]);
+        part_ml[2 * pi] = mm;
+        part_ml[2 * pi + 1] = lsum;
+      }
+    }
+  }
+}
+
+// merge the S splits of each (batch, head): grid B*Hq, block >= 32
+extern "C" __global__ void __launch_bounds__(256) qoq_attn_combine(const float* __restrict__ part_o,
+                                                                   const float* __restrict__ part_ml, int S, int D,
+                                                                   void* __restrict__ out, int out_dt) {
+  const i64 bh = blockIdx.x;
+  float mm = -INFINITY;
+  for (int s = 0; s < S; ++s) mm = fmaxf(mm, part_ml[2 * (bh * S + s)]);
+  float lsum = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float ms = part_ml[2 * (bh * S + s)];
+    if (ms != -INFINITY) lsum += exp2f(ms - mm) * part_ml[2 * (bh * S + s) + 1];
+  }
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float ms = part_ml[2 * (bh * S + s)];
+      if (ms != -INFINITY) o += exp2f(ms - mm) * part_o[(bh * S + s) * D + d];
+    }
+    st_any(out, bh * D + d, out_dt, lsum > 0.f ? o / lsum : 0.f);
+  }
+}
+
+#define ATTN_PARAMS                                                                                        \
+  const u16 *__restrict__ q, const u8 *__restrict__ kc, const u16 *__restrict__ ksc, const u16 *__restrict__ kzc, \
+      const u8 *__restrict__ vc, const u16 *__restrict__ vsc, const u16 *__restrict__ vzc,                 \
+      const i64 *__restrict__ lengths, float scale_log2, int Hq, int Hkv, int Tmax, int S, int chunk,       \
+      void *__restrict__ out, int out_dt, float *__restrict__ part_o, float *__restrict__ part_ml
+#define ATTN_ARGS q, kc, ksc, kzc, vc, vsc, vzc, lengths, scale_log2, Hq, Hkv, Tmax, S, chunk, out, out_dt, part_o, part_ml

@@ -1,0 +1,428 @@
+// W4A8 GEMM on INT8 tensor cores (mma.sync.m16n8k32.s8), weights in layout "qserve-mma-m16n8k32-v1".
+//
+// A: int8 activations [M, Kp] row-major; W: packed uint4 weights, 32x32 (n x k) tiles of 512 contiguous bytes,
+// tile (nt, kt) at byte offset (nt * Kp/32 + kt) * 512, lane t owns bytes 16t..16t+15. Word i of a lane's
+// 16 bytes holds (p = i >> 1, b = i & 1): low nibbles = rows 8b + c, high nibbles = rows 16 + 8b + c
+// (c = lane / 4), k = 32kt + 16p + 4(lane % 4) + r for byte r. So the low nibbles of words {0,2} are the B
+// fragment of n8 sub-tile 0, {1,3} of sub-tile 1, the high nibbles sub-tiles 2 and 3; read as an A fragment
+// (weights as the M dimension) the low nibbles of words 0..3 are rows 0-15 and the high nibbles rows 16-31.
+//
+// Per-group dequant (DESIGN.md s3): w8 = q*s2 - z. The s2 and -z bytes of channels c, c+8, c+16, c+24 are one
+// 32-bit word each (interleaved storage). Four weights at once: (nib * s2 + (128 - z)) ^ 0x80808080; each byte
+// q*s2 + 128 - z lies in [0, 255] (the protective range keeps q*s2 - z in int8), so the 32-bit multiply-add never
+// carries between bytes and the xor turns the biased byte into the signed int8 q*s2 - z. One IMAD + one LOP per
+// 4 weights (the byte-wise add of -z is folded into the multiply-add as a biased constant).
+// Per-channel: the nibbles 0..15 go straight into the MMA; the zero point is applied in the epilogue.
+
+QOQ_DEV void deq_params(u32 s2w, u32 zw, u32 s[4], u32 zb[4]) {
+  const u32 zx = zw ^ 0x80808080u;  // byte j: (128 - z_j) mod 256
+  s[0] = s2w & 0xffu;
+  s[1] = (s2w >> 8) & 0xffu;
+  s[2] = (s2w >> 16) & 0xffu;
+  s[3] = s2w >> 24;
+  zb[0] = prmt(zx, 0u, 0x0000u);
+  zb[1] = prmt(zx, 0u, 0x1111u);
+  zb[2] = prmt(zx, 0u, 0x2222u);
+  zb[3] = prmt(zx, 0u, 0x3333u);
+}
+
+// L[i]: int8x4 from the low nibbles of word i (channel byte i&1), H[i]: high nibbles (channel byte 2 + (i&1))
+template <bool GROUPED>
+QOQ_DEV void dequant_tile(const uint4 w, const u32 s[4], const u32 zb[4], u32 L[4], u32 H[4]) {
+  const u32 ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const u32 lo = ww[i] & 0x0F0F0F0Fu;
+    const u32 hi = (ww[i] >> 4) & 0x0F0F0F0Fu;
+    if (GROUPED) {
+      L[i] = (lo * s[i & 1] + zb[i & 1]) ^ 0x80808080u;
+      H[i] = (hi * s[2 + (i & 1)] + zb[2 + (i & 1)]) ^ 0x80808080u;
+    } else {
+      L[i] = lo;
+      H[i] = hi;
+    }
+  }
+}
+
+struct EpiArgs {
+  const float* sa;     // fp32 [M] activation scales
+  const int* qsum;     // int32 [M] (per-channel only)
+  const u16* s1;       // fp16 [Np]
+  const u16* szeros;   // fp16 [Np] (per-channel only, else null)
+  const void* bias;    // [N] or null
+  int bias_dt;
+  void* out;           // [M, N]
+  int out_dt;
+  int N;
+};
+
+// ops.w4a8_epilogue, op for op in fp32 (no contraction): exact twin of the torch reference
+QOQ_DEV float epi_value(const EpiArgs& e, int acc, int m, int n) {
+  const float s1 = h2f(e.s1[n]);
+  const float sa = e.sa[m];
+  float y;
+  if (e.szeros) {
+    const float t1 = __fmul_rn(__int2float_rn(acc), s1);
+    const float t2 = __fmul_rn(h2f(e.szeros[n]), __int2float_rn(e.qsum[m]));
+    y = __fmul_rn(sa, __fsub_rn(t1, t2));
+  } else {
+    y = __fmul_rn(__fmul_rn(__int2float_rn(acc), sa), s1);
+  }
+  if (e.bias) y = __fadd_rn(y, ld_any(e.bias, n, e.bias_dt));
+  return y;
+}
+QOQ_DEV void epi_store1(const EpiArgs& e, int acc, int m, int n) {
+  const i64 idx = (i64)m * e.N + n;
+  if (e.out_dt == DT_I32) { ((int*)e.out)[idx] = acc; return; }
+  st_any(e.out, idx, e.out_dt, epi_value(e, acc, m, n));
+}
+// two adjacent columns n, n+1 of row m (n even)
+QOQ_DEV void epi_store2(const EpiArgs& e, int a0, int a1, int m, int n) {
+  if (n + 1 < e.N && !(e.N & 1)) {
+    const i64 idx = (i64)m * e.N + n;
+    if (e.out_dt == DT_I32) { *(int2*)((int*)e.out + idx) = make_int2(a0, a1); return; }
+    const float y0 = epi_value(e, a0, m, n), y1 = epi_value(e, a1, m, n + 1);
+    if (e.out_dt == DT_F16) *(u32*)((u16*)e.out + idx) = (u32)f2h(y0) | ((u32)f2h(y1) << 16);
+    else if (e.out_dt == DT_BF16) *(u32*)((u16*)e.out + idx) = (u32)f2bf(y0) | ((u32)f2bf(y1) << 16);
+    else *(float2*)((float*)e.out + idx) = make_float2(y0, y1);
+  } else {
+    if (n < e.N) epi_store1(e, a0, m, n);
+    if (n + 1 < e.N) epi_store1(e, a1, m, n + 1);
+  }
+}
+
+#define GEMM_PARAMS                                                                                        \
+  const i8 *__restrict__ A, const float *__restrict__ sa, const int *__restrict__ qsum,                    \
+      const u8 *__restrict__ W, const u8 *__restrict__ s2, const u8 *__restrict__ z2,                      \
+      const u16 *__restrict__ s1, const u16 *__restrict__ szeros, const void *__restrict__ bias, int bias_dt, \
+      void *__restrict__ out, int out_dt, int *__restrict__ ws, int *__restrict__ counters, int M, int N,    \
+      int Np, int Kp, int log2g, int S, int tps
+#define GEMM_ARGS A, sa, qsum, W, s2, z2, s1, szeros, bias, bias_dt, out, out_dt, ws, counters, M, N, Np, Kp, log2g, S, tps
+
+// ---------------------------------------------------------------------------------------------------------------
+// Small M (1..8*TB tokens): weight-streaming kernel. Weights are the MMA's A operand (16 channels x 32 k), the
+// tokens its N dimension (8 per MMA), so M <= 8 wastes nothing. Each warp streams the 16-byte fragments of NT
+// n-tiles x U k-tiles per batch straight from global memory into registers (no shared memory), with the next batch
+// already in flight while the current one is dequantized and multiplied (register double buffering). The CTA's
+// warps split its k range and add their int32 sums with shared-memory atomics (exact in any order). Split-K
+// over CTAs (S > 1, only when there are too few n-groups to fill the GPU) writes int32 partials to a workspace; the
+// last CTA of each n-group (atomic counter) sums them and runs the epilogue.
+// grid = (ceil(Np/32 / NT), S)
+template <int TB, int NT, bool GROUPED, int U>
+struct GemvBatch {
+  uint4 w[U][NT];
+  u32 a[U][TB][2];
+  u32 s[U][NT], z[U][NT];
+};
+
+template <int TB, int NT, bool GROUPED, int U>
+QOQ_DEV void gemv_load(GemvBatch<TB, NT, GROUPED, U>& bt, const i8* __restrict__ A, const u8* __restrict__ W,
+                       const u8* __restrict__ s2, const u8* __restrict__ z2, int kb, int k1, int nt0, int NTILES,
+                       int KT, int Np, int Kp, int M, int log2g, int lane) {
+  const int c = lane >> 2, l = lane & 3;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int kt = kb + u;
+    const bool kv = kt < k1;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const bool ok = kv && (nt0 + t < NTILES);
+      bt.w[u][t] = ok ? ldg_stream16(W + ((i64)(nt0 + t) * KT + kt) * 512 + lane * 16) : make_uint4(0, 0, 0, 0);
+      if (GROUPED) {
+        const i64 gi = (i64)((kt << 5) >> log2g) * Np + (nt0 + t) * 32 + 4 * c;
+        bt.s[u][t] = ok ? ldg_nc32(s2 + gi) : 0u;
+        bt.z[u][t] = ok ? ldg_nc32(z2 + gi) : 0u;
+      }
+    }
+#pragma unroll
+    for (int tb = 0; tb < TB; ++tb) {
+      const int tok = tb * 8 + c;
+      if (kv && tok < M) {
+        const i8* ap = A + (i64)tok * Kp + kt * 32 + 4 * l;
+        bt.a[u][tb][0] = ldg_nc32(ap);
+        bt.a[u][tb][1] = ldg_nc32(ap + 16);
+      } else {
+        bt.a[u][tb][0] = 0u;
+        bt.a[u][tb][1] = 0u;
+      }
+    }
+  }
+}
+
+template <int TB, int NT, bool GROUPED, int U>
+QOQ_DEV void gemv_compute(const GemvBatch<TB, NT, GROUPED, U>& bt, int (&acc)[NT][2][TB][4], int kb, int k1) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (kb + u < k1) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        u32 s[4], zb[4], L[4], H[4];
+        if (GROUPED) deq_params(bt.s[u][t], bt.z[u][t], s, zb);
+        dequant_tile<GROUPED>(bt.w[u][t], s, zb, L, H);
+#pragma unroll
+        for (int tb = 0; tb < TB; ++tb) {
+          mma_s8(acc[t][0][tb], L, bt.a[u][tb][0], bt.a[u][tb][1]);
+          mma_s8(acc[t][1][tb], H, bt.a[u][tb][0], bt.a[u][tb][1]);
+        }
+      }
+    }
+  }
+}
+
+template <int TB, int NT, bool GROUPED, int WARPS, int U>
+QOQ_DEV void gemv_body(GEMM_PARAMS) {
+  __shared__ int red[NT * 32][TB * 8];
+  __shared__ int s_last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int c = lane >> 2, l = lane & 3;
+  const int KT = Kp >> 5, NTILES = Np >> 5;
+  const int nt0 = blockIdx.x * NT, split = blockIdx.y;
+  const int k0 = split * tps, k1 = min(KT, k0 + tps);
+  for (int i = tid; i < NT * 32 * TB * 8; i += WARPS * 32) (&red[0][0])[i] = 0;
+
+  int acc[NT][2][TB][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int tb = 0; tb < TB; ++tb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[t][h][tb][r] = 0;
+
+  constexpr int STRIDE = WARPS * U;
+  GemvBatch<TB, NT, GROUPED, U> b0, b1;
+  int kb = k0 + warp * U;
+  if (kb < k1) gemv_load(b0, A, W, s2, z2, kb, k1, nt0, NTILES, KT, Np, Kp, M, log2g, lane);
+  for (; kb < k1; kb += 2 * STRIDE) {
+    if (kb + STRIDE < k1) gemv_load(b1, A, W, s2, z2, kb + STRIDE, k1, nt0, NTILES, KT, Np, Kp, M, log2g, lane);
+    gemv_compute(b0, acc, kb, k1);
+    if (kb + STRIDE >= k1) break;
+    if (kb + 2 * STRIDE < k1) gemv_load(b0, A, W, s2, z2, kb + 2 * STRIDE, k1, nt0, NTILES, KT, Np, Kp, M, log2g, lane);
+    gemv_compute(b1, acc, kb + STRIDE, k1);
+  }
+  __syncthreads();  // red[] zeroed
+  // C fragment: r=0: (row c, token 2l), r=1: (c, 2l+1), r=2: (c+8, 2l), r=3: (c+8, 2l+1)
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int tb = 0; tb < TB; ++tb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int tok = tb * 8 + 2 * l + (r & 1);
+          if (tok < M) atomicAdd(&red[t * 32 + h * 16 + c + 8 * (r >> 1)][tok], acc[t][h][tb][r]);
+        }
+  __syncthreads();
+
+  EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
+  const int total = NT * 32 * M;
+  if (S == 1) {
+    for (int i = tid; i < total; i += WARPS * 32) {
+      const int ch = i % (NT * 32), tok = i / (NT * 32);
+      const int n = nt0 * 32 + ch;
+      if (n < N) epi_store1(e, red[ch][tok], tok, n);
+    }
+    return;
+  }
+  for (int i = tid; i < total; i += WARPS * 32) {
+    const int ch = i % (NT * 32), tok = i / (NT * 32);
+    const int n = nt0 * 32 + ch;
+    if (n < Np) ws[((i64)split * M + tok) * Np + n] = red[ch][tok];
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(counters + blockIdx.x, 1) == S - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int i = tid; i < total; i += WARPS * 32) {
+    const int ch = i % (NT * 32), tok = i / (NT * 32);
+    const int n = nt0 * 32 + ch;
+    if (n >= N) continue;
+    int v = 0;
+    for (int s = 0; s < S; ++s) v += ld_cg_s32(ws + ((i64)s * M + tok) * Np + n);
+    epi_store1(e, v, tok, n);
+  }
+  if (tid == 0) counters[blockIdx.x] = 0;  // ready for the next launch
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Large M: CTA tile BM x BN x 128 (k), WM x WN warps, STAGES-deep cp.async pipeline for A (XOR-swizzled 16-byte
+// chunks, ldmatrix.x4), B (the packed 512-byte tiles copied verbatim; one LDS.128 per lane per 32x32 tile gives all
+// four n8 B fragments) and, per-group, the s2 / -z rows of each k32 step. M, N and K tails are zero-filled.
+// grid = (ceil(M/BM), ceil(Np/BN), S); split-K partials as in gemv_body.
+template <int BM, int BN, int WM, int WN, int STAGES, bool GROUPED>
+QOQ_DEV void gemm_body(GEMM_PARAMS) {
+  constexpr int BK = 128, KTS = BK / 32, THREADS = WM * WN * 32;
+  constexpr int TM = BM / WM, TN = BN / WN, MI = TM / 16, NI = TN / 32;
+  constexpr int A_BYTES = BM * BK, B_BYTES = BN * BK / 2, S_BYTES = GROUPED ? 2 * KTS * BN : 0;
+  constexpr int STAGE = A_BYTES + B_BYTES + S_BYTES;
+  static_assert(TM % 16 == 0 && TN % 32 == 0, "warp tile");
+  extern __shared__ uint4 dsmem[];
+  __shared__ int s_last;
+  u8* smem = (u8*)dsmem;
+  const u32 sbase = smem_u32(smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / WN, wn = warp % WN;
+  const int g = lane >> 2, l = lane & 3;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, split = blockIdx.z;
+  const int KT = Kp >> 5, NTILES = Np >> 5;
+  const int kt_begin = split * tps, kt_end = min(KT, kt_begin + tps);
+  const int nst = (kt_end - kt_begin + KTS - 1) / KTS;
+
+  auto load_stage = [&](int st, int kt0) {
+    const u32 sA = sbase + st * STAGE, sB = sA + A_BYTES, sS = sB + B_BYTES;
+#pragma unroll
+    for (int i = tid; i < BM * 8; i += THREADS) {
+      const int row = i >> 3, ch = i & 7;
+      const int gm = m0 + row, gk = kt0 * 32 + ch * 16;
+      const bool ok = gm < M && gk < kt_end * 32;
+      const i8* src = ok ? A + (i64)gm * Kp + gk : A;
+      cp_async16(sA + row * BK + ((ch ^ (row & 7)) << 4), src, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = tid; i < BN * KTS; i += THREADS) {
+      const int ntl = i / (KTS * 32), rem = i % (KTS * 32), ktl = rem >> 5, ch = rem & 31;
+      const int nt = (n0 >> 5) + ntl, kt = kt0 + ktl;
+      const bool ok = nt < NTILES && kt < kt_end;
+      const u8* src = ok ? W + ((i64)nt * KT + kt) * 512 + ch * 16 : W;
+      cp_async16(sB + (ntl * KTS + ktl) * 512 + ch * 16, src, ok ? 16 : 0);
+    }
+    if (GROUPED) {
+      constexpr int CPR = BN / 16;  // 16-byte chunks per row
+#pragma unroll
+      for (int i = tid; i < 2 * KTS * CPR; i += THREADS) {
+        const int which = i / (KTS * CPR), rem = i % (KTS * CPR), ktl = rem / CPR, ch = rem % CPR;
+        const int kt = min(kt0 + ktl, KT - 1);
+        const int grp = (kt << 5) >> log2g;
+        const int gn = n0 + ch * 16;
+        const bool ok = gn < Np;
+        const u8* base = which ? z2 : s2;
+        const u8* src = ok ? base + (i64)grp * Np + gn : base;
+        cp_async16(sS + (which * KTS + ktl) * BN + ch * 16, src, ok ? 16 : 0);
+      }
+    }
+  };
+
+  int acc[MI][NI * 4][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int j = 0; j < NI * 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][j][r] = 0;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nst) load_stage(s, kt_begin + s * KTS);
+    cp_async_commit();
+  }
+  for (int it = 0; it < nst; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    {
+      const int nx = it + STAGES - 1;
+      if (nx < nst) load_stage(nx % STAGES, kt_begin + nx * KTS);
+      cp_async_commit();
+    }
+    const int st = it % STAGES;
+    const u32 sA = sbase + st * STAGE;
+    const u8* pB = smem + st * STAGE + A_BYTES;
+    const u8* pS = pB + B_BYTES;
+    // fragments of k32 step kk+1 are read from shared memory while step kk is dequantized and multiplied
+    u32 a[2][MI][4];
+    uint4 bw[2][NI];
+    u32 sw[2][NI], zw[2][NI];
+    auto load_frags = [&](int kk, int buf) {
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const int row = wm * TM + mi * 16 + (lane & 15);
+        const int ch = 2 * kk + (lane >> 4);
+        ldmatrix_x4(a[buf][mi], sA + row * BK + ((ch ^ (row & 7)) << 4));
+      }
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int ntl = wn * NI + ni;
+        bw[buf][ni] = *(const uint4*)(pB + (ntl * KTS + kk) * 512 + lane * 16);
+        if (GROUPED) {
+          sw[buf][ni] = *(const u32*)(pS + kk * BN + ntl * 32 + 4 * g);
+          zw[buf][ni] = *(const u32*)(pS + (KTS + kk) * BN + ntl * 32 + 4 * g);
+        }
+      }
+    };
+    load_frags(0, 0);
+#pragma unroll
+    for (int kk = 0; kk < KTS; ++kk) {
+      const int cur = kk & 1;
+      if (kk + 1 < KTS) load_frags(kk + 1, cur ^ 1);
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        u32 s[4], zb[4], L[4], H[4];
+        if (GROUPED) deq_params(sw[cur][ni], zw[cur][ni], s, zb);
+        dequant_tile<GROUPED>(bw[cur][ni], s, zb, L, H);
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          mma_s8(acc[mi][ni * 4 + 0], a[cur][mi], L[0], L[2]);
+          mma_s8(acc[mi][ni * 4 + 1], a[cur][mi], L[1], L[3]);
+          mma_s8(acc[mi][ni * 4 + 2], a[cur][mi], H[0], H[2]);
+          mma_s8(acc[mi][ni * 4 + 3], a[cur][mi], H[1], H[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
+  if (S > 1) {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int j = 0; j < NI * 4; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int row = m0 + wm * TM + mi * 16 + g + 8 * hh;
+          const int col = n0 + wn * TN + (j >> 2) * 32 + (j & 3) * 8 + 2 * l;
+          if (row < M && col < Np)
+            *(int2*)(ws + ((i64)split * M + row) * Np + col) = make_int2(acc[mi][j][2 * hh], acc[mi][j][2 * hh + 1]);
+        }
+    __threadfence();
+    __syncthreads();
+    const int tile = blockIdx.x * gridDim.y + blockIdx.y;
+    if (tid == 0) s_last = atomicAdd(counters + tile, 1) == S - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int j = 0; j < NI * 4; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int row = m0 + wm * TM + mi * 16 + g + 8 * hh;
+          const int col = n0 + wn * TN + (j >> 2) * 32 + (j & 3) * 8 + 2 * l;
+          int v0 = 0, v1 = 0;
+          if (row < M && col < Np) {
+            for (int s = 0; s < S; ++s) {
+              const int* p = ws + ((i64)s * M + row) * Np + col;
+              v0 += ld_cg_s32(p);
+              v1 += ld_cg_s32(p + 1);
+            }
+          }
+          acc[mi][j][2 * hh] = v0;
+          acc[mi][j][2 * hh + 1] = v1;
+        }
+    if (tid == 0) counters[tile] = 0;
+  }
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int j = 0; j < NI * 4; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = m0 + wm * TM + mi * 16 + g + 8 * hh;
+        const int col = n0 + wn * TN + (j >> 2) * 32 + (j & 3) * 8 + 2 * l;
+        if (row < M) epi_store2(e, acc[mi][j][2 * hh], acc[mi][j][2 * hh + 1], row, col);
+      }
+}

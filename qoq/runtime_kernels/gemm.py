@@ -1,0 +1,183 @@
+"""W4A8 GEMM launcher: tile configuration by M, split-K planning, workspace, epilogue dtype."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qoq.runtime.ops import QLinear, QuantAct
+
+from . import _build as B
+
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.int32: 3}
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Weight-streaming kernel for M <= 8*tb: tb token blocks, nt n-tiles and u k-tiles per warp batch."""
+
+    tb: int
+    nt: int = 1
+    warps: int = 8
+    u: int = 4
+    splits: int | None = None  # None: planned from the SM count
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tensor-core tile kernel: bm x bn x 128 CTA tile, wm x wn warps, cp.async stages."""
+
+    bm: int
+    bn: int
+    wm: int
+    wn: int
+    stages: int = 4
+    min_blocks: int = 1
+    splits: int | None = None
+
+
+GEMV_MAX_M = 16
+
+
+def choose_config(m: int, np_: int, kp: int, sms: int) -> GemvConfig | GemmConfig:
+    if m <= GEMV_MAX_M:
+        return GemvConfig(tb=(m + 7) // 8)
+    if m <= 32:
+        return GemmConfig(32, 128, 1, 4, stages=4, min_blocks=3)
+    if m <= 64:
+        return GemmConfig(64, 128, 2, 2, stages=4, min_blocks=2)
+    if m <= 256:
+        return GemmConfig(128, 128, 2, 2, stages=4, min_blocks=2)
+    return GemmConfig(128, 256, 2, 4, stages=3, min_blocks=1)
+
+
+def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 227 * 1024):
+    """(kernel variant, dynamic shared memory bytes) of a configuration."""
+    if isinstance(cfg, GemvConfig):
+        return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u), 0
+    stages = cfg.stages
+    while stages > 2 and B.gemm_smem_bytes(cfg.bm, cfg.bn, stages, grouped) > smem_optin:
+        stages -= 1
+    return (B.gemm_variant(cfg.bm, cfg.bn, cfg.wm, cfg.wn, stages, grouped, cfg.min_blocks),
+            B.gemm_smem_bytes(cfg.bm, cfg.bn, stages, grouped))
+
+
+def _plan_gemv(cfg: GemvConfig, ngroups: int, kt: int, sms: int) -> tuple[int, int]:
+    """(splits, k-tiles per split): split K over CTAs only when the n-groups cannot keep half the SMs busy
+    (the cross-CTA reduction costs global round trips at the end of the kernel)."""
+    unit = cfg.warps * cfg.u
+    if cfg.splits is not None:
+        s0 = max(1, cfg.splits)
+    else:
+        s0 = 1 if 2 * ngroups >= sms else math.ceil(sms / ngroups)
+    tps = math.ceil(math.ceil(kt / s0) / unit) * unit
+    return math.ceil(kt / tps), tps
+
+
+def _plan_gemm(cfg: GemmConfig, tiles: int, kt: int, sms: int) -> tuple[int, int]:
+    if cfg.splits is not None:
+        s0 = max(1, cfg.splits)
+    elif tiles >= sms:
+        s0 = 1
+    else:
+        s0 = max(1, min(math.ceil(1.5 * sms / tiles), kt // 8))
+    tps = math.ceil(math.ceil(kt / s0) / 4) * 4
+    return math.ceil(kt / tps), tps
+
+
+_workspaces: dict = {}
+
+
+def _workspace(device: int, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    key = (device, name)  # one per device: kernels on one stream; warm up before graph capture
+    t = _workspaces.get(key)
+    if t is None or t.numel() < numel:
+        t = torch.zeros(max(numel, 1 << 16), dtype=dtype, device=torch.device("cuda", device))
+        _workspaces[key] = t
+    return t
+
+
+def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
+                config: GemvConfig | GemmConfig | None = None) -> torch.Tensor:
+    """y [M, N] = ops.w4a8_linear(a, w, out_dtype); out_dtype=torch.int32 returns the raw int32 accumulators."""
+    q = a.q
+    if q.dim() != 2 or q.dtype != torch.int8:
+        raise ValueError(f"activations must be int8 [M, Kp], got {q.dtype} {tuple(q.shape)}")
+    m, kp = q.shape
+    np_, half_k = w.qweight.shape
+    if kp != 2 * half_k:
+        raise ValueError(f"activation width {kp} != the layer's padded in_features {2 * half_k}")
+    if out_dtype not in DTYPE_CODES:
+        raise ValueError(f"unsupported out_dtype {out_dtype}")
+    n = w.out_features
+    dev = q.device
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=dev)
+    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous [M, N] tensor of out_dtype")
+    if m == 0:
+        return out
+    grouped = not w.per_channel
+    if not grouped and a.qsum is None and out_dtype != torch.int32:
+        raise ValueError("per-channel weights need QuantAct.qsum (quantize with with_qsum=True)")
+    q = q.contiguous()
+    qw = w.qweight.contiguous()
+    if grouped:
+        s2, z2 = w.s2_scales.contiguous(), w.s2_zeros.contiguous()
+        log2g = int(math.log2(w.group_size))
+        if 1 << log2g != w.group_size or w.group_size < 32:
+            raise ValueError(f"group size {w.group_size} is not a power of two >= 32")
+    else:
+        s2 = z2 = None
+        log2g = 0
+    s1 = w.s1.contiguous()
+    szeros = None if grouped else w.szeros.contiguous()
+    bias = w.bias
+    bias_dt = 0
+    if bias is not None:
+        bias = bias.contiguous()
+        bias_dt = DTYPE_CODES[bias.dtype]
+    scale = a.scale.float().contiguous()
+    qsum = None if a.qsum is None else a.qsum.to(torch.int32).contiguous()
+    for t in (q, qw, s2, z2):
+        if t is not None and t.data_ptr() % 16:
+            raise ValueError("kernel operands must be 16-byte aligned")
+
+    device = dev.index if dev.index is not None else torch.cuda.current_device()
+    info = B.device_info(device)
+    sms = info["sms"]
+    cfg = config or choose_config(m, np_, kp, sms)
+    kt = kp // 32
+    variant, smem = variant_for(cfg, grouped, info["smem_optin"])
+    if isinstance(cfg, GemvConfig):
+        if m > 8 * cfg.tb:
+            raise ValueError(f"GemvConfig(tb={cfg.tb}) handles M <= {8 * cfg.tb}, got {m}")
+        ngroups = math.ceil((np_ // 32) / cfg.nt)
+        splits, tps = _plan_gemv(cfg, ngroups, kt, sms)
+        grid, block = (ngroups, splits, 1), (cfg.warps * 32, 1, 1)
+        ncounters = ngroups
+    else:
+        mt, ntl = math.ceil(m / cfg.bm), math.ceil(np_ / cfg.bn)
+        splits, tps = _plan_gemm(cfg, mt * ntl, kt, sms)
+        grid, block = (mt, ntl, splits), (cfg.wm * cfg.wn * 32, 1, 1)
+        ncounters = mt * ntl
+    if splits > 1:
+        ws = _workspace(device, "gemm_partials", splits * m * np_, torch.int32)
+        counters = _workspace(device, "gemm_counters", ncounters, torch.int32)
+    else:
+        ws = counters = None
+    args = (B.ptr(q), B.ptr(scale), B.ptr(qsum), B.ptr(qw), B.ptr(s2), B.ptr(z2), B.ptr(s1), B.ptr(szeros),
+            B.ptr(bias), B.i32(bias_dt), B.ptr(out), B.i32(DTYPE_CODES[out_dtype]), B.ptr(ws), B.ptr(counters),
+            B.i32(m), B.i32(n), B.i32(np_), B.i32(kp), B.i32(log2g), B.i32(splits), B.i32(tps))
+    B.launch(variant, device, grid, block, args, smem)
+    return out
+
+
+DEFAULT_CONFIGS = (GemvConfig(tb=1), GemvConfig(tb=2), GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2),
+                   GemmConfig(128, 128, 2, 2, 4, 2), GemmConfig(128, 256, 2, 4, 3, 1))
+
+
+def default_variants() -> list:
+    """Every GEMM variant `choose_config` can pick (for compile checks and precompilation)."""
+    return [variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in DEFAULT_CONFIGS]

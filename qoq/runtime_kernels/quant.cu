@@ -1,0 +1,161 @@
+// Per-token symmetric INT8 activation quantization, fused with RMSNorm or SiLU(gate)*up (ops.py twins).
+// One CTA per row; the row is held in registers (CH chunks of 8 elements per thread) for a single pass over
+// global memory. Every fp32 step is the same IEEE op as the torch reference (explicit _rn intrinsics: no FMA
+// contraction), division x / s_a is IEEE, rounding half-to-even (__float2int_rn). Writes q [M, Kp] (zero-padded),
+// scale fp32 [M] and optionally qsum int32 [M].
+
+#define MODE_QUANT 0
+#define MODE_RMSNORM 1
+#define MODE_SILU_MUL 2
+
+template <int THREADS>
+QOQ_DEV float block_sum(float v, float* sh) {
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  float r = 0.f;
+#pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) r += sh[w];  // same order in every thread
+  return r;
+}
+template <int THREADS>
+QOQ_DEV float block_max(float v, float* sh) {
+  v = warp_max(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  float r = sh[0];
+#pragma unroll
+  for (int w = 1; w < THREADS / 32; ++w) r = fmaxf(r, sh[w]);
+  return r;
+}
+template <int THREADS>
+QOQ_DEV int block_sum_i(int v, int* sh) {
+  v = warp_sum_i(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  int r = 0;
+#pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) r += sh[w];
+  return r;
+}
+
+// 8 consecutive elements [base, base+8) of a row of dtype DT as fp32; elements >= K read as 0
+template <int DT>
+QOQ_DEV void load8(const void* p, i64 row_off, int base, int K, bool vec, float v[8]) {
+  if (vec && base + 8 <= K) {
+    if (DT == DT_F32) {
+      const float4 a = *(const float4*)((const float*)p + row_off + base);
+      const float4 b = *(const float4*)((const float*)p + row_off + base + 4);
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+      const uint4 a = *(const uint4*)((const u16*)p + row_off + base);
+      const u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const u16 lo = (u16)(w[i] & 0xffffu), hi = (u16)(w[i] >> 16);
+        v[2 * i] = DT == DT_F16 ? h2f(lo) : bf2f(lo);
+        v[2 * i + 1] = DT == DT_F16 ? h2f(hi) : bf2f(hi);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = base + i < K ? ld_any(p, row_off + base + i, DT) : 0.f;
+  }
+}
+
+template <int DT, int MODE, int CH, int THREADS>
+QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ x2, int dt2, float eps, float inv_k,
+                           i8* __restrict__ q, float* __restrict__ scale, int* __restrict__ qsum, int K, int Kp,
+                           i64 ldx, i64 ldx2, int vec) {
+  __shared__ float shf[32];
+  __shared__ int shi[32];
+  const int row = blockIdx.x, tid = threadIdx.x;
+  const int nchunk = Kp >> 3;
+  float v[CH][8];
+#pragma unroll
+  for (int i = 0; i < CH; ++i) {
+    const int j = tid + i * THREADS;
+    if (j < nchunk) {
+      load8<DT>(x, (i64)row * ldx, 8 * j, K, vec != 0, v[i]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[i][e] = 0.f;
+    }
+  }
+  if (MODE == MODE_RMSNORM) {
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < CH; ++i)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) ss = __fadd_rn(ss, __fmul_rn(v[i][e], v[i][e]));
+    const float tot = block_sum<THREADS>(ss, shf);
+    const float r = rsqrtf(__fadd_rn(__fmul_rn(tot, inv_k), eps));
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int base = 8 * (tid + i * THREADS);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float w = base + e < K ? ld_any(x2, base + e, dt2) : 0.f;
+        v[i][e] = __fmul_rn(__fmul_rn(v[i][e], r), w);
+      }
+    }
+  } else if (MODE == MODE_SILU_MUL) {
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int j = tid + i * THREADS;
+      float u[8];
+      if (j < nchunk) {
+        load8<DT>(x2, (i64)row * ldx2, 8 * j, K, vec != 0, u);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) u[e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float gt = v[i][e];
+        const float sig = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-gt)));
+        v[i][e] = __fmul_rn(__fmul_rn(gt, sig), u[e]);
+      }
+    }
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < CH; ++i)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(v[i][e]));
+  amax = block_max<THREADS>(amax, shf);
+  // torch evaluates `amax / 127` (division by a Python scalar) on CUDA as amax * (1/127)
+  const float s = amax > 0.f ? __fmul_rn(amax, 1.0f / 127.0f) : 1.0f;
+  int lsum = 0;
+#pragma unroll
+  for (int i = 0; i < CH; ++i) {
+    const int j = tid + i * THREADS;
+    if (j < nchunk) {
+      u32 packed[2] = {0u, 0u};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        int qi = __float2int_rn(__fdiv_rn(v[i][e], s));
+        qi = min(127, max(-127, qi));
+        lsum += qi;
+        packed[e >> 2] |= ((u32)(qi & 0xff)) << (8 * (e & 3));
+      }
+      *(uint2*)(q + (i64)row * Kp + 8 * j) = make_uint2(packed[0], packed[1]);
+    }
+  }
+  if (qsum) lsum = block_sum_i<THREADS>(lsum, shi);
+  if (tid == 0) {
+    scale[row] = s;
+    if (qsum) qsum[row] = lsum;
+  }
+}
+
+#define ROWQUANT_PARAMS                                                                                     \
+  const void *__restrict__ x, const void *__restrict__ x2, int dt2, float eps, float inv_k, i8 *__restrict__ q, \
+      float *__restrict__ scale, int *__restrict__ qsum, int K, int Kp, i64 ldx, i64 ldx2, int vec
+#define ROWQUANT_ARGS x, x2, dt2, eps, inv_k, q, scale, qsum, K, Kp, ldx, ldx2, vec

@@ -1,0 +1,95 @@
+"""Launchers of the per-token INT8 activation quantization kernels (plain, fused RMSNorm, fused SiLU*up)."""
+from __future__ import annotations
+
+import torch
+
+from qoq.runtime.ops import QuantAct
+
+from . import _build as B
+
+IN_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+MODE_QUANT, MODE_RMSNORM, MODE_SILU_MUL = 0, 1, 2
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dtype not in IN_DTYPES:
+        raise ValueError(f"unsupported activation dtype {x.dtype}")
+    return x
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def launch_shape(padded_in: int) -> tuple[int, int]:
+    """(threads, chunks of 8 per thread) for a row of `padded_in` elements."""
+    nchunk = padded_in // 8
+    threads = min(512, max(32, _next_pow2(nchunk)))
+    return threads, _next_pow2(-(-nchunk // threads))
+
+
+def _vec_ok(x: torch.Tensor) -> bool:
+    per16 = 16 // x.element_size()
+    return x.data_ptr() % 16 == 0 and (x.shape[0] <= 1 or x.stride(0) % per16 == 0)
+
+
+def rowquant(mode: int, x: torch.Tensor, x2: torch.Tensor | None, eps: float, padded_in: int, with_qsum: bool,
+             out: QuantAct | None = None) -> QuantAct:
+    x = _rows(x)
+    m, k = x.shape
+    if padded_in < k or padded_in % 8:
+        raise ValueError(f"padded_in {padded_in} must be >= K ({k}) and a multiple of 8")
+    dev = x.device
+    dt2 = 0
+    ld2 = 0
+    vec = _vec_ok(x)
+    if mode == MODE_SILU_MUL:
+        x2 = _rows(x2)
+        if x2.shape != x.shape or x2.dtype != x.dtype:
+            raise ValueError("gate and up must have the same shape and dtype")
+        ld2 = x2.stride(0)
+        vec = vec and _vec_ok(x2)
+    elif mode == MODE_RMSNORM:
+        x2 = x2.contiguous()
+        if x2.numel() != k or x2.dtype not in IN_DTYPES:
+            raise ValueError("RMSNorm weight must be [K] of a float dtype")
+        dt2 = IN_DTYPES[x2.dtype]
+    if out is None:
+        out = QuantAct(q=torch.empty(m, padded_in, dtype=torch.int8, device=dev),
+                       scale=torch.empty(m, dtype=torch.float32, device=dev),
+                       qsum=torch.empty(m, dtype=torch.int32, device=dev) if with_qsum else None)
+    else:
+        if out.q.shape != (m, padded_in) or not out.q.is_contiguous() or out.scale.shape[0] != m:
+            raise ValueError("preallocated QuantAct does not match the input")
+        if with_qsum and out.qsum is None:
+            raise ValueError("preallocated QuantAct lacks qsum")
+    if out.q.data_ptr() % 8:
+        raise ValueError("q must be 8-byte aligned")
+    if m == 0:
+        return out
+    threads, ch = launch_shape(padded_in)
+    device = dev.index if dev.index is not None else torch.cuda.current_device()
+    variant = B.rowquant_variant(IN_DTYPES[x.dtype], mode, ch, threads)
+    qsum = out.qsum if with_qsum else None
+    args = (B.ptr(x), B.ptr(x2), B.i32(dt2), B.f32(eps), B.f32(1.0 / k), B.ptr(out.q), B.ptr(out.scale), B.ptr(qsum),
+            B.i32(k), B.i32(padded_in), B.i64(x.stride(0)), B.i64(ld2), B.i32(int(vec)))
+    B.launch(variant, device, (m, 1, 1), (threads, 1, 1), args)
+    if not with_qsum and out.qsum is not None:
+        out = QuantAct(q=out.q, scale=out.scale, qsum=None)
+    return out
+
+
+def default_variants() -> list:
+    out = []
+    for dt in IN_DTYPES.values():
+        for mode in (MODE_QUANT, MODE_RMSNORM, MODE_SILU_MUL):
+            for kp in (576, 1536, 4096, 14336):
+                threads, ch = launch_shape(kp)
+                v = B.rowquant_variant(dt, mode, ch, threads)
+                if v not in out:
+                    out.append(v)
+    return out

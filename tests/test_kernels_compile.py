@@ -1,0 +1,60 @@
+"""CPU check that every CUDA kernel source builds for Ampere, Ada and Hopper (nvcc -cubin), without a GPU."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import qoq.runtime_kernels as K
+from qoq.runtime_kernels import _build as B
+
+
+def test_package_imports_without_a_gpu():
+    assert isinstance(K.available(), bool)
+    assert callable(K.w4a8_linear) and callable(K.decode_attention_kv4)
+
+
+def test_every_variant_has_a_unique_symbol():
+    names = [v.name for v in K.all_variants()]
+    assert len(names) == len(set(names))
+    for v in K.all_variants():
+        assert v.unit in B.UNITS
+        assert not v.wrapper or f" {v.name}(" in v.wrapper
+
+
+def _variants(arch):
+    """sm_90: every default variant; sm_80 / sm_89: every source with one variant of each GEMM template family
+    (the GEMM variants dominate the compile time)."""
+    from qoq.runtime_kernels import gemm
+
+    allv = K.all_variants()
+    if arch == "90":
+        return allv
+    keep = {gemm.variant_for(gemm.GemvConfig(tb=2), True)[0], gemm.variant_for(gemm.GemvConfig(tb=1), False)[0],
+            gemm.variant_for(gemm.GemmConfig(128, 256, 2, 4, 3, 1), True)[0],
+            gemm.variant_for(gemm.GemmConfig(32, 128, 1, 4, 4, 3), False)[0]}
+    assert keep <= set(gemm.default_variants())
+    return [v for v in allv if v.unit != "gemm.cu" or v in keep]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_kernel_sources_compile(tmp_path):
+    jobs = []
+    for arch in ("80", "89", "90"):
+        for unit in B.UNITS:
+            variants = [v for v in _variants(arch) if v.unit == unit]
+            src = B.unit_source(unit) + "\n" + "\n".join(v.wrapper for v in variants if v.wrapper) + "\n"
+            path = tmp_path / f"sm{arch}_{unit}"
+            path.write_text(src)
+            cmd = ["nvcc", f"-arch=sm_{arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o",
+                   str(path.with_suffix(".cubin")), str(path)]
+            jobs.append((arch, unit, variants, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                                text=True)))
+    for arch, unit, variants, proc in jobs:
+        log, _ = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, f"sm_{arch} {unit}:\n{log[-4000:]}"
+        built = set(re.findall(r"Compiling entry function '(\w+)'", log))
+        assert {v.name for v in variants} <= built, f"sm_{arch} {unit}: missing kernels"
+        if os.environ.get("QOQ_SHOW_PTXAS"):
+            print(log)

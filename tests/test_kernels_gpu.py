@@ -1,0 +1,306 @@
+"""Every CUDA kernel of qoq.runtime_kernels against its torch reference twin in qoq.runtime.ops (GPU only)."""
+import functools
+import math
+
+import pytest
+import torch
+
+from qoq.algorithm.progressive import quantize_weight
+from qoq.formats.artifact import quantized_tensors
+from qoq.runtime import ops
+from qoq.runtime.ops import KV4Cache, QLinear
+
+try:
+    import qoq.runtime_kernels as K
+    _AVAILABLE = K.available()
+except Exception:  # pragma: no cover
+    _AVAILABLE = False
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _AVAILABLE, reason="needs CUDA and cupy")]
+
+DEV = "cuda"
+GROUPS = [32, 64, 128, -1]
+
+
+def _gen(seed):
+    g = torch.Generator(device=DEV)
+    g.manual_seed(seed)
+    return g
+
+
+def _randn(*shape, seed=0, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=_gen(seed), device=DEV) * scale).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear(n, k, group, bias=False, seed=0):
+    w = _randn(n, k, seed=seed, scale=0.05)
+    # a few outlier rows/columns so groups see different ranges
+    w[:, :: max(1, k // 7)] *= 4
+    qw = quantize_weight(w, group)
+    b = _randn(n, seed=seed + 1) if bias else None
+    return QLinear.from_tensors(quantized_tensors("l", qw, b), "l", n, k, group, device=DEV)
+
+
+def _act(m, k, kp, per_channel, seed=0):
+    x = _randn(m, k, seed=seed, dtype=torch.float16)
+    return ops.quantize_act(x, kp, with_qsum=per_channel)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _precompiled():
+    """Compile every variant these tests use in parallel threads up front (NVRTC, ~5 s per GEMM variant)."""
+    from qoq.runtime_kernels import _build as B
+    from qoq.runtime_kernels.quant import launch_shape
+
+    from qoq.runtime_kernels.gemm import variant_for
+
+    extra = [variant_for(cfg, grouped)[0] for grouped in (True, False) for _, _, cfg in _configs()]
+    for kp in (128, 576, 1536, 4096, 4128, 4160, 14336):
+        threads, ch = launch_shape(kp)
+        extra += [B.rowquant_variant(dt, mode, ch, threads) for dt in (0, 1, 2) for mode in (0, 1, 2)]
+    K.precompile(K.all_variants() + extra)
+
+
+def _ref_acc(a, w):
+    return ops.int_matmul(a.q, ops.int8_weight(w))[:, : w.out_features]
+
+
+# ---- activation quantization -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,kp", [(1, 576, 576), (3, 1536, 1536), (17, 4096, 4128), (128, 100, 128),
+                                    (1000, 14336, 14336), (5, 4099, 4160)])
+def test_quantize_act_exact(dtype, m, k, kp):
+    x = _randn(m, k, seed=m + k, dtype=dtype, scale=3.0)
+    x[0, 5 % k] = 0  # zeros and a zero row
+    if m > 2:
+        x[2] = 0
+    ref = ops.quantize_act(x, kp, with_qsum=True)
+    got = K.quantize_act(x, kp, with_qsum=True)
+    assert got.q.shape == (m, kp)
+    assert torch.equal(got.q, ref.q)
+    assert torch.equal(got.scale, ref.scale)
+    assert torch.equal(got.qsum, ref.qsum)
+    got2 = K.quantize_act(x, kp)
+    assert got2.qsum is None and torch.equal(got2.q, ref.q)
+
+
+def _assert_nearly_equal_q(got, ref, frac=1e-3):
+    d = (got.q.int() - ref.q.int()).abs()
+    assert int(d.max()) <= 1, f"max int8 difference {int(d.max())}"
+    assert int((d > 0).sum()) <= max(1, int(frac * d.numel())), f"{int((d > 0).sum())} of {d.numel()} differ"
+    torch.testing.assert_close(got.scale, ref.scale, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,kp", [(1, 576, 576), (16, 4096, 4096), (300, 1536, 1536), (7, 14336, 14336),
+                                    (33, 100, 128)])
+def test_rmsnorm_quantize(dtype, m, k, kp):
+    x = _randn(m, k, seed=k, dtype=dtype, scale=2.0)
+    w = (1 + _randn(k, seed=k + 1, scale=0.1)).to(dtype)
+    ref = ops.rmsnorm_quantize(x, w, 1e-5, kp, with_qsum=True)
+    got = K.rmsnorm_quantize(x, w, 1e-5, kp, with_qsum=True)
+    _assert_nearly_equal_q(got, ref)
+    assert (got.qsum - ref.qsum).abs().max() <= max(1, int(1e-3 * k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,kp", [(1, 1536, 1536), (17, 14336, 14336), (1000, 576, 576), (3, 100, 128)])
+def test_silu_mul_quantize(dtype, m, k, kp):
+    gate = _randn(m, k, seed=k + 2, dtype=dtype, scale=3.0)
+    up = _randn(m, k, seed=k + 3, dtype=dtype, scale=2.0)
+    ref = ops.silu_mul_quantize(gate, up, kp, with_qsum=True)
+    got = K.silu_mul_quantize(gate, up, kp, with_qsum=True)
+    _assert_nearly_equal_q(got, ref)
+
+
+def test_quantize_into_preallocated_and_strided_input():
+    x = _randn(8, 2 * 576, seed=9, dtype=torch.float16)[:, :576]  # row stride 1152
+    out = ops.QuantAct(q=torch.empty(8, 576, dtype=torch.int8, device=DEV),
+                       scale=torch.empty(8, device=DEV), qsum=torch.empty(8, dtype=torch.int32, device=DEV))
+    got = K.quantize_act(x, 576, with_qsum=True, out=out)
+    ref = ops.quantize_act(x, 576, with_qsum=True)
+    assert got.q.data_ptr() == out.q.data_ptr()
+    assert torch.equal(got.q, ref.q) and torch.equal(got.qsum, ref.qsum)
+
+
+# ---- W4A8 GEMM ---------------------------------------------------------------------------------------------
+
+MS = [1, 3, 16, 17, 128, 1000]
+NKS = [(32, 576), (192, 1536), (576, 4128), (4096, 4096)]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("n,k", NKS)
+def test_w4a8_linear_matches_reference(group, n, k):
+    w = _linear(n, k, group)
+    for m in MS:
+        a = _act(m, k, w.padded_in, w.per_channel, seed=m)
+        acc = K.w4a8_linear(a, w, out_dtype=torch.int32)
+        assert torch.equal(acc, _ref_acc(a, w)), f"int32 accumulators differ at M={m}"
+        for dt in (torch.float16, torch.float32):
+            y = K.w4a8_linear(a, w, out_dtype=dt)
+            ref = ops.w4a8_linear(a, w, out_dtype=dt)
+            assert torch.equal(y, ref), f"{dt} output differs at M={m}: {(y.float() - ref.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("group", [128, -1])
+def test_w4a8_bias_odd_n_bf16(group):
+    n, k = 40, 100  # N and K not multiples of the tile: padded to 64 x 128
+    w = _linear(n, k, group, bias=True)
+    for m in (1, 5, 40):
+        a = _act(m, k, w.padded_in, w.per_channel, seed=m)
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            assert torch.equal(K.w4a8_linear(a, w, out_dtype=dt), ops.w4a8_linear(a, w, out_dtype=dt))
+
+
+def _configs():
+    from qoq.runtime_kernels.gemm import GemmConfig, GemvConfig
+    return [
+        ("gemv_tb1_s1", 8, GemvConfig(tb=1, splits=1)),
+        ("gemv_tb2_s5", 16, GemvConfig(tb=2, splits=5)),
+        ("gemv_tb1_nt2_w4_u2_s3", 7, GemvConfig(tb=1, nt=2, warps=4, u=2, splits=3)),
+        ("gemv_tb2_nt2_w16_u2", 12, GemvConfig(tb=2, nt=2, warps=16, u=2)),
+        ("gemm32_s1", 33, GemmConfig(32, 128, 1, 4, 4, 3, splits=1)),
+        ("gemm64_s4", 100, GemmConfig(64, 128, 2, 2, 4, 2, splits=4)),
+        ("gemm128_s3", 300, GemmConfig(128, 128, 2, 2, 4, 2, splits=3)),
+        ("gemm128_s1_m1", 1, GemmConfig(128, 128, 2, 2, 4, 2, splits=1)),
+        ("gemm128_s2_3stages", 130, GemmConfig(128, 128, 2, 2, 3, 2, splits=2)),
+        ("gemm128x256_s1", 200, GemmConfig(128, 256, 2, 4, 3, 1, splits=1)),
+        ("gemm256x128_s2", 260, GemmConfig(256, 128, 4, 2, 3, 1, splits=2)),
+        ("gemm128x128_w2x4", 129, GemmConfig(128, 128, 2, 4, 4, 2)),
+    ]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("name,m,cfg", _configs(), ids=[c[0] for c in _configs()])
+def test_w4a8_every_tile_config_and_split(group, name, m, cfg):
+    for n, k in [(192, 1536), (576, 4128)]:
+        w = _linear(n, k, group)
+        a = _act(m, k, w.padded_in, w.per_channel, seed=m + n)
+        ref = _ref_acc(a, w)
+        for _ in range(2):  # twice: the split-K counters must reset themselves
+            acc = K.w4a8_linear(a, w, out_dtype=torch.int32, config=cfg)
+            assert torch.equal(acc, ref)
+        assert torch.equal(K.w4a8_linear(a, w, config=cfg), ops.w4a8_linear(a, w))
+
+
+def test_w4a8_extreme_values_are_exact():
+    # activations at +-127 and weights at the edges of the protective range exercise every byte of the dequant
+    n, k = 64, 256
+    w = torch.zeros(n, k, device=DEV)
+    w[:, ::2] = 1.0
+    w[:, 1::2] = -1.0
+    w[::3] *= torch.linspace(0.1, 1, k, device=DEV)
+    for group in GROUPS:
+        lin = QLinear.from_tensors(quantized_tensors("l", quantize_weight(w, group)), "l", n, k, group, device=DEV)
+        x = torch.where(torch.rand(33, k, generator=_gen(3), device=DEV) > 0.5, 1.0, -1.0).half()
+        a = ops.quantize_act(x, lin.padded_in, with_qsum=lin.per_channel)
+        for m in (1, 16, 33):
+            sub = ops.QuantAct(a.q[:m], a.scale[:m], None if a.qsum is None else a.qsum[:m])
+            assert torch.equal(K.w4a8_linear(sub, lin, out_dtype=torch.int32), _ref_acc(sub, lin))
+
+
+# ---- KV4 cache -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kv4_append_exact(dtype, d):
+    b, hkv, t, tmax = 3, 2, 5, 32
+    k = _randn(b, hkv, t, d, seed=1, dtype=dtype, scale=2.0)
+    v = _randn(b, hkv, t, d, seed=2, dtype=dtype)
+    k[0, 0, 0] = 0.5  # constant row: scale 1
+    start = torch.tensor([0, 7, 27], device=DEV)
+    ref, got = KV4Cache.empty(b, hkv, tmax, d, DEV), KV4Cache.empty(b, hkv, tmax, d, DEV)
+    ops.kv4_append(ref, k, v, start)
+    K.kv4_append(got, k, v, start)
+    for name in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
+def test_kv4_append_strided_input():
+    b, hkv, t, d = 2, 4, 6, 128
+    kv = _randn(b, t, 2, hkv, d, seed=5, dtype=torch.float16)  # projection layout, heads transposed in
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    start = torch.tensor([3, 0], device=DEV)
+    ref, got = KV4Cache.empty(b, hkv, 16, d, DEV), KV4Cache.empty(b, hkv, 16, d, DEV)
+    ops.kv4_append(ref, k, v, start)
+    K.kv4_append(got, k, v, start)
+    assert torch.equal(got.k, ref.k) and torch.equal(got.v_zero, ref.v_zero) and torch.equal(got.k_scale, ref.k_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_rope_kv4_append_exact(dtype, d):
+    b, hq, hkv, t = 2, 8, 2, 7
+    q = _randn(b, hq, t, d, seed=11, dtype=dtype)
+    k = _randn(b, hkv, t, d, seed=12, dtype=dtype)
+    v = _randn(b, hkv, t, d, seed=13, dtype=dtype)
+    pos = torch.arange(t, device=DEV).float()[None] + torch.tensor([[0.0], [5.0]], device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=DEV).float() / d))
+    ang = torch.cat([pos[..., None] * inv, pos[..., None] * inv], dim=-1)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    start = torch.tensor([0, 5], device=DEV)
+    ref, got = KV4Cache.empty(b, hkv, 16, d, DEV), KV4Cache.empty(b, hkv, 16, d, DEV)
+    q_ref, k_ref = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+    ops.kv4_append(ref, k_ref, v, start)
+    q_got, k_got = K.rope_kv4_append(q, k, v, cos, sin, got, start)
+    assert torch.equal(q_got, q_ref) and torch.equal(k_got, k_ref)
+    for name in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("ratio", [1, 3, 4, 8])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_decode_attention_kv4(d, ratio, splits):
+    from qoq.runtime_kernels.attention import decode_attention_kv4 as attn
+    b, hkv, tmax = 4, 2, 300
+    hq = hkv * ratio
+    cache = KV4Cache.empty(b, hkv, tmax, d, DEV)
+    lengths = torch.tensor([1, 17, 300, 129], device=DEV)
+    k = _randn(b, hkv, tmax, d, seed=21, dtype=torch.float16, scale=1.5)
+    v = _randn(b, hkv, tmax, d, seed=22, dtype=torch.float16)
+    ops.kv4_append(cache, k, v, torch.zeros(b, dtype=torch.long, device=DEV))
+    q = _randn(b, hq, d, seed=23, dtype=torch.float16, scale=2.0)
+    sm = d ** -0.5
+    ref = ops.decode_attention_kv4(q.float(), cache, lengths, sm)
+    # garbage past each length must be ignored (the reference itself would turn it into NaN)
+    cache.k_scale[1, :, 17:] = float("nan")
+    cache.v_scale[3, :, 129:] = float("inf")
+    got = attn(q, cache, lengths, sm, splits=splits)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=3e-3)
+
+
+def test_decode_attention_kv4_public_api_and_max_len():
+    b, hq, hkv, d, tmax = 3, 32, 8, 128, 2048
+    cache = KV4Cache.empty(b, hkv, tmax, d, DEV)
+    lengths = torch.tensor([1000, 1, 700], device=DEV)
+    ops.kv4_append(cache, _randn(b, hkv, 1000, d, seed=31, dtype=torch.float16),
+                   _randn(b, hkv, 1000, d, seed=32, dtype=torch.float16), torch.zeros(b, dtype=torch.long, device=DEV))
+    q = _randn(b, hq, d, seed=33, dtype=torch.float16)
+    ref = ops.decode_attention_kv4(q.float(), cache, lengths, d ** -0.5)
+    for max_len in (None, 1000):
+        got = K.decode_attention_kv4(q, cache, lengths, d ** -0.5, max_len=max_len)
+        torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=3e-3)
+
+
+def test_kernels_run_on_the_current_stream_and_in_a_graph():
+    w = _linear(192, 1536, 128)
+    x = _randn(4, 1536, seed=41, dtype=torch.float16)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        a = K.quantize_act(x, w.padded_in)
+        y = K.w4a8_linear(a, w)
+    s.synchronize()
+    assert torch.equal(y, ops.w4a8_linear(ops.quantize_act(x, w.padded_in), w))
+    g = torch.cuda.CUDAGraph()
+    static_x = x.clone()
+    with torch.cuda.graph(g):
+        gy = K.w4a8_linear(K.quantize_act(static_x, w.padded_in), w)
+    static_x.copy_(_randn(4, 1536, seed=42, dtype=torch.float16))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(gy, ops.w4a8_linear(ops.quantize_act(static_x, w.padded_in), w))
