@@ -169,7 +169,7 @@ def test_verify_bad_options(tiny_artifact, wikitext_dir, args, fragment):
 
 # ---- SmolLM2-135M -----------------------------------------------------------------------------------------
 
-SEQ, WINDOWS = 512, 3
+SEQ, WINDOWS = 512, 2
 
 
 @pytest.fixture(scope="module")
@@ -226,10 +226,9 @@ def test_verify_smollm2_wikitext2(smol_artifact, wikitext_dir):
     del model
     # the simulated-quantization model on the same windows. A free-running W4A8KV4 SmolLM2 is chaotic:
     # an fp32 rounding difference moves a quantizer code by one step now and then and the step grows over
-    # 30 layers (perturbing the embeddings by 1e-7 moves this 1.5k-token PPL by ~1-3%), so the PPLs agree
+    # 30 layers (perturbing the embeddings by 1e-7 moved a 1.5k-token PPL by 3%), so the PPLs agree
     # statistically; exactness is checked in lockstep below.
     sim = simulated_model(art)
     assert _nll_ppl(lambda ids: sim(ids).logits, windows) == pytest.approx(q, rel=0.08)
-    del sim
-    errs, _, _ = lockstep_compare(art, windows[:1, :128])
+    errs, _, _ = lockstep_compare(art, windows[:1, :96], sim=sim)
     assert all(e < 1e-4 for e in errs.values()), errs

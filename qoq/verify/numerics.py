@@ -179,10 +179,11 @@ def record_engine(engine) -> Recording:
 
 
 @torch.no_grad()
-def lockstep_compare(art: Artifact, ids: torch.Tensor,
-                     device: str | torch.device = "cpu") -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+def lockstep_compare(art: Artifact, ids: torch.Tensor, device: str | torch.device = "cpu",
+                     sim=None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Engine prefill of ids [B, T] vs the simulated-quantization model in lockstep: the largest relative
-    error per check (quantizer inputs, linear outputs, post-RoPE k/v, logits), and both logits."""
+    error per check (quantizer inputs, linear outputs, post-RoPE k/v, logits), and both logits.
+    `sim`: a `simulated_model(art)` to reuse; its hooks are replaced (do not use it afterwards)."""
     from qoq.runtime.engine import Engine
 
     engine = Engine(art, device=device, backend="reference")
@@ -194,7 +195,7 @@ def lockstep_compare(art: Artifact, ids: torch.Tensor,
     def note(key, a, ref):
         errs[key] = max(errs[key], rel_err(a, ref))
 
-    sim = simulated_model(art, device=device)
+    sim = sim if sim is not None else simulated_model(art, device=device)
     for i, layer in enumerate(sim.model.layers):
         for name in LINEAR_ORDER:
             mod = layer.get_submodule(("self_attn." if name in LINEAR_ORDER[:4] else "mlp.") + name)

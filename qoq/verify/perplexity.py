@@ -74,6 +74,7 @@ class VerifyResult:
     baseline_dtype: str | None = None
     kernel_check: dict | None = None
     notes: list[str] = field(default_factory=list)
+    quantization: dict = field(default_factory=dict)  # group size and recipe of the artifact
 
     @property
     def delta(self) -> float | None:
@@ -90,7 +91,7 @@ class VerifyResult:
             "baseline_dtype": self.baseline_dtype, "backend": self.backend, "device": self.device,
             "quantized": self.quantized.as_dict(),
             "baseline": None if self.baseline is None else self.baseline.as_dict(),
-            "kernel_check": self.kernel_check, "notes": self.notes,
+            "kernel_check": self.kernel_check, "notes": self.notes, "quantization": self.quantization,
         }
 
 
@@ -314,4 +315,6 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
     return VerifyResult(artifact=str(art.path), dataset=opts.ppl, data_source=source, seq_len=opts.seq_len,
                         windows=int(windows.shape[0]), backend=backend.describe(), device=str(device),
                         quantized=quant, baseline=baseline, baseline_dtype=baseline_dtype,
-                        kernel_check=kernel_check, notes=notes)
+                        kernel_check=kernel_check, notes=notes,
+                        quantization={"group_size": art.group_size, "recipe": art.qconfig.get("recipe", {}),
+                                      "source": art.report.get("source", {}).get("model")})
