@@ -246,33 +246,68 @@ class EngineRunner(Runner):
 
 
 class QoqRunner(EngineRunner):
+    """qoq.runtime.engine.Engine in serving mode (`fast=True`: fused linears, FP16 prefill attention,
+    chunked prefill by rows, CUDA-graph decode) when the engine has it, else its default path."""
+
     engine = "qoq-w4a8kv4"
     weights_kind = "w4a8"
     kv_bits = 4
 
     def __init__(self, artifact, dims: ModelDims, device: torch.device, backend: str = "auto",
-                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS):
+                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS, fast: bool = True,
+                 cuda_graph: bool | None = None):
         super().__init__(dims, device, prefill_chunk_tokens)
+        import inspect
+
         from qoq.runtime.engine import Engine
 
-        self.eng = Engine(artifact, device=device, backend=backend)
-        self.backend = self.eng.backend.describe() if hasattr(self.eng.backend, "describe") else str(self.eng.backend)
-        self.input_len = 0
+        params = inspect.signature(Engine).parameters
+        kwargs = {}
+        self.serving = fast and "fast" in params
+        if self.serving:
+            kwargs["fast"] = True
+            if cuda_graph is not None:
+                kwargs["cuda_graph"] = cuda_graph
+        self.eng = Engine(artifact, device=device, backend=backend, **kwargs)
+
+    @property
+    def backend(self) -> str:
+        e = self.eng
+        if e is None:
+            return self._backend_desc
+        desc = e.backend.describe() if hasattr(e.backend, "describe") else str(e.backend)
+        if self.serving:
+            desc += ", serving mode"
+            if getattr(e, "cuda_graph", False):
+                desc += ", CUDA-graph decode"
+            elif getattr(e, "graph_error", None):
+                desc += f", eager decode (graph capture failed: {e.graph_error})"
+        self._backend_desc = desc
+        return desc
 
     def weights_bytes(self) -> int:
         e = self.eng
         return tensor_bytes(e.layers, e.embed, e.lm_head, e.norm)
 
     def release(self) -> None:
-        self.eng.cache = []
+        if self.eng is not None:
+            if hasattr(self.eng, "release"):
+                self.eng.release()
+            else:
+                self.eng.cache = []
         free_memory()
 
     def close(self) -> None:
+        if self.eng is not None:
+            self.backend  # noqa: B018 - keep its description for the report
         self.release()
         self.eng = None
 
     def _reset(self, batch: int, total_len: int) -> None:
         e = self.eng
+        if self.serving:
+            e.reset(batch, total_len)  # keeps a cache of the same shape
+            return
         if e.cache and e.cache[0].k.shape[0] == batch and e.capacity >= total_len:
             e.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
             return
@@ -281,11 +316,13 @@ class QoqRunner(EngineRunner):
         e.reset(batch, total_len)
 
     def _prefill_rows(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Prefill sequences `rows` of the cache: the engine runs on a view of those rows."""
+        """Prefill sequences `rows` of the cache."""
+        e = self.eng
+        if self.serving:
+            return e.prefill(ids, rows=rows)
         from qoq.runtime import ops
 
-        e = self.eng
-        full_cache, full_len = e.cache, e.lengths
+        full_cache, full_len = e.cache, e.lengths  # the default path runs on a view of those rows
         e.cache = [ops.KV4Cache(*(getattr(c, f.name)[rows] for f in fields(c))) for c in full_cache]
         e.lengths = full_len[rows].clone()
         try:

@@ -224,6 +224,8 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
                 if not str(backend).startswith("cupy") or "reference for" in str(backend):
                     reporter.info(f"qoq-w4a8kv4 runs the {backend} backend: its numbers do not show the GPU kernels' speed")
             rows.extend(_engine_rows(runner, o, profile, clock, reporter, memory))
+            if name == "qoq-w4a8kv4":
+                backend = runner.backend  # after the runs: says whether decode graphs were used
         except QoqError as e:
             errors[name] = str(e)
             reporter.info(f"{name}: not measured: {e}")
