@@ -120,15 +120,15 @@ class FP16Engine:
         for layer, kc, vc in zip(self.layers, self.k, self.v):
             x = self._rms(h, layer["ln1"])
             qkv = F.linear(x, layer["wqkv"], layer["bqkv"])
-            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
-            q = self._rope(q.view(b, t, hq, d), start, t)
-            k = self._rope(k.view(b, t, hkv, d), start, t)
+            qk = self._rope(qkv[..., :(hq + hkv) * d].view(b, t, hq + hkv, d), start, t)  # q and k in one pass
+            q, k = qk[:, :, :hq], qk[:, :, hq:]
+            v = qkv[..., (hq + hkv) * d:]
             kc[rows, start:start + t] = k
             vc[rows, start:start + t] = v.view(b, t, hkv, d)
             if t == 1:  # decode: the rep query heads of each KV head are that head's query rows
                 keys = kc[rows, :start + 1].transpose(1, 2)  # [b, Hkv, L, D] view
                 vals = vc[rows, :start + 1].transpose(1, 2)
-                o = F.scaled_dot_product_attention(q.view(b, hkv, rep, d), keys, vals)
+                o = F.scaled_dot_product_attention(q.reshape(b, hkv, rep, d), keys, vals)
                 o = o.reshape(b, 1, hq * d)
             else:
                 if start:
