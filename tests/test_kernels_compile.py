@@ -31,8 +31,8 @@ def _variants(arch):
     allv = K.all_variants()
     if arch == "90":
         return allv
-    keep = {gemm.variant_for(gemm.GemvConfig(tb=2), True)[0], gemm.variant_for(gemm.GemvConfig(tb=1), False)[0],
-            gemm.variant_for(gemm.GemmConfig(128, 256, 2, 4, 3, 1), True)[0],
+    keep = {gemm.variant_for(gemm.GemvConfig(tb=2, nt=1, warps=8, u=4), True)[0], gemm.variant_for(gemm.GemvConfig(tb=1), False)[0],
+            gemm.variant_for(gemm.GemmConfig(128, 128, 2, 4, 4, 2), True)[0],
             gemm.variant_for(gemm.GemmConfig(32, 128, 1, 4, 4, 3), False)[0]}
     assert keep <= set(gemm.default_variants())
     return [v for v in allv if v.unit != "gemm.cu" or v in keep]

@@ -211,13 +211,13 @@ def tune(log=print) -> list[dict]:
     from qoq.runtime_kernels.gemm import GemmConfig, GemvConfig, variant_for
 
     dev = torch.device("cuda")
-    gemv = {"nt1w8u4": GemvConfig(1, 1, 8, 4), "nt2w8u4": GemvConfig(1, 2, 8, 4), "nt1w16u2": GemvConfig(1, 1, 16, 2),
-            "nt2w16u2": GemvConfig(1, 2, 16, 2), "nt1w4u8": GemvConfig(1, 1, 4, 8), "nt1w8u4s2": GemvConfig(1, 1, 8, 4, 2),
+    gemv = {"nt1w16u2": GemvConfig(1, 1, 16, 2), "nt1w16u4": GemvConfig(1, 1, 16, 4), "nt1w32u2": GemvConfig(1, 1, 32, 2),
+            "nt2w16u2": GemvConfig(1, 2, 16, 2), "nt1w8u4": GemvConfig(1, 1, 8, 4), "nt1w16u2s2": GemvConfig(1, 1, 16, 2, 2),
             "nt1w8u2": GemvConfig(1, 1, 8, 2)}
-    tiles = {"128x128w2x2s4": GemmConfig(128, 128, 2, 2, 4, 2), "128x128w2x4s4": GemmConfig(128, 128, 2, 4, 4, 2),
-             "128x256w2x4s3": GemmConfig(128, 256, 2, 4, 3, 1), "128x256w2x4s4": GemmConfig(128, 256, 2, 4, 4, 1),
-             "256x128w4x2s3": GemmConfig(256, 128, 4, 2, 3, 1), "64x128w2x2s4": GemmConfig(64, 128, 2, 2, 4, 2),
-             "32x128w1x4s4": GemmConfig(32, 128, 1, 4, 4, 3)}
+    tiles = {"128x128w2x4s4": GemmConfig(128, 128, 2, 4, 4, 2), "128x128w2x4s3": GemmConfig(128, 128, 2, 4, 3, 2),
+             "128x128w4x2s4": GemmConfig(128, 128, 4, 2, 4, 2), "64x128w2x2s4": GemmConfig(64, 128, 2, 2, 4, 2),
+             "64x128w2x4s4": GemmConfig(64, 128, 2, 4, 4, 2), "32x128w1x4s4": GemmConfig(32, 128, 1, 4, 4, 3),
+             "64x64w2x2s4": GemmConfig(64, 64, 2, 2, 4, 3)}
     variants = []
     for grouped in (True, False):
         for c in gemv.values():
@@ -282,12 +282,39 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _one(kind: str) -> None:
+    import qoq.runtime_kernels as K
+    from qoq.runtime import ops
+
+    dev = torch.device("cuda")
+    if kind == "attention":
+        b, hkv, hq, d, t = 64, 8, 32, 128, 1024
+        c = ops.KV4Cache.empty(b, hkv, t, d, dev)
+        K.kv4_append(c, torch.randn(b, hkv, t, d, device=dev, dtype=torch.float16),
+                     torch.randn(b, hkv, t, d, device=dev, dtype=torch.float16), torch.zeros(b, dtype=torch.long, device=dev))
+        q = torch.randn(b, hq, d, device=dev, dtype=torch.float16)
+        lengths = torch.full((b,), t, device=dev, dtype=torch.long)
+        fn = lambda: K.decode_attention_kv4(q, c, lengths, d ** -0.5, max_len=t)  # noqa: E731
+    else:
+        m = 4096 if kind == "gemm" else 1
+        lin = _quantized_weights(4096, 4096, 128, 1, dev)[0]
+        a = ops.quantize_act(torch.randn(m, 4096, device=dev, dtype=torch.float16), 4096)
+        fn = lambda: K.w4a8_linear(a, lin)  # noqa: E731
+    for _ in range(4):
+        fn()
+    torch.cuda.synchronize()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 1024}")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--tune", action="store_true", help="sweep the W4A8 kernel configurations instead")
+    p.add_argument("--one", choices=["gemm", "gemv", "attention"], help="run one case a few times (for a profiler)")
     args = p.parse_args(argv)
+    if args.one:
+        _one(args.one)
+        return 0
     if args.tune:
         rows = tune()
         if args.json:

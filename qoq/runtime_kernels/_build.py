@@ -72,11 +72,15 @@ def rowquant_variant(dt: int, mode: int, ch: int, threads: int) -> Variant:
     return Variant("quant.cu", name, body)
 
 
-def attn_variant(d: int, nw: int) -> Variant:
-    name = f"qoq_attn_d{d}_w{nw}"
+def attn_variant(d: int, nw: int, stages: int) -> Variant:
+    name = f"qoq_attn_d{d}_w{nw}_s{stages}"
     body = (f'extern "C" __global__ void __launch_bounds__({nw * 32}) {name}(ATTN_PARAMS) '
-            f'{{ attn_body<{d}, {nw}>(ATTN_ARGS); }}')
+            f'{{ attn_body<{d}, {nw}, {stages}>(ATTN_ARGS); }}')
     return Variant("attention.cu", name, body)
+
+
+def attn_smem_bytes(d: int, nw: int, stages: int) -> int:
+    return nw * stages * (16 * d + 128)
 
 
 KV4_APPEND = Variant("attention.cu", "qoq_kv4_append")

@@ -108,8 +108,10 @@ extern "C" __global__ void __launch_bounds__(256) qoq_kv4_append(
 //   O = P V:    with p'_t = p_t * vscale_t, O_d = sum_t p'_t c_td - sum_t p'_t vzero_t.
 // Codes become fp16 with the 0x6400 magic (no int->float conversions). The head dim is permuted freely inside a
 // lane's fragments (the same permutation on both operands): lane (g, l) reads bytes [l*D/8, (l+1)*D/8) of a K row
-// and bytes [g*D/16, (g+1)*D/16) of a V row, one coalesced 16/8-byte load each. Online softmax in the log2 domain,
-// per-warp state merged through shared memory; splits (flash-decoding) are merged by qoq_attn_combine.
+// and bytes [g*D/16, (g+1)*D/16) of a V row. Each warp streams its chunks (codes, scales, zeros) through its own
+// NSTAGE-deep cp.async ring in shared memory, so several chunks are in flight per warp without holding registers.
+// Online softmax in the log2 domain, per-warp state merged through shared memory; splits (flash-decoding) are
+// merged by qoq_attn_combine.
 QOQ_DEV void cvt_k_block(u32 w, int s, u32& b0, u32& b1) {
   const u32 u = prmt(w, 0u, s ? 0x3322u : 0x1100u);  // bytes [B, B, B', B'] of the block's two bytes
   b0 = hadd2((u & 0x000F000Fu) | 0x64006400u, 0xE400E400u);                // (c0, c2) = lo nibbles
@@ -132,7 +134,10 @@ QOQ_DEV void ld_words(const u8* p, u32 w[NWORDS]) {
   else { w[0] = *(const u32*)p; }
 }
 
-template <int D, int NW>
+template <int D>
+__host__ __device__ constexpr int attn_slot_bytes() { return 16 * D + 128; }  // K + V codes of 16 tokens, then 4 x 16 fp16 scales/zeros
+
+template <int D, int NW, int NSTAGE>
 QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, const u16* __restrict__ ksc,
                        const u16* __restrict__ kzc, const u8* __restrict__ vc, const u16* __restrict__ vsc,
                        const u16* __restrict__ vzc, const i64* __restrict__ lengths, float scale_log2, int Hq,
@@ -142,7 +147,12 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
   constexpr int KW = D / 32;        // 32-bit words of a lane's K row segment (D/8 bytes)
   constexpr int VW = D / 64;        // 32-bit words of a lane's V row segment (D/16 bytes)
   constexpr int NJ = D / 8;         // n8 tiles of the head dim (PV)
+  constexpr int ROWB = D / 2;       // bytes of one token's codes
+  constexpr int CPR = ROWB / 16;    // 16-byte chunks per row
+  constexpr int CODE = 16 * ROWB;   // codes of one 16-token chunk
+  constexpr int SLOT = attn_slot_bytes<D>();
   constexpr int OPAD = D + 4;
+  extern __shared__ uint4 attn_dsm[];
   __shared__ float sm_m[NW][16];
   __shared__ float sm_o[16][OPAD];
   __shared__ float sm_l[16];
@@ -152,6 +162,8 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
   const int len = (int)lengths[b];
   const int t_begin = split * chunk, t_end = min(len, t_begin + chunk);
   const i64 rowbase = ((i64)b * Hkv + kvh) * Tmax;
+  u8* ring = (u8*)attn_dsm + warp * (NSTAGE * SLOT);
+  const bool scales_async = !(Tmax & 1);
 
   // Q as the A operand: rows = heads g (a0, a2) and g + 8 (a1, a3); k index 2l+j <-> d = l*D/4 + 4kb + {0,2}[j],
   // 8+2l+j <-> d = l*D/4 + 4kb + {1,3}[j]
@@ -179,47 +191,78 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
 #pragma unroll
   for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-  struct Chunk {
-    u32 kw[2][KW], vw[4][VW];
-    u32 ksz[4], vsz[4];  // fp16 (scale | zero << 16) of tokens r
-  };
-  // tokens of this lane: K rows t0 + 8*tile + g; C/V tokens r: t0 + 8*(r>>1) + 2l + (r&1)
-  auto load_chunk = [&](int t0, Chunk& ck) {
+  const int nchunks = t_end > t_begin ? (t_end - t_begin + 15) / 16 : 0;
+  const int mine = nchunks > warp ? (nchunks - warp + NW - 1) / NW : 0;
+
+  // chunk i of this warp -> ring slot i % NSTAGE: K codes [16][ROWB], V codes (16-byte chunks XOR-swizzled by
+  // row pair, so the lanes' 8-byte reads of 4 rows hit different banks), then k_scale, k_zero, v_scale, v_zero [16]
+  constexpr int C_IT = 16 * CPR / 32, C_ROWS = 32 / CPR;  // copy iterations per lane, rows per iteration
+  const int c_row0 = lane / CPR, c_ch = lane % CPR;
+  const i64 first = rowbase + t_begin + warp * 16;          // first token row of this warp's chunk 0
+  const u8* k_lane = kc + (first + c_row0) * ROWB + c_ch * 16;
+  const u8* v_lane = vc + (first + c_row0) * ROWB + c_ch * 16;
+  const int s_arr = lane >> 3, s_w = lane & 7;
+  const u16* s_lane = (s_arr == 0 ? ksc : (s_arr == 1 ? kzc : (s_arr == 2 ? vsc : vzc))) + first + 2 * s_w;
+  constexpr int CHUNK_STEP = NW * 16;  // tokens between a warp's consecutive chunks
+  auto issue = [&](int i) {
+    const int t0 = t_begin + (warp + i * NW) * 16;
+    const int nvalid = t_end - t0;  // >= 1
+    const u32 sK = smem_u32(ring + (i % NSTAGE) * SLOT), sV = sK + CODE, sS = sV + CODE;
+    const int off = i * CHUNK_STEP * ROWB;
 #pragma unroll
-    for (int tile = 0; tile < 2; ++tile) {
-      const int tok = t0 + 8 * tile + g;
-      if (tok < t_end) ld_words<KW>(kc + (rowbase + tok) * (D / 2) + l * (D / 8), ck.kw[tile]);
-      else {
-#pragma unroll
-        for (int i = 0; i < KW; ++i) ck.kw[tile][i] = 0u;
-      }
+    for (int it = 0; it < C_IT; ++it) {
+      const int row = c_row0 + it * C_ROWS;
+      const bool ok = row < nvalid;
+      const int o = off + it * C_ROWS * ROWB;
+      cp_async16(sK + row * ROWB + c_ch * 16, ok ? k_lane + o : kc, ok ? 16 : 0);
+      cp_async16(sV + row * ROWB + ((c_ch ^ ((row >> 1) & (CPR - 1))) << 4), ok ? v_lane + o : vc, ok ? 16 : 0);
     }
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int tok = t0 + 8 * (r >> 1) + 2 * l + (r & 1);
-      if (tok < t_end) {
-        ld_words<VW>(vc + (rowbase + tok) * (D / 2) + g * (D / 16), ck.vw[r]);
-        ck.ksz[r] = (u32)ksc[rowbase + tok] | ((u32)kzc[rowbase + tok] << 16);
-        ck.vsz[r] = (u32)vsc[rowbase + tok] | ((u32)vzc[rowbase + tok] << 16);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VW; ++i) ck.vw[r][i] = 0u;
-        ck.ksz[r] = ck.vsz[r] = 0u;
-      }
+    const bool ok = 2 * s_w < nvalid;
+    const u16* src = s_lane + i * CHUNK_STEP;
+    if (scales_async) {  // 2 tokens per 4-byte copy (Tmax even: aligned, never past the row's end)
+      cp_async4(sS + s_arr * 32 + s_w * 4, ok ? (const void*)src : (const void*)ksc, ok ? 4 : 0);
+    } else {
+      const u16 v0 = ok ? src[0] : (u16)0;
+      const u16 v1 = 2 * s_w + 1 < nvalid ? src[1] : (u16)0;
+      *(u32*)(ring + (i % NSTAGE) * SLOT + 2 * CODE + s_arr * 32 + s_w * 4) = (u32)v0 | ((u32)v1 << 16);
     }
   };
-  auto compute_chunk = [&](int t0, const Chunk& ck) {
+
+  // FULL: all 16 tokens of the chunk are < t_end (every chunk but the last): no masking
+  auto compute = [&](int i, const bool FULL) {  // inlined at two call sites: FULL is a constant in each
+    const int t0 = t_begin + (warp + i * NW) * 16;
+    const u8* sK = ring + (i % NSTAGE) * SLOT;
+    const u8* sV = sK + CODE;
+    const u32* sS = (const u32*)(sV + CODE);  // half2 words: [array][8 token pairs]
     // S = Q K^T on codes
     float sc[2][4];
 #pragma unroll
     for (int tile = 0; tile < 2; ++tile) {
+      u32 kw[KW];
+      ld_words<KW>(sK + (8 * tile + g) * ROWB + l * (D / 8), kw);
       sc[tile][0] = sc[tile][1] = sc[tile][2] = sc[tile][3] = 0.f;
 #pragma unroll
       for (int kb = 0; kb < KB; ++kb) {
         u32 b0, b1;
-        cvt_k_block(ck.kw[tile][kb >> 1], kb & 1, b0, b1);
+        cvt_k_block(kw[kb >> 1], kb & 1, b0, b1);
         mma_f16(sc[tile], qa[kb], b0, b1);
       }
+    }
+    // token pair (2l, 2l+1) of tile t: word 4t + l of each scale array
+    float ks[4], kz[4], vs[4], vz[4];
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      const u32 wks = sS[4 * tile + l], wkz = sS[8 + 4 * tile + l], wvs = sS[16 + 4 * tile + l], wvz = sS[24 + 4 * tile + l];
+      ks[2 * tile] = h2f((u16)wks); ks[2 * tile + 1] = h2f((u16)(wks >> 16));
+      kz[2 * tile] = h2f((u16)wkz); kz[2 * tile + 1] = h2f((u16)(wkz >> 16));
+      vs[2 * tile] = h2f((u16)wvs); vs[2 * tile + 1] = h2f((u16)(wvs >> 16));
+      vz[2 * tile] = h2f((u16)wvz); vz[2 * tile + 1] = h2f((u16)(wvz >> 16));
+    }
+    bool valid[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      valid[r] = FULL || (t0 + 8 * (r >> 1) + 2 * l + (r & 1) < t_end);
+      if (!FULL && !valid[r]) vs[r] = vz[r] = 0.f;
     }
     // scores (log2 domain) and online softmax; element (tile, e): head g + 8*(e>>1), token r = 2*tile + (e&1)
     float mx[2] = {-INFINITY, -INFINITY};
@@ -228,9 +271,8 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = 2 * tile + (e & 1), hh = e >> 1;
-        const int tok = t0 + 8 * tile + 2 * l + (e & 1);
-        const float ks = h2f((u16)(ck.ksz[r] & 0xffffu)), kz = h2f((u16)(ck.ksz[r] >> 16));
-        const float sv = tok < t_end ? (sc[tile][e] - kz * qs[hh]) * (ks * scale_log2) : -INFINITY;
+        float sv = (sc[tile][e] - kz[r] * qs[hh]) * (ks[r] * scale_log2);
+        if (!FULL && !valid[r]) sv = -INFINITY;
         sc[tile][e] = sv;
         mx[hh] = fmaxf(mx[hh], sv);
       }
@@ -241,12 +283,15 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
       mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
       const float mnew = fmaxf(m_run[hh], mx[hh]);
       muse[hh] = mnew == -INFINITY ? 0.f : mnew;
-      alpha[hh] = exp2f(m_run[hh] - muse[hh]);
+      alpha[hh] = ex2(m_run[hh] - muse[hh]);
       m_run[hh] = mnew;
-      l_run[hh] *= alpha[hh];
-      z_run[hh] *= alpha[hh];
     }
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // the running max moved
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        l_run[hh] *= alpha[hh];
+        z_run[hh] *= alpha[hh];
+      }
 #pragma unroll
       for (int j = 0; j < NJ; ++j) {
         acc[j][0] *= alpha[0]; acc[j][1] *= alpha[0];
@@ -258,39 +303,46 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
     for (int tile = 0; tile < 2; ++tile)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        float pv[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int r = 2 * tile + e;
-          const float p = exp2f(sc[tile][2 * hh + e] - muse[hh]);
-          l_run[hh] += p;
-          const u16 p16 = f2h(p * h2f((u16)(ck.vsz[r] & 0xffffu)));
-          pv[e] = h2f(p16);
-          z_run[hh] += pv[e] * h2f((u16)(ck.vsz[r] >> 16));
-        }
-        pa[2 * tile + hh] = (u32)f2h(pv[0]) | ((u32)f2h(pv[1]) << 16);
+        const int r0 = 2 * tile;
+        const float p0 = ex2(sc[tile][2 * hh] - muse[hh]), p1 = ex2(sc[tile][2 * hh + 1] - muse[hh]);
+        l_run[hh] += p0 + p1;
+        const u32 h = pack_h2(p0 * vs[r0], p1 * vs[r0 + 1]);  // p' = p * v_scale, rounded to fp16 once
+        z_run[hh] += h2f((u16)h) * vz[r0] + h2f((u16)(h >> 16)) * vz[r0 + 1];
+        pa[2 * tile + hh] = h;
       }
+    // V words of tokens r (8*(r>>1) + 2l + (r&1)), bytes [g*D/16, (g+1)*D/16) of the row, un-swizzled
+    u32 vw[4][VW];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = 8 * (r >> 1) + 2 * l + (r & 1);
+      const int byte = g * (D / 16);
+      const int ch = (byte >> 4) ^ ((row >> 1) & (CPR - 1));
+      ld_words<VW>(sV + row * ROWB + (ch << 4) + (byte & 15), vw[r]);
+    }
     // O += P' Vcodes; n8 tile j <-> lane byte j>>1, nibble j&1; column n <-> d = (D/8)*n + j
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
       const int byte = j >> 1, wi = byte >> 2, bi = byte & 3;
-      const u32 b0 = cvt_v_pair(ck.vw[0][wi], ck.vw[1][wi], bi, j & 1);
-      const u32 b1 = cvt_v_pair(ck.vw[2][wi], ck.vw[3][wi], bi, j & 1);
+      const u32 b0 = cvt_v_pair(vw[0][wi], vw[1][wi], bi, j & 1);
+      const u32 b1 = cvt_v_pair(vw[2][wi], vw[3][wi], bi, j & 1);
       mma_f16(acc[j], pa, b0, b1);
     }
   };
-  // one chunk in flight while the previous is computed (register double buffering)
-  Chunk c0, c1;
-  int t0 = t_begin + warp * 16;
-  constexpr int STEP = NW * 16;
-  if (t0 < t_end) load_chunk(t0, c0);
-  for (; t0 < t_end; t0 += 2 * STEP) {
-    if (t0 + STEP < t_end) load_chunk(t0 + STEP, c1);
-    compute_chunk(t0, c0);
-    if (t0 + STEP >= t_end) break;
-    if (t0 + 2 * STEP < t_end) load_chunk(t0 + 2 * STEP, c0);
-    compute_chunk(t0 + STEP, c1);
+
+#pragma unroll
+  for (int s = 0; s < NSTAGE - 1; ++s) {
+    if (s < mine) issue(s);
+    cp_async_commit();
   }
+  for (int i = 0; i < mine; ++i) {
+    cp_async_wait<NSTAGE - 2>();
+    __syncwarp();
+    if (i + NSTAGE - 1 < mine) issue(i + NSTAGE - 1);
+    cp_async_commit();
+    if (t_begin + (warp + i * NW) * 16 + 16 <= t_end) compute(i, true);
+    else compute(i, false);
+  }
+  cp_async_wait<0>();
 
   // per-warp state -> CTA: global max, then warps add their rescaled partials in turn (deterministic)
 #pragma unroll
@@ -302,13 +354,12 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
   }
   if (l == 0) { sm_m[warp][g] = m_run[0]; sm_m[warp][g + 8] = m_run[1]; }
   __syncthreads();
-  float wsc[2], mall[2];
+  float wsc[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     float mm = -INFINITY;
 #pragma unroll
     for (int w = 0; w < NW; ++w) mm = fmaxf(mm, sm_m[w][g + 8 * hh]);
-    mall[hh] = mm;
     wsc[hh] = m_run[hh] == -INFINITY ? 0.f : exp2f(m_run[hh] - mm);
   }
   for (int w = 0; w < NW; ++w) {
@@ -339,7 +390,6 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
       const i64 pi = ((i64)b * Hq + hq) * S + split;
       part_o[pi * D + d] = o;
       if (d == 0) {
-        // the max of this head over all warps, from the smem copy
         float mm = -INFINITY;
         for (int w = 0; w < NW; ++w) mm = fmaxf(mm, sm_m[w][hl]);
         part_ml[2 * pi] = mm;

@@ -16,6 +16,10 @@ ATTN_HEAD_DIMS = (64, 128, 256)
 ATTN_WARPS = 4
 
 
+def attn_stages(d: int) -> int:
+    return 4 if d <= 128 else 3
+
+
 def _check_cache(cache: KV4Cache) -> tuple[int, int, int, int]:
     b, hkv, tmax, half = cache.k.shape
     for t in (cache.k, cache.v, cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero):
@@ -138,7 +142,9 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
             B.ptr(cache.v_scale), B.ptr(cache.v_zero), B.ptr(lengths), B.f32(sm_scale * math.log2(math.e)),
             B.i32(hq), B.i32(hkv), B.i32(tmax), B.i32(nsplit), B.i32(chunk), B.ptr(out), B.i32(out_dt),
             B.ptr(part_o), B.ptr(part_ml))
-    B.launch(B.attn_variant(d, ATTN_WARPS), device, (hkv, bsz, nsplit), (32 * ATTN_WARPS, 1, 1), args)
+    stages = attn_stages(d)
+    B.launch(B.attn_variant(d, ATTN_WARPS, stages), device, (hkv, bsz, nsplit), (32 * ATTN_WARPS, 1, 1), args,
+             B.attn_smem_bytes(d, ATTN_WARPS, stages))
     if nsplit > 1:
         B.launch(B.ATTN_COMBINE, device, (bsz * hq, 1, 1), (min(256, d), 1, 1),
                  (B.ptr(part_o), B.ptr(part_ml), B.i32(nsplit), B.i32(d), B.ptr(out), B.i32(out_dt)))
@@ -146,4 +152,4 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
 
 
 def default_variants() -> list:
-    return [B.KV4_APPEND, B.ATTN_COMBINE] + [B.attn_variant(d, ATTN_WARPS) for d in ATTN_HEAD_DIMS]
+    return [B.KV4_APPEND, B.ATTN_COMBINE] + [B.attn_variant(d, ATTN_WARPS, attn_stages(d)) for d in ATTN_HEAD_DIMS]

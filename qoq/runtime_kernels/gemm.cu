@@ -272,37 +272,48 @@ QOQ_DEV void gemm_body(GEMM_PARAMS) {
   const int kt_begin = split * tps, kt_end = min(KT, kt_begin + tps);
   const int nst = (kt_end - kt_begin + KTS - 1) / KTS;
 
+  // per-thread copy assignments, fixed for the whole k loop (compile-time trip counts, hoisted addresses)
+  constexpr int A_IT = BM * 8 / THREADS, B_IT = BN * KTS / THREADS, CPR = BN / 16, S_CH = 2 * KTS * CPR;
+  static_assert(BM * 8 % THREADS == 0 && THREADS % (KTS * 32) == 0 && BN * KTS % THREADS == 0, "copy split");
+  static_assert(!GROUPED || S_CH <= THREADS, "scale copy split");
+  const int a_row0 = tid >> 3, a_ch = tid & 7;
+  const i8* a_base = A + (i64)(m0 + a_row0) * Kp + a_ch * 16;
+  const int a_step = (THREADS / 8) * Kp;  // < 2^31 for any real K
+  const u32 a_dst0 = a_row0 * BK + ((a_ch ^ (a_row0 & 7)) << 4);  // (row & 7) is the same for every it
+  u32 a_rows_ok = 0;
+#pragma unroll
+  for (int it = 0; it < A_IT; ++it) a_rows_ok |= (u32)(m0 + a_row0 + it * (THREADS / 8) < M) << it;
+  const int b_ntl0 = tid / (KTS * 32), b_ktl = (tid >> 5) % KTS, b_ch = tid & 31;
+  const u8* b_base = W + ((i64)((n0 >> 5) + b_ntl0) * KT + b_ktl) * 512 + b_ch * 16;
+  const int b_step = (THREADS / (KTS * 32)) * KT * 512;
+  const u32 b_dst0 = A_BYTES + (b_ntl0 * KTS + b_ktl) * 512 + b_ch * 16;
+  u32 b_tiles_ok = 0;
+#pragma unroll
+  for (int it = 0; it < B_IT; ++it) b_tiles_ok |= (u32)((n0 >> 5) + b_ntl0 + it * (THREADS / (KTS * 32)) < NTILES) << it;
+  const int s_which = tid / (KTS * CPR), s_ktl = (tid / CPR) % KTS, s_ch = tid % CPR;
+  const bool s_ok = GROUPED && tid < S_CH && n0 + s_ch * 16 < Np;
+  const u8* s_base = (s_which ? z2 : s2) + n0 + s_ch * 16;
+  const u32 s_dst0 = A_BYTES + B_BYTES + (s_which * KTS + s_ktl) * BN + s_ch * 16;
+
   auto load_stage = [&](int st, int kt0) {
-    const u32 sA = sbase + st * STAGE, sB = sA + A_BYTES, sS = sB + B_BYTES;
+    const u32 base = sbase + st * STAGE;
+    const bool a_k_ok = kt0 * 32 + a_ch * 16 < kt_end * 32;
 #pragma unroll
-    for (int i = tid; i < BM * 8; i += THREADS) {
-      const int row = i >> 3, ch = i & 7;
-      const int gm = m0 + row, gk = kt0 * 32 + ch * 16;
-      const bool ok = gm < M && gk < kt_end * 32;
-      const i8* src = ok ? A + (i64)gm * Kp + gk : A;
-      cp_async16(sA + row * BK + ((ch ^ (row & 7)) << 4), src, ok ? 16 : 0);
+    for (int it = 0; it < A_IT; ++it) {
+      const bool ok = a_k_ok && ((a_rows_ok >> it) & 1u);
+      cp_async16(base + a_dst0 + it * (THREADS / 8) * BK, ok ? a_base + it * a_step + kt0 * 32 : A, ok ? 16 : 0);
     }
+    const bool b_k_ok = kt0 + b_ktl < kt_end;
 #pragma unroll
-    for (int i = tid; i < BN * KTS; i += THREADS) {
-      const int ntl = i / (KTS * 32), rem = i % (KTS * 32), ktl = rem >> 5, ch = rem & 31;
-      const int nt = (n0 >> 5) + ntl, kt = kt0 + ktl;
-      const bool ok = nt < NTILES && kt < kt_end;
-      const u8* src = ok ? W + ((i64)nt * KT + kt) * 512 + ch * 16 : W;
-      cp_async16(sB + (ntl * KTS + ktl) * 512 + ch * 16, src, ok ? 16 : 0);
+    for (int it = 0; it < B_IT; ++it) {
+      const bool ok = b_k_ok && ((b_tiles_ok >> it) & 1u);
+      cp_async16(base + b_dst0 + it * (THREADS / (KTS * 32)) * KTS * 512, ok ? b_base + it * b_step + kt0 * 512 : W,
+                 ok ? 16 : 0);
     }
-    if (GROUPED) {
-      constexpr int CPR = BN / 16;  // 16-byte chunks per row
-#pragma unroll
-      for (int i = tid; i < 2 * KTS * CPR; i += THREADS) {
-        const int which = i / (KTS * CPR), rem = i % (KTS * CPR), ktl = rem / CPR, ch = rem % CPR;
-        const int kt = min(kt0 + ktl, KT - 1);
-        const int grp = (kt << 5) >> log2g;
-        const int gn = n0 + ch * 16;
-        const bool ok = gn < Np;
-        const u8* base = which ? z2 : s2;
-        const u8* src = ok ? base + (i64)grp * Np + gn : base;
-        cp_async16(sS + (which * KTS + ktl) * BN + ch * 16, src, ok ? 16 : 0);
-      }
+    if (GROUPED && tid < S_CH) {
+      const int kt = min(kt0 + s_ktl, KT - 1);
+      const int grp = (kt << 5) >> log2g;
+      cp_async16(base + s_dst0, s_ok ? s_base + (i64)grp * Np : s2, s_ok ? 16 : 0);
     }
   };
 
@@ -359,9 +370,9 @@ QOQ_DEV void gemm_body(GEMM_PARAMS) {
       if (kk + 1 < KTS) load_frags(kk + 1, cur ^ 1);
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni) {
-        u32 s[4], zb[4], L[4], H[4];
-        if (GROUPED) deq_params(sw[cur][ni], zw[cur][ni], s, zb);
-        dequant_tile<GROUPED>(bw[cur][ni], s, zb, L, H);
+        u32 gs[4], gz[4], L[4], H[4];
+        if (GROUPED) deq_params(sw[cur][ni], zw[cur][ni], gs, gz);
+        dequant_tile<GROUPED>(bw[cur][ni], gs, gz, L, H);
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
           mma_s8(acc[mi][ni * 4 + 0], a[cur][mi], L[0], L[2]);

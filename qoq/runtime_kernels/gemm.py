@@ -19,8 +19,8 @@ class GemvConfig:
 
     tb: int
     nt: int = 1
-    warps: int = 8
-    u: int = 4
+    warps: int = 16
+    u: int = 2
     splits: int | None = None  # None: planned from the SM count
 
 
@@ -41,15 +41,16 @@ GEMV_MAX_M = 16
 
 
 def choose_config(m: int, np_: int, kp: int, sms: int) -> GemvConfig | GemmConfig:
-    if m <= GEMV_MAX_M:
-        return GemvConfig(tb=(m + 7) // 8)
-    if m <= 32:
-        return GemmConfig(32, 128, 1, 4, stages=4, min_blocks=3)
-    if m <= 64:
+    """Measured on H100 (qoq.bench.gemm --tune): the GEMV for M <= 16; otherwise the largest tile that still gives
+    every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound)."""
+    if m <= GEMV_MAX_M:  # M <= 8: 16 warps x 2 k-tiles; 9..16: activation loads double, 8 warps x 4 k-tiles
+        return GemvConfig(tb=1) if m <= 8 else GemvConfig(tb=2, nt=1, warps=8, u=4)
+    ntile = lambda bm, bn: math.ceil(m / bm) * math.ceil(np_ / bn)  # noqa: E731
+    if m >= 128 and ntile(128, 128) >= sms:
+        return GemmConfig(128, 128, 2, 4, stages=4, min_blocks=2)
+    if m >= 64 and ntile(64, 128) >= sms:
         return GemmConfig(64, 128, 2, 2, stages=4, min_blocks=2)
-    if m <= 256:
-        return GemmConfig(128, 128, 2, 2, stages=4, min_blocks=2)
-    return GemmConfig(128, 256, 2, 4, stages=3, min_blocks=1)
+    return GemmConfig(32, 128, 1, 4, stages=4, min_blocks=3)
 
 
 def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 227 * 1024):
@@ -174,8 +175,8 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     return out
 
 
-DEFAULT_CONFIGS = (GemvConfig(tb=1), GemvConfig(tb=2), GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2),
-                   GemmConfig(128, 128, 2, 2, 4, 2), GemmConfig(128, 256, 2, 4, 3, 1))
+DEFAULT_CONFIGS = (GemvConfig(tb=1), GemvConfig(tb=2, nt=1, warps=8, u=4), GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2),
+                   GemmConfig(128, 128, 2, 4, 4, 2))
 
 
 def default_variants() -> list:
