@@ -179,12 +179,15 @@ def smol_artifact(request, smollm2_gguf, shared_data_dir, tmp_path_factory, modu
         return Path(getattr(art, "path", art))
     except pytest.FixtureLookupError:
         pass
+    import dataclasses
+
     from qoq.pipeline import QuantizeOptions, quantize
 
     calib = shared_data_dir / "calibration" / "exllamav2-standard_cal_data" / "wiki.utf8"
     out = tmp_path_factory.mktemp("smol") / "art"
+    fast = {"recipe_name": "rtn"} if "recipe_name" in {f.name for f in dataclasses.fields(QuantizeOptions)} else {}
     return Path(quantize(QuantizeOptions(model=str(smollm2_gguf), calib=str(calib), calib_samples=4,
-                                         calib_seqlen=256, output=out, device="cpu")).path)
+                                         calib_seqlen=256, output=out, device="cpu", **fast)).path)
 
 
 def _nll_ppl(logits_fn, windows: torch.Tensor) -> float:
