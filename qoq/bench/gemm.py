@@ -162,7 +162,8 @@ def _gemm_line(n, k, m, res):
             f"g128 {f('w4a8_g128')} pc {f('w4a8_pc')}   vs fp16/int8: {'  '.join(ratios)}")
 
 
-def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8, d: int = 128, log=print) -> list[dict]:
+def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8, d: int = 128, log=print,
+                    tune: bool = False) -> list[dict]:
     import qoq.runtime_kernels as K
     from qoq.runtime import ops
 
@@ -179,6 +180,10 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
         caches.append(c)
     sm = d ** -0.5
     res = {"kv4": time_calls([lambda c=c: K.decode_attention_kv4(q, c, lengths, sm, max_len=ctx) for c in caches])}
+    if tune:  # alternative CTA shapes of the same kernel
+        from qoq.runtime_kernels.attention import decode_attention_kv4 as attn
+        for name, kw in {"kv4_w4": dict(warps=4), "kv4_w1": dict(warps=1), "kv4_w2b6": dict(warps=2, min_blocks=6)}.items():
+            res[name] = time_calls([lambda c=c, kw=kw: attn(q, c, lengths, sm, max_len=ctx, **kw) for c in caches])
     k16 = torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.float16)
     v16 = torch.randn_like(k16)
     q4 = q[:, :, None]
@@ -194,7 +199,7 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
     base = res[base_name]["us"]
     rows = []
     for impl, r in res.items():
-        nbytes = kv_bytes4 if impl == "kv4" else batch * hkv * ctx * d * 4 * (hq // hkv if impl == "sdpa_expanded" else 1)
+        nbytes = kv_bytes4 if impl.startswith("kv4") else batch * hkv * ctx * d * 4 * (hq // hkv if impl == "sdpa_expanded" else 1)
         rows.append({"bench": "attention", "batch": batch, "ctx": ctx, "hq": hq, "hkv": hkv, "d": d, "impl": impl,
                      "us": round(r["us"], 2), "gbps": round(nbytes / r["us"] / 1e3, 1),
                      "vs_sdpa": round(base / r["us"], 2), "sdpa_baseline": base_name, "timing": r["mode"]})
@@ -245,7 +250,7 @@ def tune(log=print) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, log=print) -> list[dict]:
+def run(quick: bool = False, log=print, tune_attention: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         raise RuntimeError("the GEMM benchmark needs a CUDA GPU")
     import qoq.runtime_kernels as K
@@ -260,7 +265,7 @@ def run(quick: bool = False, log=print) -> list[dict]:
     ms = [1, 16, 1024] if quick else MS
     shapes = LLAMA3_8B_SHAPES[:2] if quick else LLAMA3_8B_SHAPES
     rows = bench_gemm(shapes, ms, log=log)
-    rows += bench_attention(log=log)
+    rows += bench_attention(log=log, tune=tune_attention)
     for r in rows:
         r["device"] = props.name
     return rows
@@ -310,6 +315,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 1024}")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--tune", action="store_true", help="sweep the W4A8 kernel configurations instead")
+    p.add_argument("--tune-attention", action="store_true", help="also time alternative attention CTA shapes")
     p.add_argument("--one", choices=["gemm", "gemv", "attention"], help="run one case a few times (for a profiler)")
     args = p.parse_args(argv)
     if args.one:
@@ -321,7 +327,7 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
         return 0
-    rows = run(quick=args.quick)
+    rows = run(quick=args.quick, tune_attention=args.tune_attention)
     print(summary(rows))
     if args.json:
         with open(args.json, "w") as f:

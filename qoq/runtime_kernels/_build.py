@@ -72,9 +72,9 @@ def rowquant_variant(dt: int, mode: int, ch: int, threads: int) -> Variant:
     return Variant("quant.cu", name, body)
 
 
-def attn_variant(d: int, nw: int, stages: int) -> Variant:
-    name = f"qoq_attn_d{d}_w{nw}_s{stages}"
-    body = (f'extern "C" __global__ void __launch_bounds__({nw * 32}) {name}(ATTN_PARAMS) '
+def attn_variant(d: int, nw: int, stages: int, min_blocks: int = 1) -> Variant:
+    name = f"qoq_attn_d{d}_w{nw}_s{stages}" + (f"_b{min_blocks}" if min_blocks > 1 else "")
+    body = (f'extern "C" __global__ void __launch_bounds__({nw * 32}, {min_blocks}) {name}(ATTN_PARAMS) '
             f'{{ attn_body<{d}, {nw}, {stages}>(ATTN_ARGS); }}')
     return Variant("attention.cu", name, body)
 

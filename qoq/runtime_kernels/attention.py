@@ -13,7 +13,7 @@ from .gemm import _workspace
 
 X_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 ATTN_HEAD_DIMS = (64, 128, 256)
-ATTN_WARPS = 4
+ATTN_WARPS = 2  # measured on H100 (bench --tune-attention): 2-warp CTAs beat 4 and 8 at B=64 x 1024
 
 
 def attn_stages(d: int) -> int:
@@ -95,10 +95,10 @@ def rope_kv4_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return _append(cache, k, v, start, q=q, cos=cos, sin=sin)
 
 
-def plan_splits(bsz: int, hkv: int, t_eff: int, sms: int) -> tuple[int, int]:
+def plan_splits(bsz: int, hkv: int, t_eff: int, sms: int, warps: int = ATTN_WARPS) -> tuple[int, int]:
     """(splits, chunk tokens) so that B*Hkv*splits CTAs cover the SMs about twice."""
     ctas = bsz * hkv
-    max_splits = max(1, math.ceil(t_eff / (ATTN_WARPS * 16)))
+    max_splits = max(1, math.ceil(t_eff / (warps * 16)))
     s0 = max(1, min(math.ceil(2 * sms / ctas), max_splits))
     chunk = math.ceil(math.ceil(t_eff / s0) / 16) * 16
     return max(1, math.ceil(t_eff / chunk)), chunk
@@ -106,7 +106,7 @@ def plan_splits(bsz: int, hkv: int, t_eff: int, sms: int) -> tuple[int, int]:
 
 def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor, sm_scale: float,
                          max_len: int | None = None, out: torch.Tensor | None = None,
-                         splits: int | None = None) -> torch.Tensor:
+                         splits: int | None = None, warps: int = ATTN_WARPS, min_blocks: int = 1) -> torch.Tensor:
     """ops.decode_attention_kv4: q [B, Hq, D] over the first lengths[b] cached tokens (GQA) -> [B, Hq, D].
 
     `max_len` (an upper bound of lengths known on the host, else the cache capacity) only sizes the split over the
@@ -127,7 +127,7 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
     sms = B.device_info(device)["sms"]
     t_eff = min(tmax, max_len) if max_len is not None else tmax
     if splits is None:
-        nsplit, chunk = plan_splits(bsz, hkv, t_eff, sms)
+        nsplit, chunk = plan_splits(bsz, hkv, t_eff, sms, warps)
     else:
         chunk = math.ceil(math.ceil(t_eff / splits) / 16) * 16
         nsplit = max(1, math.ceil(t_eff / chunk))
@@ -143,8 +143,8 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
             B.i32(hq), B.i32(hkv), B.i32(tmax), B.i32(nsplit), B.i32(chunk), B.ptr(out), B.i32(out_dt),
             B.ptr(part_o), B.ptr(part_ml))
     stages = attn_stages(d)
-    B.launch(B.attn_variant(d, ATTN_WARPS, stages), device, (hkv, bsz, nsplit), (32 * ATTN_WARPS, 1, 1), args,
-             B.attn_smem_bytes(d, ATTN_WARPS, stages))
+    B.launch(B.attn_variant(d, warps, stages, min_blocks), device, (hkv, bsz, nsplit), (32 * warps, 1, 1), args,
+             B.attn_smem_bytes(d, warps, stages))
     if nsplit > 1:
         B.launch(B.ATTN_COMBINE, device, (bsz * hq, 1, 1), (min(256, d), 1, 1),
                  (B.ptr(part_o), B.ptr(part_ml), B.i32(nsplit), B.i32(d), B.ptr(out), B.i32(out_dt)))
