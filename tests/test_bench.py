@@ -404,8 +404,11 @@ def test_whole_bench_on_cpu_produces_a_valid_report(tiny_shapes, tmp_path):
     pytest.importorskip("qoq.runtime.engine")
     cpu = DeviceInfo(name="NVIDIA H100 80GB HBM3", memory_bytes=80 * 2**30, sm_count=132, capability=(9, 0))
     o = suite.BenchOptions(shape="tiny", gpu="l40s", input_len=8, output_len=3, batches=(1, 2), max_batch="none",
-                           skip_kernels=True, group_size=32, backend="reference")
+                           skip_kernels=True, group_size=32, backend="reference", json_path=tmp_path / "c.json")
     rep = suite.run_bench(o, device_override=(cpu, torch.device("cpu")))
+    checkpoint = json.loads((tmp_path / "c.json").read_text())  # written after the FP16 engine
+    assert report.validate_report(checkpoint) == [] and {r["engine"] for r in checkpoint["e2e"]} == {
+        "qoq-w4a8kv4", "fp16-engine"}
     assert report.validate_report(rep) == [], report.validate_report(rep)
     assert rep["engine_errors"] == {}
     assert {(r["engine"], r["batch"]) for r in rep["e2e"]} == {(e, b) for e in e2e.ENGINES for b in (1, 2)}

@@ -1,9 +1,7 @@
-"""The engine's serving mode (Engine(fast=True)), which `qoq bench` measures: the same integers as the
-default path (fused q|k|v and gate|up GEMMs, row-chunked prefill, host-mirrored lengths), and its FP16
-prefill attention equals the default path's attention over unquantized K/V."""
+"""The engine's serving mode (qoq.bench.serving.ServingEngine), which `qoq bench` measures: the same
+integers as the default path (fused q|k|v and gate|up GEMMs, row-chunked prefill, host-mirrored
+lengths), and its FP16 prefill attention equals the default path's attention over unquantized K/V."""
 from __future__ import annotations
-
-import inspect
 
 import pytest
 import torch
@@ -11,10 +9,8 @@ import torch
 from qoq.bench import synthetic
 from qoq.runtime import backend as B
 from qoq.runtime import ops
+from qoq.bench.serving import ServingEngine
 from qoq.runtime.engine import Engine
-
-pytestmark = pytest.mark.skipif("fast" not in inspect.signature(Engine).parameters,
-                                reason="the engine has no serving mode yet")
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=300, rope_theta=10000.0, max_position_embeddings=512,
@@ -34,12 +30,11 @@ def shape(monkeypatch, request):
 def test_serving_mode_gives_the_same_integers(shape):
     group = shape
     ref = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference")
-    fast = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference",
-                  fast=True)
+    fast = ServingEngine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference")
     fast.prefill_fp16 = False  # attend over KV4 like the default path
-    layer = fast.layers[0]
-    assert layer.qkv is not None and layer.gate_up is not None
-    assert layer.q_proj.qweight.untyped_storage().data_ptr() == layer.qkv.qweight.untyped_storage().data_ptr()
+    layer, qkv = fast.layers[0], fast.fused["qkv"][0]
+    assert qkv is not None and fast.fused["gate_up"][0] is not None
+    assert layer.q_proj.qweight.untyped_storage().data_ptr() == qkv.qweight.untyped_storage().data_ptr()
     ids = torch.randint(0, TINY["vocab_size"], (3, 10))
     ref.reset(3, 16)
     fast.reset(3, 16)
@@ -68,22 +63,13 @@ def test_fp16_prefill_attention_is_attention_over_unquantized_kv(monkeypatch):
     ref_backend = B.reference_backend()
     ref = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", 32), device="cpu",
                  backend=B.Backend("reference", {**ref_backend.fns, "kv4_append": append}))
-    ref._prefill_attention = lambda q, cache, start, t: ref._prefill_attention_fp16(q, *raw[cache.k.data_ptr()])
-    fast = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", 32), device="cpu", backend="reference", fast=True)
+    ref._prefill_attention = lambda q, cache, start, t: ServingEngine._prefill_attention_fp16(
+        ref, q, *raw[cache.k.data_ptr()])
+    fast = ServingEngine(synthetic.build_synthetic_artifact("tiny", "cpu", 32), device="cpu", backend="reference")
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     ref.reset(2, 12)
     fast.reset(2, 12)
     assert torch.allclose(fast.prefill(ids), ref.prefill(ids), atol=1e-6)
-
-
-def test_rows_need_serving_mode(monkeypatch):
-    from qoq.errors import QoqError
-
-    monkeypatch.setitem(synthetic.SHAPES, "tiny", TINY)
-    eng = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", 32), device="cpu", backend="reference")
-    eng.reset(2, 8)
-    with pytest.raises(QoqError, match="fast=True"):
-        eng.prefill(torch.zeros(1, 4, dtype=torch.long), rows=slice(0, 1))
 
 
 @pytest.mark.gpu
@@ -96,8 +82,8 @@ def test_serving_mode_on_gpu():
         pytest.skip(cupy_available()[1])
     art = synthetic.build_synthetic_artifact("smollm2-135m", "cuda", 128)
     default = Engine(art, device="cuda", backend="cupy")
-    fast = Engine(art, device="cuda", backend="cupy", fast=True)
-    eager = Engine(art, device="cuda", backend="cupy", fast=True, cuda_graph=False)
+    fast = ServingEngine(art, device="cuda", backend="cupy")
+    eager = ServingEngine(art, device="cuda", backend="cupy", cuda_graph=False)
     fast.prefill_fp16 = eager.prefill_fp16 = False
     ids = torch.randint(0, 49152, (4, 100), device="cuda")
     for e in (default, fast, eager):

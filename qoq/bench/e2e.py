@@ -206,6 +206,10 @@ class Runner:
         """Allocate for `batch` x (input_len + output_len) and run one prefill chunk and a decode step."""
         raise NotImplementedError
 
+    def warmup(self, batch: int, input_len: int, output_len: int) -> None:
+        """Before a timed run: load/compile every kernel (and capture every graph) that run will use."""
+        self.probe(batch, input_len, output_len)
+
     def timed(self, ids: torch.Tensor, output_len: int, clock: Clock) -> Timing:
         raise NotImplementedError
 
@@ -246,8 +250,8 @@ class EngineRunner(Runner):
 
 
 class QoqRunner(EngineRunner):
-    """qoq.runtime.engine.Engine in serving mode (`fast=True`: fused linears, FP16 prefill attention,
-    chunked prefill by rows, CUDA-graph decode) when the engine has it, else its default path."""
+    """The qoq engine in serving mode (qoq.bench.serving.ServingEngine: fused linears, FP16 prefill
+    attention, chunked prefill by rows, CUDA-graph decode), or its default path with `fast=False`."""
 
     engine = "qoq-w4a8kv4"
     weights_kind = "w4a8"
@@ -257,18 +261,15 @@ class QoqRunner(EngineRunner):
                  prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS, fast: bool = True,
                  cuda_graph: bool | None = None):
         super().__init__(dims, device, prefill_chunk_tokens)
-        import inspect
+        self.serving = fast
+        if fast:
+            from qoq.bench.serving import ServingEngine
 
-        from qoq.runtime.engine import Engine
+            self.eng = ServingEngine(artifact, device=device, backend=backend, cuda_graph=cuda_graph)
+        else:
+            from qoq.runtime.engine import Engine
 
-        params = inspect.signature(Engine).parameters
-        kwargs = {}
-        self.serving = fast and "fast" in params
-        if self.serving:
-            kwargs["fast"] = True
-            if cuda_graph is not None:
-                kwargs["cuda_graph"] = cuda_graph
-        self.eng = Engine(artifact, device=device, backend=backend, **kwargs)
+            self.eng = Engine(artifact, device=device, backend=backend)
 
     @property
     def backend(self) -> str:
@@ -426,6 +427,9 @@ class HFRunner(Runner):
         with torch.no_grad():
             self._generate(ids, 2, input_len + output_len)
 
+    def warmup(self, batch: int, input_len: int, output_len: int) -> None:
+        self.probe(min(batch, 2), input_len, output_len)  # eager torch: nothing to compile per batch
+
     def timed(self, ids: torch.Tensor, output_len: int, clock: Clock) -> Timing:
         first = _FirstTokenClock(clock)
         clock.sync()
@@ -485,7 +489,7 @@ def measure(runner: Runner, batch: int, input_len: int, output_len: int, profile
     gen.manual_seed(seed + batch)
     try:
         if warmup:
-            runner.probe(batch, input_len, output_len)  # compiles/loads every kernel the run will use
+            runner.warmup(batch, input_len, output_len)
         ids = torch.randint(0, runner.dims.vocab, (batch, input_len), device=runner.device, generator=gen)
         if runner.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(runner.device)

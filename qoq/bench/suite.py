@@ -16,7 +16,7 @@ import torch
 
 from qoq.bench import e2e
 from qoq.bench.profiles import GPU_CHOICES, detect_device, resolve_profile
-from qoq.bench.report import build_report, check_min_speedup, require_matplotlib
+from qoq.bench.report import build_report, check_min_speedup, require_matplotlib, write_json
 from qoq.bench.synthetic import SHAPE_CHOICES, ModelDims, build_synthetic_artifact, fp16_twin
 from qoq.errors import QoqError
 from qoq.progress import Reporter
@@ -241,8 +241,26 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
             del runner
             e2e.free_memory()
 
+    def report() -> dict:
+        settings = {"model": model_name, "shape": o.shape,
+                    "group_size": artifact.qconfig.get("group_size", o.group_size),
+                    "input_len": o.input_len, "output_len": o.output_len, "batches": list(o.batches),
+                    "max_batch": o.max_batch, "backend": str(backend), "engines": list(o.engines),
+                    "skip_kernels": o.skip_kernels, "skip_hf": o.skip_hf,
+                    "prefill_chunk_tokens": o.prefill_chunk_tokens, "tokens_per_s": e2e.TOKENS_PER_S_DEFINITION}
+        return build_report(device=device_info.as_dict(), profile=profile.as_dict(),
+                            profile_matches_device=detected is profile, settings=settings, model=dims.as_dict(),
+                            memory=memory, kernels=kernels, kernels_note=kernels_note, rows=rows,
+                            engine_errors=errors, min_speedup=o.min_speedup)
+
+    def checkpoint() -> None:
+        """--json is rewritten after each engine: a run cut short keeps what it measured."""
+        if o.json_path is not None:
+            write_json(report(), o.json_path)
+
     if "qoq-w4a8kv4" in o.engines:
         run_engine("qoq-w4a8kv4", lambda: e2e.QoqRunner(artifact, dims, device, o.backend, o.prefill_chunk_tokens))
+        checkpoint()
     twin = None
     if "fp16-engine" in o.engines:
         with reporter.status("building the FP16 twin (dequantized weights)"):
@@ -251,18 +269,10 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
     if twin is not None:
         run_engine("fp16-engine", lambda: e2e.FP16EngineRunner(config, twin, dims, device, o.prefill_chunk_tokens))
         twin.clear()
+        checkpoint()
     if "hf-fp16" in o.engines:
         run_engine("hf-fp16", lambda: e2e.HFRunner(config, dims, device))
-
-    settings = {"model": model_name, "shape": o.shape, "group_size": artifact.qconfig.get("group_size", o.group_size),
-                "input_len": o.input_len, "output_len": o.output_len, "batches": list(o.batches),
-                "max_batch": o.max_batch, "backend": str(backend), "engines": list(o.engines),
-                "skip_kernels": o.skip_kernels, "skip_hf": o.skip_hf, "prefill_chunk_tokens": o.prefill_chunk_tokens,
-                "tokens_per_s": e2e.TOKENS_PER_S_DEFINITION}
-    return build_report(device=device_info.as_dict(), profile=profile.as_dict(),
-                        profile_matches_device=detected is profile, settings=settings, model=dims.as_dict(),
-                        memory=memory, kernels=kernels, kernels_note=kernels_note, rows=rows, engine_errors=errors,
-                        min_speedup=o.min_speedup)
+    return report()
 
 
 def min_speedup_error(report: dict, min_speedup: float | None) -> str | None:
