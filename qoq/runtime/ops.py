@@ -6,7 +6,8 @@ accumulators bit-for-bit; floating outputs within the rounding of their dtype.
 
 Conventions
 - Activations are quantized per token, symmetric INT8: `amax = max|x|` (fp32), `s_a = amax / 127`
-  (fp32; 1 when amax == 0), `q = clamp(round_half_even(x / s_a), -127, 127)`. The quantized row is
+  (fp32, computed as `amax * (1/127)`: torch on CUDA divides by a scalar that way, so CPU, CUDA and
+  the kernels agree; 1 when amax == 0), `q = clamp(round_half_even(x / s_a), -127, 127)`. The quantized row is
   zero-padded to the layer's padded K. `qsum[m] = sum_k q[m,k]` (int32) is produced for per-channel
   weights, whose zero point is applied in the epilogue.
 - W4A8 GEMM: `acc[m,n] = sum_k qa[m,k] * w8[n,k]` in int32, where for per-group weights
@@ -72,7 +73,7 @@ def quantize_act(x: torch.Tensor, padded_in: int, with_qsum: bool = False) -> Qu
     """Per-token symmetric INT8 quantization of x [M, K] (any float dtype), zero-padded to `padded_in`."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * (1.0 / INT8_MAX), torch.ones_like(amax))
     q = torch.round(xf / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     if padded_in > q.shape[1]:
         q = torch.nn.functional.pad(q, (0, padded_in - q.shape[1]))
@@ -136,7 +137,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16)
 
 # ---- KV4 cache ----------------------------------------------------------------------------------------
 # Per token, per KV head, asymmetric UINT4 after RoPE (DESIGN.md §3), scale and zero stored in fp16:
-#   scale = (max - min) / 15 (1 when max == min), zero = -min / scale, both rounded to fp16;
+#   scale = (max - min) * (1/15) (1 when max == min), zero = -min / scale, both rounded to fp16;
 #   q = clamp(round_half_even(x / scale16 + zero16), 0, 15);  x_hat = (q - zero16) * scale16.
 # Two values per byte: element 2i in the low nibble, 2i+1 in the high nibble.
 # The cache is preallocated per batch slot: codes uint8 [B, Hkv, T_max, D/2], scale/zero fp16 [B, Hkv, T_max].
@@ -161,7 +162,7 @@ def kv4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """x [..., D] -> (codes uint8 [..., D/2], scale fp16 [...], zero fp16 [...])."""
     xf = x.float()
     lo, hi = xf.amin(-1), xf.amax(-1)
-    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).to(torch.float16)
+    scale = torch.where(hi > lo, (hi - lo) * (1.0 / 15), torch.ones_like(hi)).to(torch.float16)
     zero = (-lo / scale.float()).to(torch.float16)
     q = torch.round(xf / scale.float()[..., None] + zero.float()[..., None]).clamp(0, 15).to(torch.uint8)
     return q[..., 0::2] | (q[..., 1::2] << 4), scale, zero
