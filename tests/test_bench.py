@@ -422,3 +422,38 @@ def test_whole_bench_on_cpu_produces_a_valid_report(tiny_shapes, tmp_path):
     assert qoq_w < fp_w
     report.write_json(rep, tmp_path / "b.json")
     assert report.validate_report(json.loads((tmp_path / "b.json").read_text())) == []
+
+
+def test_max_batch_row_backs_off_when_the_full_run_runs_out_of_memory(monkeypatch):
+    """A batch that passed the probes can still run out of memory over the whole generation (HF at its
+    max batch did on the H100): the max-batch row is retried 10% smaller, twice."""
+    class FakeRunner:
+        engine = "hf-fp16"
+        device = torch.device("cpu")
+        dims = synthetic.ModelDims.from_config(synthetic.shape_config("llama-3-8b"))
+
+        def chunk_rows(self, input_len):
+            return 2
+
+        def release(self):
+            pass
+
+    plan = e2e.MaxBatchPlan(batch=100, fixed_bytes=1e9, per_seq_bytes=1e8, capacity_bytes=20 * 10**9,
+                            probes=[(2, 1), (4, 2)])
+    monkeypatch.setattr(e2e, "usable_capacity", lambda device: (20 * 10**9, 21 * 10**9))
+    monkeypatch.setattr(e2e, "plan_max_batch", lambda *a, **k: plan)
+    measured = []
+
+    def fake_measure(runner, b, input_len, output_len, profile, clock):
+        measured.append(b)
+        row = {"engine": runner.engine, "batch": b, "input_len": input_len, "output_len": output_len}
+        return {**row, "error": "out of memory"} if b > 85 else fake_row(runner.engine, b, 100.0)
+
+    monkeypatch.setattr(e2e, "measure", fake_measure)
+    memory = {"capacity_gb": 0.0, "max_batch": {}, "plans": {}, "kv4_vs_fp16_kv": None, "profile_max_batch": {}}
+    o = suite.BenchOptions(batches=(1, 64))
+    rows = suite._engine_rows(FakeRunner(), o, profiles.PROFILES["h100"], None, suite.Reporter(), memory)
+    assert measured == [100, 90, 81, 1, 64]
+    assert rows[0]["batch"] == 81 and rows[0]["is_max_batch"] and "error" not in rows[0]
+    assert memory["max_batch"]["hf-fp16"] == 81
+    assert [p[1] for p in memory["plans"]["hf-fp16"]["probes"][-2:]] == [None, None]
