@@ -55,7 +55,24 @@ def quantize(
     calib_samples: int = typer.Option(128, "--calib-samples", help="calibration samples"),
     calib_seqlen: int = typer.Option(1024, "--calib-seqlen", help="tokens per calibration sample"),
     group: int = typer.Option(128, "--group", "-g", help="weight group size: 32, 64, 128, or -1 for per-channel"),
-    smooth_attn_alpha: float = typer.Option(0.5, "--smooth-attn-alpha", help="SmoothAttention alpha; 0 turns it off"),
+    recipe: str = typer.Option("qoq", "--recipe", help="qoq: the full QoQ recipe (rotation, smoothing, reordering, "
+                               "GPTQ, clip search, SmoothAttention search); rtn: progressive RTN + SmoothAttention"),
+    rotation: Optional[bool] = typer.Option(None, "--rotation/--no-rotation",
+                                            help="Hadamard rotation (norms folded) + per-head V rotation"),
+    smooth_linear: Optional[bool] = typer.Option(None, "--smooth-linear/--no-smooth-linear",
+                                                 help="down_proj input smoothing (alpha searched)"),
+    reorder: Optional[bool] = typer.Option(None, "--reorder/--no-reorder",
+                                           help="down_proj channel reordering (per-group only)"),
+    gptq: Optional[bool] = typer.Option(None, "--gptq/--no-gptq", help="GPTQ on the 4-bit level (else RTN)"),
+    clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search",
+                                               help="weight-clip search (per-channel only)"),
+    smooth_attn_search: Optional[bool] = typer.Option(None, "--smooth-attn-search/--no-smooth-attn-search",
+                                                      help="SmoothAttention (alpha, beta) grid search"),
+    smooth_attn_alpha: Optional[float] = typer.Option(None, "--smooth-attn-alpha",
+                                                      help="fixed SmoothAttention alpha (default 0.5 when not "
+                                                      "searched); 0 turns it off"),
+    calib_dtype: str = typer.Option("auto", "--calib-dtype", help="compute dtype of the calibration passes: "
+                                    "auto (bfloat16 on CPUs with native bf16, else float32) | float32 | bfloat16"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact folder "
                                           "(default ./<model>-qoq-w4a8kv4-g<group>)"),
@@ -66,13 +83,16 @@ def quantize(
     from qoq.pipeline import QuantizeOptions, quantize as run_quantize
 
     opts = QuantizeOptions(model=model, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                           group_size=group, smooth_attn_alpha=smooth_attn_alpha, device=device, output=output,
-                           overwrite=overwrite, batch_size=batch_size)
+                           group_size=group, recipe_name=recipe, rotation=rotation, smooth_linear=smooth_linear,
+                           reorder=reorder, gptq=gptq, clip_search=clip_search, smooth_attn_search=smooth_attn_search,
+                           smooth_attn_alpha=smooth_attn_alpha, calib_dtype=calib_dtype, device=device,
+                           output=output, overwrite=overwrite, batch_size=batch_size)
     result = run_quantize(opts, RichReporter(err))
     sizes, timings = result.report["sizes"], result.report["timings"]
     worst = max(result.report["layers"], key=lambda r: r["block_output_rel_error"])
     out.print(f"wrote [bold]{result.path}[/]: {_mb(sizes['artifact_bytes'])} vs {_mb(sizes['fp16_bytes'])} FP16 "
-              f"({sizes['compression']:.2f}x smaller), quantized in {timings['quantize_s']:.1f} s; "
+              f"({sizes['compression']:.2f}x smaller), recipe {result.report['recipe']['name']}, "
+              f"quantized in {timings['quantize_s']:.1f} s; "
               f"largest block output error {worst['block_output_rel_error']:.3%} (layer {worst['layer']})",
               highlight=False)
 

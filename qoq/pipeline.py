@@ -9,17 +9,16 @@ from pathlib import Path
 
 import torch
 
-from qoq.algorithm.progressive import dequantize, quantize_weight
-from qoq.algorithm.smooth_attention import fuse_smooth_attention, smooth_attention_scales
-from qoq.calibration.blocks import BlockRunner
+from qoq import recipe as recipe_mod
 from qoq.errors import QoqError
-from qoq.formats.artifact import quantization_config, quantized_tensors, write_artifact
-from qoq.models.arch import block_linears, head_dims
+from qoq.formats.artifact import quantization_config, write_artifact
 from qoq.progress import Reporter
+from qoq.recipe import RECIPES, RecipeOptions
 from qoq.state import remember_last_artifact
 
 DEFAULT_GROUP = 128
-ERROR_SAMPLES = 4  # calibration samples used to measure each block's output error
+ERROR_SAMPLES = recipe_mod.ERROR_SAMPLES
+CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -29,7 +28,16 @@ class QuantizeOptions:
     calib_samples: int = 128
     calib_seqlen: int = 1024
     group_size: int = DEFAULT_GROUP
-    smooth_attn_alpha: float = 0.5
+    recipe_name: str = "qoq"  # "qoq" (full recipe) or "rtn" (progressive RTN + SmoothAttention)
+    # per-step switches; None = the recipe's default
+    rotation: bool | None = None
+    smooth_linear: bool | None = None
+    reorder: bool | None = None
+    gptq: bool | None = None
+    clip_search: bool | None = None
+    smooth_attn_search: bool | None = None
+    smooth_attn_alpha: float | None = None  # fixed alpha (turns the search off unless asked for); 0 = off
+    calib_dtype: str = "auto"  # compute dtype of the calibration passes: auto | float32 | bfloat16
     device: str = "auto"
     output: Path | None = None
     overwrite: bool = False
@@ -41,8 +49,14 @@ class QuantizeOptions:
             raise QoqError(f"--group {self.group_size} is not supported; use 32, 64, 128 or -1 (per-channel)")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
             raise QoqError("--calib-samples must be >= 1 and --calib-seqlen >= 8")
-        if not 0.0 <= self.smooth_attn_alpha <= 1.0:
+        if self.recipe_name not in RECIPES:
+            raise QoqError(f"--recipe {self.recipe_name!r} is not one of {', '.join(RECIPES)}")
+        if self.smooth_attn_alpha is not None and not 0.0 <= self.smooth_attn_alpha <= 1.0:
             raise QoqError(f"--smooth-attn-alpha {self.smooth_attn_alpha} is outside [0, 1]; 0 turns it off")
+        if self.smooth_attn_alpha == 0 and self.smooth_attn_search:
+            raise QoqError("--smooth-attn-alpha 0 turns SmoothAttention off, which contradicts --smooth-attn-search")
+        if self.calib_dtype not in ("auto", *CALIB_DTYPES):
+            raise QoqError(f"--calib-dtype {self.calib_dtype!r} is not one of auto, {', '.join(CALIB_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise QoqError(f"--device {self.device!r} is not one of auto, cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -50,8 +64,22 @@ class QuantizeOptions:
         if self.output is not None and Path(self.output).exists() and not self.overwrite:
             raise QoqError(f"output folder {self.output} already exists; pass --overwrite or choose another --output")
 
-    def recipe(self) -> dict:
-        return {"name": "rtn", "weights": "rtn", "smooth_attention": {"alpha": self.smooth_attn_alpha, "beta": 0.0}}
+    def recipe_options(self) -> RecipeOptions:
+        search = self.smooth_attn_search
+        if search is None and self.smooth_attn_alpha is not None:
+            search = False  # an explicit alpha means that alpha
+        return RecipeOptions.preset(self.recipe_name, rotation=self.rotation, smooth_linear=self.smooth_linear,
+                                    reorder=self.reorder, gptq=self.gptq, clip_search=self.clip_search,
+                                    smooth_attn_search=search, smooth_attn_alpha=self.smooth_attn_alpha)
+
+    def recipe(self, config) -> dict:
+        """The recipe as recorded in the artifact (quantization_config["recipe"] and the report)."""
+        return self.recipe_options().record(config, self.group_size)
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.calib_dtype == "auto":
+            return recipe_mod.default_compute_dtype(device)
+        return CALIB_DTYPES[self.calib_dtype]
 
 
 @dataclass
@@ -97,11 +125,13 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
     reporter.info(f"calibration: {calib.description}")
     timings["calibration_data_s"] = time.perf_counter() - t0
 
+    fp16_bytes = 2 * sum(p.numel() for p in loaded.model.parameters())  # before rotation unties lm_head
     t0 = time.perf_counter()
     tensors, modules, layer_reports = quantize_model(loaded.model, calib.input_ids, opts, device, reporter)
     timings["quantize_s"] = time.perf_counter() - t0
 
-    config = artifact_config(loaded.model, opts.group_size, modules, opts.recipe())
+    recipe = opts.recipe(loaded.model.config)
+    config = artifact_config(loaded.model, opts.group_size, modules, recipe)
     report = {
         "source": {"model": loaded.source, "reload": loaded.reload_spec, "sha256": loaded.source_sha256,
                    "architecture": loaded.architecture},
@@ -109,8 +139,10 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
                         "samples": opts.calib_samples, "seqlen": opts.calib_seqlen},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "device": str(device),
+        "recipe": recipe,
+        "calibration_compute_dtype": str(opts.compute_dtype(device)).removeprefix("torch."),
         "layers": layer_reports,
-        "sizes": artifact_sizes(loaded.model, tensors),
+        "sizes": artifact_sizes(loaded.model, tensors, fp16_bytes),
         "timings": timings,
         "versions": versions(),
     }
@@ -122,43 +154,12 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
     return QuantizeResult(path=path, report=report, model=loaded.model)
 
 
-@torch.no_grad()
 def quantize_model(model, input_ids: torch.Tensor, opts: QuantizeOptions, device: torch.device,
                    reporter: Reporter) -> tuple[dict, dict, list]:
-    """Run every block once over the calibration set, transform and quantize it, and collect the tensors."""
-    heads, kv_heads, _ = head_dims(model.config)
-    runner = BlockRunner(model, input_ids, device, batch_size=opts.batch_size)
-    tensors = {"model.embed_tokens.weight": model.get_input_embeddings().weight.detach().half().cpu()}
-    modules, layer_reports = {}, []
-    for i, layer in enumerate(reporter.track(runner.layers, "quantizing blocks")):
-        started = time.perf_counter()
-        layer.to(device=device, dtype=torch.float32)
-        outputs, stats = runner.forward_with_stats(layer)
-        linears = block_linears(layer)
-        if opts.smooth_attn_alpha > 0:
-            lam = smooth_attention_scales(stats.key_absmax, opts.smooth_attn_alpha, runner.head_dim)
-            fuse_smooth_attention(linears["self_attn.q_proj"], linears["self_attn.k_proj"], lam, heads, kv_heads)
-        prefix = f"model.layers.{i}"
-        weight_errors = {}
-        for name, linear in linears.items():
-            full = f"{prefix}.{name}"
-            qw = quantize_weight(linear.weight, opts.group_size)
-            w_hat = dequantize(qw).to(linear.weight.dtype)
-            weight_errors[name] = float((w_hat - linear.weight).norm() / linear.weight.norm().clamp_min(1e-12))
-            linear.weight.data.copy_(w_hat)
-            tensors.update(quantized_tensors(full, _to_cpu(qw), linear.bias))
-            modules[full] = tuple(linear.weight.shape)
-        block_error = _relative_error(runner.forward(layer, limit=ERROR_SAMPLES), outputs[:ERROR_SAMPLES])
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{prefix}.{norm}.weight"] = layer.get_submodule(norm).weight.detach().half().cpu()
-        layer_reports.append({"layer": i, "block_output_rel_error": block_error, "weight_rel_error": weight_errors,
-                              "seconds": time.perf_counter() - started})
-        runner.advance(outputs)
-        layer.to("cpu")
-    tensors["model.norm.weight"] = model.model.norm.weight.detach().half().cpu()
-    if not model.config.tie_word_embeddings:
-        tensors["lm_head.weight"] = model.get_output_embeddings().weight.detach().half().cpu()
-    return tensors, modules, layer_reports
+    """Every block once through the recipe (qoq/recipe.py); returns tensors, module shapes, layer reports."""
+    return recipe_mod.quantize_model(model, input_ids, opts.group_size, opts.recipe_options(), device,
+                                     batch_size=opts.batch_size, reporter=reporter,
+                                     compute_dtype=opts.compute_dtype(device))
 
 
 def artifact_config(model, group_size: int, modules: dict, recipe: dict) -> dict:
@@ -170,8 +171,9 @@ def artifact_config(model, group_size: int, modules: dict, recipe: dict) -> dict
     return config
 
 
-def artifact_sizes(model, tensors: dict) -> dict:
-    fp16_bytes = 2 * sum(p.numel() for p in model.parameters())
+def artifact_sizes(model, tensors: dict, fp16_bytes: int | None = None) -> dict:
+    if fp16_bytes is None:
+        fp16_bytes = 2 * sum(p.numel() for p in model.parameters())
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
     return {"fp16_bytes": fp16_bytes, "artifact_bytes": stored, "compression": fp16_bytes / stored}
 
@@ -186,15 +188,3 @@ def versions() -> dict:
 
 def sha256_of_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
-
-
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
-
-def _to_cpu(qw):
-    for name in ("q", "s1", "s2", "z", "szeros"):
-        t = getattr(qw, name)
-        if t is not None:
-            setattr(qw, name, t.cpu())
-    return qw

@@ -97,4 +97,30 @@ def test_smooth_attention_search_beats_no_smoothing_with_key_outliers():
     assert len(errors) == len(smooth_attention_grid()) == 19
     assert (alpha, beta) != (0.0, 0.0) and errors[f"{alpha:g},{beta:g}"] < 0.7 * errors["0,0"]
     assert lam.shape == (hkv * d,) and torch.equal(lam.view(hkv, 2, d // 2)[:, 0], lam.view(hkv, 2, d // 2)[:, 1])
-    assert torch.allclose(fake_kv4(k[..., :1, :1, :]), fake_kv4(k[..., :1, :1, :]))
+    a2, b2, _, errors2 = search_smooth_attention(q, k, v, h, hkv, query_stride=4)
+    assert len(errors2) == 19 and errors2[f"{a2:g},{b2:g}"] < 0.7 * errors2["0,0"]
+
+
+def test_fake_kv4_matches_the_runtime_cache_rule():
+    from qoq.algorithm.fakequant import fake_kv4_packed
+    x = torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(4)) * 3
+    x[0, 0, 0] = 1.5  # a constant row
+    assert torch.equal(fake_kv4(x), fake_kv4_packed(x))
+
+
+@pytest.mark.parametrize("group", [64, -1])
+def test_gptq_of_stacked_linears_equals_separate_runs(group):
+    """q/k/v (and gate/up) share one Hessian and are quantized in one pass; each result is the same
+    QuantizedWeight a separate run gives."""
+    from qoq.algorithm.gptq import gptq_quantize_many
+    x = correlated_inputs(k=128)
+    h = 2 / 512 * x.t() @ x
+    ws = [torch.randn(n, 128, generator=torch.Generator().manual_seed(n)) * 0.05 for n in (48, 16, 40)]
+    ratios = [None, torch.full((16,), 0.9), None] if group == -1 else None
+    many = gptq_quantize_many(ws, h, group, clip_ratios=ratios)
+    for i, (w, qw) in enumerate(zip(ws, many)):
+        one = gptq_quantize(w, h, group, clip_ratios=None if ratios is None else ratios[i])
+        assert qw.padded_shape == one.padded_shape and qw.out_features == w.shape[0]
+        assert (qw.q != one.q).float().mean() < 0.01  # identical up to float summation order
+        assert torch.equal(qw.s1, one.s1)
+        torch.testing.assert_close(dequantize(qw), dequantize(one), rtol=0, atol=1e-2 * float(w.abs().max()))

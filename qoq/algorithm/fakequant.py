@@ -25,5 +25,16 @@ def fake_act8(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_kv4(x: torch.Tensor) -> torch.Tensor:
-    """Per-token, per-head (last dim) asymmetric UINT4 with fp16 scale/zero, as the KV4 cache stores it."""
+    """Per-token, per-head (last dim) asymmetric UINT4 with fp16 scale/zero, as the KV4 cache stores it:
+    the same arithmetic as `kv4_dequantize(*kv4_quantize(x))` without packing the nibbles."""
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).to(torch.float16).float()
+    zero = (-lo / scale).to(torch.float16).float()
+    q = torch.round(xf / scale + zero).clamp(0, 15)
+    return (q - zero) * scale
+
+
+def fake_kv4_packed(x: torch.Tensor) -> torch.Tensor:
+    """`fake_kv4` through the runtime's own pack/unpack functions (the definition `fake_kv4` must match)."""
     return kv4_dequantize(*kv4_quantize(x))

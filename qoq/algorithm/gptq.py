@@ -20,6 +20,7 @@ import torch
 
 from qoq.algorithm.progressive import (
     PROTECTIVE_RANGE,
+    TILE,
     QuantizedWeight,
     check_group_size,
     level1_scales,
@@ -134,3 +135,42 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
             if int(info) == 0:
                 return u.float()
     raise ValueError("GPTQ: the Hessian is not positive definite even with heavy damping")
+
+
+@torch.no_grad()
+def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, group_size: int = 128,
+                       clip_ratios: list[torch.Tensor | None] | None = None, **kw) -> list[QuantizedWeight]:
+    """GPTQ of several linears that read the same input (q/k/v, gate/up) in one pass: their rows are
+    stacked (rows are independent given H), quantized together and split back, each padded on its own."""
+    if len(weights) == 1:
+        return [gptq_quantize(weights[0], hessian, group_size,
+                              clip_ratios=None if clip_ratios is None else clip_ratios[0], **kw)]
+    ratios = None
+    if clip_ratios is not None and any(r is not None for r in clip_ratios):
+        ratios = torch.cat([torch.ones(w.shape[0], device=w.device) if r is None else r.to(w.device).float()
+                            for w, r in zip(weights, clip_ratios)])
+    stacked = gptq_quantize(torch.cat([w.detach() for w in weights]), hessian, group_size, clip_ratios=ratios, **kw)
+    out, start = [], 0
+    for w in weights:
+        out.append(_rows(stacked, start, w.shape[0]))
+        start += w.shape[0]
+    return out
+
+
+def _rows(qw: QuantizedWeight, start: int, n: int) -> QuantizedWeight:
+    """Rows start..start+n of a QuantizedWeight, re-padded to the tile like a standalone quantization
+    (padded rows: q 0, s1 the tiny fp16 scale, s2 1, z 0, szeros 0)."""
+    np_ = -(-n // TILE) * TILE
+    pad = np_ - n
+
+    def take(t, fill):
+        if t is None:
+            return None
+        part = t[start:start + n]
+        if pad:
+            part = torch.cat([part, torch.full((pad, *part.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+        return part.contiguous()
+
+    tiny = torch.finfo(torch.float16).tiny
+    return QuantizedWeight(q=take(qw.q, 0), s1=take(qw.s1, tiny), group_size=qw.group_size, out_features=n,
+                           in_features=qw.in_features, s2=take(qw.s2, 1), z=take(qw.z, 0), szeros=take(qw.szeros, 0))

@@ -66,12 +66,13 @@ def smooth_attention_scales_ab(key_absmax: torch.Tensor, query_absmax: torch.Ten
 @torch.no_grad()
 def search_smooth_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int,
                             query_absmax: torch.Tensor | None = None, key_absmax: torch.Tensor | None = None,
-                            grid=None) -> tuple[float, float, torch.Tensor, dict]:
+                            grid=None, query_stride: int = 1) -> tuple[float, float, torch.Tensor, dict]:
     """Pick (alpha, beta) minimising the attention output error with K and V in 4 bits (KV4 cache rule).
 
     q [B, H, T, D], k / v [B, Hkv, T, D]: post-RoPE calibration queries / keys and values (causal
-    attention over T). The absmax statistics default to those of q / k. Returns (alpha, beta, lambda,
-    {candidate: relative error}).
+    attention over T). The absmax statistics default to those of q / k. `query_stride` > 1 scores every
+    stride-th query position only (each still attends to all its keys), to make the search cheaper.
+    Returns (alpha, beta, lambda, {candidate: relative error}).
     """
     from qoq.algorithm.fakequant import fake_kv4
 
@@ -81,8 +82,9 @@ def search_smooth_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n
         query_absmax = q.abs().amax(dim=(0, 2)).flatten()
     if key_absmax is None:
         key_absmax = k.abs().amax(dim=(0, 2)).flatten()
-    qf, kf, vf = q.float(), k.float(), v.float()
-    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    qpos = torch.arange(0, t, query_stride, device=q.device)
+    qf, kf, vf = q[:, :, qpos].float(), k.float(), v.float()
+    mask = torch.arange(t, device=q.device)[None, :] <= qpos[:, None]
 
     def attend(qq, kk, vv):
         kk = kk.repeat_interleave(rep, dim=1)
