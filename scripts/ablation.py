@@ -44,12 +44,20 @@ ROWS = [
     ("qoq_fixed_sa", "+ GPTQ (= QoQ g128)", dict(recipe_name="qoq", smooth_attn_search=False, smooth_attn_alpha=0.5)),
     ("qoq", "QoQ g128 + SmoothAttention search (default)", dict(recipe_name="qoq")),
     ("qoq_chn", "QoQ per-channel (default recipe)", dict(recipe_name="qoq", group_size=-1)),
+    ("gptq_only", "RTN + SmoothAttention + GPTQ (no rotation/smoothing/reordering)",
+     dict(recipe_name="qoq", rotation=False, smooth_linear=False, reorder=False, smooth_attn_search=False,
+          smooth_attn_alpha=0.5)),
+    ("rot_gptq", "+ rotation + GPTQ (no smoothing/reordering)",
+     dict(recipe_name="qoq", smooth_linear=False, reorder=False, smooth_attn_search=False, smooth_attn_alpha=0.5)),
+    ("qoq_norot", "QoQ g128 default without rotation", dict(recipe_name="qoq", rotation=False)),
+    ("qoq_chn_norot", "QoQ per-channel default without rotation", dict(recipe_name="qoq", rotation=False,
+                                                                         group_size=-1)),
     ("w8a8_sq", "W8A8 SmoothQuant-style (a=0.5)", "peer"),
     ("w4a16_rtn", "W4A16 RTN g128", "peer"),
 ]
 # run order when time is short: the rows the target is stated on first
 PRIORITY = ["fp16", "rtn", "qoq", "w4a16_rtn", "w8a8_sq", "qoq_chn", "rtn_sa", "rot", "rot_smooth",
-            "rot_smooth_reorder", "qoq_fixed_sa"]
+            "rot_smooth_reorder", "qoq_fixed_sa", "qoq_norot", "gptq_only", "rot_gptq", "qoq_chn_norot"]
 START = time.perf_counter()
 
 
