@@ -186,6 +186,53 @@ def test_w4a8_every_tile_config_and_split(group, name, m, cfg):
         assert torch.equal(K.w4a8_linear(a, w, config=cfg), ops.w4a8_linear(a, w))
 
 
+LARGE_MS = [512, 1000, 2048]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("n,k", [(576, 4128), (4096, 4096)])
+def test_w4a8_large_m_intmm_path(group, n, k):
+    """M >= 512: dequant kernel + torch._int_mm + epilogue kernel (the default) vs ops.py; int32 exact."""
+    from qoq.runtime_kernels.gemm import IntMMConfig, choose_config, dequant_int8_weight
+
+    w = _linear(n, k, group)
+    assert torch.equal(dequant_int8_weight(w), ops.int8_weight(w))
+    for m in LARGE_MS:
+        assert isinstance(choose_config(m, w.qweight.shape[0], w.padded_in, 132), IntMMConfig)
+        a = _act(m, k, w.padded_in, w.per_channel, seed=m + 7)
+        ref_acc = _ref_acc(a, w)
+        assert torch.equal(K.w4a8_linear(a, w, out_dtype=torch.int32), ref_acc), f"int32 differs at M={m}"
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            y = K.w4a8_linear(a, w, out_dtype=dt)
+            ref = ops.w4a8_linear(a, w, out_dtype=dt)
+            assert torch.equal(y, ref), f"{dt} differs at M={m}: {(y.float() - ref.float()).abs().max()}"
+        # row chunks (small accumulator budget) and out=
+        out = torch.empty(m, n, dtype=torch.float16, device=DEV)
+        got = K.w4a8_linear(a, w, out=out, config=IntMMConfig(max_acc_bytes=4 * w.qweight.shape[0] * 200))
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, ops.w4a8_linear(a, w))
+        acc_out = torch.empty(m, n, dtype=torch.int32, device=DEV)
+        K.w4a8_linear(a, w, out_dtype=torch.int32, out=acc_out, config=IntMMConfig(max_acc_bytes=4 * 128 * 1024))
+        assert torch.equal(acc_out, ref_acc)
+
+
+@pytest.mark.parametrize("group", [128, -1])
+def test_w4a8_intmm_bias_odd_n_and_small_m(group):
+    from qoq.runtime_kernels.gemm import GemmConfig, IntMMConfig
+
+    n, k = 40, 100  # N % 8 != 0: the epilogue's scalar tail; Np = 64, Kp = 128
+    w = _linear(n, k, group, bias=True)
+    for m in (17, 512, 1000):
+        a = _act(m, k, w.padded_in, w.per_channel, seed=m)
+        assert torch.equal(K.w4a8_linear(a, w, out_dtype=torch.int32, config=IntMMConfig()), _ref_acc(a, w))
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            ref = ops.w4a8_linear(a, w, out_dtype=dt)
+            assert torch.equal(K.w4a8_linear(a, w, out_dtype=dt, config=IntMMConfig()), ref)
+            # the tiled kernel stays reachable at large M through config=
+            assert torch.equal(K.w4a8_linear(a, w, out_dtype=dt, config=GemmConfig(128, 128, 2, 4, 4, 2)), ref)
+    with pytest.raises(ValueError):
+        K.w4a8_linear(_act(16, k, w.padded_in, w.per_channel), w, config=IntMMConfig())
+
+
 def test_w4a8_extreme_values_are_exact():
     # activations at +-127 and weights at the edges of the protective range exercise every byte of the dequant
     n, k = 64, 256

@@ -22,7 +22,7 @@ import time
 import torch
 
 LLAMA3_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate_up, down
-MS = [1, 4, 16, 64, 256, 1024, 4096]
+MS = [1, 4, 16, 64, 256, 512, 1024, 2048, 4096]
 L2_BYTES = 50 * 2**20
 WORKING_SET = 3 * L2_BYTES
 
@@ -130,7 +130,20 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
             for g, lins in q4.items():
                 a = ops.quantize_act(x, lins[0].padded_in, with_qsum=(g == -1))
                 name = "w4a8_g128" if g == 128 else ("w4a8_pc" if g == -1 else f"w4a8_g{g}")
-                res[name] = time_calls([lambda w=w: K.w4a8_linear(a, w) for w in lins])
+                if m < 256:
+                    res[name] = time_calls([lambda w=w: K.w4a8_linear(a, w) for w in lins])
+                    continue
+                # both large-M paths (tiled tensor-core kernel; dequant + _int_mm + epilogue); the plain row is
+                # the one choose_config dispatches to
+                from qoq.runtime_kernels.gemm import IntMMConfig, choose_config
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
+                np_, kp = lins[0].qweight.shape[0], lins[0].padded_in
+                tiled = choose_config(m, np_, kp, sms, intmm=False)
+                res[name + "_tiled"] = time_calls([lambda w=w: K.w4a8_linear(a, w, config=tiled) for w in lins])
+                res[name + "_intmm"] = time_calls([lambda w=w: K.w4a8_linear(a, w, config=IntMMConfig())
+                                                   for w in lins])
+                picked = choose_config(m, np_, kp, sms)
+                res[name] = res[name + ("_intmm" if isinstance(picked, IntMMConfig) else "_tiled")]
             flops = 2.0 * m * n * k
             base16, base8 = res["fp16"]["us"], res.get("int8", {}).get("us")
             for impl, r in res.items():
@@ -158,8 +171,12 @@ def _gemm_line(n, k, m, res):
     for name in ("w4a8_g128", "w4a8_pc"):
         if name in res:
             ratios.append(f"{b16 / res[name]['us']:5.2f}x" + (f"/{b8 / res[name]['us']:4.2f}x" if b8 else "/   - "))
+    extra = ""
+    if "w4a8_g128_tiled" in res:
+        extra = (f"   [tiled/intmm: g128 {f('w4a8_g128_tiled')} {f('w4a8_g128_intmm')} "
+                 f"pc {f('w4a8_pc_tiled')} {f('w4a8_pc_intmm')}]")
     return (f"{n:6d}x{k:<6d} M={m:<5d} fp16 {f('fp16')} int8 {f('int8')} fp8 {f('fp8')} "
-            f"g128 {f('w4a8_g128')} pc {f('w4a8_pc')}   vs fp16/int8: {'  '.join(ratios)}")
+            f"g128 {f('w4a8_g128')} pc {f('w4a8_pc')}   vs fp16/int8: {'  '.join(ratios)}{extra}")
 
 
 def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8, d: int = 128, log=print,

@@ -437,3 +437,92 @@ QOQ_DEV void gemm_body(GEMM_PARAMS) {
         if (row < M) epi_store2(e, acc[mi][j][2 * hh], acc[mi][j][2 * hh + 1], row, col);
       }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Large M (IntMMConfig): the packed W4 linear is dequantized into a natural row-major int8 [Np, Kp] scratch (the
+// same byte arithmetic as the tensor-core kernels: q*s2 - z per group, q per channel), torch._int_mm (cuBLAS
+// IMMA/wgmma) gives the int32 accumulators [M, Np], and `qoq_w4a8_epilogue` applies ops.w4a8_epilogue.
+// Dequant: grid = (ceil(KT/8), Np/32), 256 threads; warp w dequantizes tile (nt, kt0 + w) from its 16-byte lane
+// chunks into a 32 x 256 shared tile, then the CTA writes 32 rows x 256 bytes with coalesced 16-byte stores.
+#define DQ_PITCH 272
+template <bool GROUPED>
+QOQ_DEV void w4_dequant_body(const u8* __restrict__ W, const u8* __restrict__ s2, const u8* __restrict__ z2,
+                             i8* __restrict__ out, int Np, int Kp, int log2g) {
+  __shared__ __align__(16) u8 tile[32 * DQ_PITCH];
+  const int KT = Kp >> 5;
+  const int nt = blockIdx.y, kt0 = blockIdx.x * 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int c = lane >> 2, l = lane & 3;
+  const int kt = kt0 + warp;
+  if (kt < KT) {
+    const uint4 w = ldg_stream16(W + ((i64)nt * KT + kt) * 512 + lane * 16);
+    u32 s[4] = {0u, 0u, 0u, 0u}, zb[4] = {0u, 0u, 0u, 0u};
+    if (GROUPED) {
+      const i64 off = (i64)((kt * 32) >> log2g) * Np + nt * 32 + 4 * c;
+      deq_params(*(const u32*)(s2 + off), *(const u32*)(z2 + off), s, zb);
+    }
+    u32 L[4], H[4];
+    dequant_tile<GROUPED>(w, s, zb, L, H);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = 8 * (i & 1) + c, col = 32 * warp + 16 * (i >> 1) + 4 * l;
+      *(u32*)(tile + row * DQ_PITCH + col) = L[i];
+      *(u32*)(tile + (row + 16) * DQ_PITCH + col) = H[i];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int idx = threadIdx.x + 256 * j;
+    const int row = idx >> 4, chunk = idx & 15;
+    const int col = kt0 * 32 + chunk * 16;
+    if (col < Kp)
+      *(uint4*)(out + (i64)(nt * 32 + row) * Kp + col) = *(const uint4*)(tile + row * DQ_PITCH + chunk * 16);
+  }
+}
+
+#define DEQUANT_PARAMS \
+  const u8 *__restrict__ W, const u8 *__restrict__ s2, const u8 *__restrict__ z2, i8 *__restrict__ out, int Np, int Kp, int log2g
+extern "C" __global__ void __launch_bounds__(256) qoq_w4_dequant_g(DEQUANT_PARAMS) {
+  w4_dequant_body<true>(W, s2, z2, out, Np, Kp, log2g);
+}
+extern "C" __global__ void __launch_bounds__(256) qoq_w4_dequant_c(DEQUANT_PARAMS) {
+  w4_dequant_body<false>(W, s2, z2, out, Np, Kp, log2g);
+}
+
+// int32 acc [M, Np] -> out [M, N] (fp16 / bf16 / fp32), 8 columns per thread: two 16-byte acc loads, one 16-byte
+// (fp16/bf16) or two (fp32) stores when N % 8 == 0. grid = (ceil(N/8 / 128), min(M, 65535)), 128 threads.
+extern "C" __global__ void __launch_bounds__(128)
+qoq_w4a8_epilogue(const int* __restrict__ acc, const float* __restrict__ sa, const int* __restrict__ qsum,
+                  const u16* __restrict__ s1, const u16* __restrict__ szeros, const void* __restrict__ bias,
+                  int bias_dt, void* __restrict__ out, int out_dt, int M, int N, int Np) {
+  const EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
+  const int n0 = 8 * (blockIdx.x * 128 + threadIdx.x);
+  if (n0 >= N) return;
+  for (int m = blockIdx.y; m < M; m += gridDim.y) {
+    const int4* src = (const int4*)(acc + (i64)m * Np + n0);
+    const int4 v0 = src[0], v1 = src[1];
+    const int a[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+    const i64 idx = (i64)m * N + n0;
+    if (n0 + 8 <= N && !(N & 7)) {
+      float y[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) y[j] = epi_value(e, a[j], m, n0 + j);
+      if (out_dt == DT_F32) {
+        ((float4*)((float*)out + idx))[0] = make_float4(y[0], y[1], y[2], y[3]);
+        ((float4*)((float*)out + idx))[1] = make_float4(y[4], y[5], y[6], y[7]);
+      } else {
+        u32 p[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          p[j] = out_dt == DT_F16 ? ((u32)f2h(y[2 * j]) | ((u32)f2h(y[2 * j + 1]) << 16))
+                                  : ((u32)f2bf(y[2 * j]) | ((u32)f2bf(y[2 * j + 1]) << 16));
+        *(uint4*)((u16*)out + idx) = make_uint4(p[0], p[1], p[2], p[3]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (n0 + j < N) st_any(out, idx + j, out_dt, epi_value(e, a[j], m, n0 + j));
+    }
+  }
+}

@@ -37,14 +37,30 @@ class GemmConfig:
     splits: int | None = None
 
 
+@dataclass(frozen=True)
+class IntMMConfig:
+    """Large M: dequantize the packed W4 linear into an int8 [Np, Kp] scratch (one per device, reused), int32
+    accumulators from `torch._int_mm` (cuBLAS), then the fused epilogue kernel. Rows are processed in chunks so
+    the int32 accumulator buffer stays <= `max_acc_bytes`."""
+
+    max_acc_bytes: int = 256 << 20
+
+
 GEMV_MAX_M = 16
+INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
+
+DEQUANT_G = B.Variant("gemm.cu", "qoq_w4_dequant_g")
+DEQUANT_C = B.Variant("gemm.cu", "qoq_w4_dequant_c")
+EPILOGUE = B.Variant("gemm.cu", "qoq_w4a8_epilogue")
 
 
-def choose_config(m: int, np_: int, kp: int, sms: int) -> GemvConfig | GemmConfig:
+def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True) -> GemvConfig | GemmConfig | IntMMConfig:
     """Measured on H100 (qoq.bench.gemm --tune): the GEMV for M <= 16; otherwise the largest tile that still gives
     every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound)."""
     if m <= GEMV_MAX_M:  # M <= 8: 16 warps x 2 k-tiles; 9..16: activation loads double, 8 warps x 4 k-tiles
         return GemvConfig(tb=1) if m <= 8 else GemvConfig(tb=2, nt=1, warps=8, u=4)
+    if intmm and m >= INTMM_MIN_M and kp % 8 == 0 and np_ % 8 == 0:
+        return IntMMConfig()
     ntile = lambda bm, bn: math.ceil(m / bm) * math.ceil(np_ / bn)  # noqa: E731
     if m >= 128 and ntile(128, 128) >= sms:
         return GemmConfig(128, 128, 2, 4, stages=4, min_blocks=2)
@@ -55,6 +71,8 @@ def choose_config(m: int, np_: int, kp: int, sms: int) -> GemvConfig | GemmConfi
 
 def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 227 * 1024):
     """(kernel variant, dynamic shared memory bytes) of a configuration."""
+    if isinstance(cfg, IntMMConfig):
+        return (DEQUANT_G if grouped else DEQUANT_C), 0
     if isinstance(cfg, GemvConfig):
         return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u), 0
     stages = cfg.stages
@@ -100,7 +118,7 @@ def _workspace(device: int, name: str, numel: int, dtype: torch.dtype) -> torch.
 
 
 def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
-                config: GemvConfig | GemmConfig | None = None) -> torch.Tensor:
+                config: GemvConfig | GemmConfig | IntMMConfig | None = None) -> torch.Tensor:
     """y [M, N] = ops.w4a8_linear(a, w, out_dtype); out_dtype=torch.int32 returns the raw int32 accumulators."""
     q = a.q
     if q.dim() != 2 or q.dtype != torch.int8:
@@ -149,6 +167,10 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     info = B.device_info(device)
     sms = info["sms"]
     cfg = config or choose_config(m, np_, kp, sms)
+    if isinstance(cfg, IntMMConfig):
+        _intmm_linear(cfg, q, qw, s2, z2, log2g, grouped, s1, szeros, bias, bias_dt, scale, qsum, out, out_dtype,
+                      m, n, np_, kp, device)
+        return out
     kt = kp // 32
     variant, smem = variant_for(cfg, grouped, info["smem_optin"])
     if isinstance(cfg, GemvConfig):
@@ -175,10 +197,54 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     return out
 
 
+def dequant_int8_weight(w: QLinear) -> torch.Tensor:
+    """The int8 [Np, Kp] operand ops.int8_weight(w) computes, by the dequant kernel (a fresh tensor)."""
+    np_, half_k = w.qweight.shape
+    kp = 2 * half_k
+    dst = torch.empty(np_, kp, dtype=torch.int8, device=w.qweight.device)
+    device = dst.device.index if dst.device.index is not None else torch.cuda.current_device()
+    grouped = not w.per_channel
+    _dequant(w.qweight.contiguous(), w.s2_scales.contiguous() if grouped else None,
+             w.s2_zeros.contiguous() if grouped else None, int(math.log2(w.group_size)) if grouped else 0,
+             grouped, dst, np_, kp, device)
+    return dst
+
+
+def _dequant(qw, s2, z2, log2g, grouped, dst, np_, kp, device) -> None:
+    grid = (math.ceil(kp // 32 / 8), np_ // 32, 1)
+    B.launch(DEQUANT_G if grouped else DEQUANT_C, device, grid, (256, 1, 1),
+             (B.ptr(qw), B.ptr(s2), B.ptr(z2), B.ptr(dst), B.i32(np_), B.i32(kp), B.i32(log2g)))
+
+
+def _intmm_linear(cfg: IntMMConfig, q, qw, s2, z2, log2g, grouped, s1, szeros, bias, bias_dt, scale, qsum, out,
+                  out_dtype, m, n, np_, kp, device) -> None:
+    if m <= 16 or kp % 8 or np_ % 8:
+        raise ValueError(f"IntMMConfig needs M > 16 and K, N multiples of 8 (torch._int_mm), got M={m}")
+    w8 = _workspace(device, "w8_scratch", np_ * kp, torch.int8)[: np_ * kp].view(np_, kp)
+    _dequant(qw, s2, z2, log2g, grouped, w8, np_, kp, device)
+    rows = max(32, (cfg.max_acc_bytes // (4 * np_)) // 32 * 32)
+    r0 = 0
+    while r0 < m:
+        r1 = m if m - r0 <= rows + 16 else r0 + rows  # chunks of `rows`; the last one keeps M > 16
+        acc = torch._int_mm(q[r0:r1], w8.t())
+        if out_dtype == torch.int32:
+            out[r0:r1].copy_(acc[:, :n])
+            r0 = r1
+            continue
+        mc = r1 - r0
+        grid = (math.ceil(math.ceil(n / 8) / 128), min(mc, 65535), 1)
+        args = (B.ptr(acc), B.ptr(scale[r0:r1]), B.ptr(None if qsum is None else qsum[r0:r1]), B.ptr(s1),
+                B.ptr(szeros), B.ptr(bias), B.i32(bias_dt), B.ptr(out[r0:r1]), B.i32(DTYPE_CODES[out_dtype]),
+                B.i32(mc), B.i32(n), B.i32(np_))
+        B.launch(EPILOGUE, device, grid, (128, 1, 1), args)
+        r0 = r1
+
+
 DEFAULT_CONFIGS = (GemvConfig(tb=1), GemvConfig(tb=2, nt=1, warps=8, u=4), GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2),
                    GemmConfig(128, 128, 2, 4, 4, 2))
 
 
 def default_variants() -> list:
     """Every GEMM variant `choose_config` can pick (for compile checks and precompilation)."""
-    return [variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in DEFAULT_CONFIGS]
+    return [variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in DEFAULT_CONFIGS] + [
+        DEQUANT_G, DEQUANT_C, EPILOGUE]
