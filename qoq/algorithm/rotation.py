@@ -7,12 +7,12 @@ done in float64 and cast back to each parameter's dtype:
    it (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, final norm -> lm_head) and set
    to ones. Tied embeddings are untied first (lm_head gets its own copy), since the folded lm_head
    no longer equals the embedding.
-2. rotation by Q (`rotate_embeddings`, then `rotate_layer` per block): the residual stream x becomes x Q for an orthogonal Q; RMSNorm (now without
-   weight) commutes with Q, so the embedding rows are right-multiplied by Q, the input columns of
-   q/k/v/gate/up and lm_head are right-multiplied by Q, and the output rows of o_proj/down_proj (and
-   their biases) left-multiplied by Q^T.
-3. per-head (`rotate_layer` with H): per attention head, V is rotated by an orthogonal H of size head_dim: v_proj
-   rows of each KV head are left-multiplied by H^T and o_proj's input columns of every query head are
+2. rotation by Q (`rotate_embeddings`, then `rotate_layer` per block): the residual stream x becomes
+   x Q for an orthogonal Q; RMSNorm (now without weight) commutes with Q, so the embedding rows are
+   right-multiplied by Q, the input columns of q/k/v/gate/up and lm_head are right-multiplied by Q,
+   and the output rows of o_proj/down_proj (and their biases) left-multiplied by Q^T.
+3. per-head (`rotate_layer` with H): V is rotated by an orthogonal H of size head_dim: v_proj rows
+   of each KV head are left-multiplied by H^T and o_proj's input columns of every query head are
    right-multiplied by H. The same H serves all heads, so every query head of a GQA group sees its
    KV head's rotation.
 
