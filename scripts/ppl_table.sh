@@ -25,7 +25,7 @@ for g in 128 -1; do
   for a in 0.5 0; do
     name=g${g/-1/chn}_sa${a}
     t0=$(date +%s)
-    qoq quantize --model "$MODEL" --calib "$DATA/calibration" --group "$g" --smooth-attn-alpha "$a" \
+    qoq quantize --model "$MODEL" --calib "$DATA/calibration" --recipe rtn --group "$g" --smooth-attn-alpha "$a" \
       $CALIB_ARGS --device "$DEVICE" --output "$ART/$name" --overwrite >>"$LOG" 2>&1 || { echo "quantize $name failed"; tail -5 "$LOG"; continue; }
     t1=$(date +%s)
     qoq verify "$ART/$name" --ppl wikitext2 --data "$DATA/wikitext-2-raw-v1" --seq-len "$SEQ" $WIN --backend reference \

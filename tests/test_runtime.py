@@ -253,3 +253,15 @@ def test_kernel_check_reports_per_op_errors(tiny_artifacts):
     assert res.ops["kv4_append"].int_mismatch > 0 and res.ops["kv4_append"].max_int_diff == 1
     assert res.ops["rmsnorm_quantize"].max_rel == 0
     assert res.logits_rel_error > 1e-3
+
+
+def test_engine_refuses_folded_norms_that_are_not_ones(tiny_artifacts):
+    import copy
+    art = copy.copy(tiny_artifacts("llama", 128))
+    art.config = copy.deepcopy(art.config)
+    art.config["quantization_config"]["norms_folded"] = True
+    Engine(art, device="cpu", backend="reference")  # tiny models' norms are ones: accepted
+    art.tensors = dict(art.tensors)
+    art.tensors["model.layers.1.input_layernorm.weight"] = art.tensors["model.layers.1.input_layernorm.weight"] * 2
+    with pytest.raises(QoqError, match="norms_folded"):
+        Engine(art, device="cpu", backend="reference")

@@ -113,16 +113,26 @@ class Engine:
             return ops.QLinear.from_tensors(t, name, n, k, self.group_size, dev)
 
         ones = torch.ones(self.hidden, dtype=torch.float16, device=dev)
+        folded = bool(art.qconfig.get("norms_folded", False))
+
+        def norm(name: str) -> torch.Tensor:
+            # folded norms were multiplied into the next linears: the stored ones must be exactly ones
+            w = tensor(name, ones if folded else None)
+            if folded and not torch.equal(w, ones.to(w.dtype)):
+                raise QoqError(f"{art.path} is inconsistent: norms_folded is true but {name} is not all ones; "
+                               "re-run qoq quantize")
+            return w
+
         self.layers = []
         for i in range(n_layers):
             p = f"model.layers.{i}"
             lin = {n: linear(f"{p}.self_attn.{n}") for n in ATTN}
             lin.update({n: linear(f"{p}.mlp.{n}") for n in MLP})
-            self.layers.append(Layer(**lin, input_layernorm=tensor(f"{p}.input_layernorm.weight", ones),
-                                     post_attention_layernorm=tensor(f"{p}.post_attention_layernorm.weight", ones)))
+            self.layers.append(Layer(**lin, input_layernorm=norm(f"{p}.input_layernorm.weight"),
+                                     post_attention_layernorm=norm(f"{p}.post_attention_layernorm.weight")))
         embed = tensor("model.embed_tokens.weight")
         self.embed = embed.to(self.act_dtype)
-        self.norm = tensor("model.norm.weight", ones)
+        self.norm = norm("model.norm.weight")
         # an untied (e.g. rotated, norm-folded) lm_head is stored; a tied one is the embedding
         self.lm_head = tensor("lm_head.weight").to(self.act_dtype) if "lm_head.weight" in t else self.embed
 
