@@ -142,3 +142,12 @@ def pytest_collection_modifyitems(config, items):
                 skip_gpu = pytest.mark.skip(reason="needs CUDA") if not torch.cuda.is_available() else False
             if skip_gpu:
                 item.add_marker(skip_gpu)
+
+
+def assert_one_line_error(result, *fragments):
+    """A CLI failure the way users must see it: non-zero exit, one line, no traceback, naming the fix."""
+    assert result.exit_code != 0
+    text = result.output.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    for f in fragments:
+        assert f in text, text

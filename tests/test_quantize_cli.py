@@ -10,6 +10,8 @@ from qoq.cli import app
 from qoq.formats.artifact import read_artifact
 from qoq.pipeline import QuantizeOptions, quantize
 
+from conftest import assert_one_line_error  # noqa: E402
+
 runner = CliRunner()
 
 
@@ -28,14 +30,6 @@ def private_cache(tmp_path, monkeypatch):
 
 def no_partial_left(folder: Path):
     return not [p for p in folder.iterdir() if p.name.endswith(".partial") or p.name.endswith(".old")]
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    text = result.output.strip()
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    for f in fragments:
-        assert f in text, text
 
 
 @pytest.mark.parametrize("arch,group", [("llama", 128), ("qwen2", 32), ("mistral", 64), ("llama", -1)])

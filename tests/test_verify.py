@@ -13,15 +13,9 @@ from typer.testing import CliRunner
 from qoq.cli import app
 from qoq.verify.perplexity import hf_text_from_raw
 
+from conftest import assert_one_line_error  # noqa: E402
+
 runner = CliRunner()
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    text = result.output.strip()
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    for f in fragments:
-        assert f in text, text
 
 
 @pytest.fixture(scope="module")
