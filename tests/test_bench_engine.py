@@ -1,6 +1,7 @@
-"""The engine's serving mode (qoq.bench.serving.ServingEngine), which `qoq bench` measures: the same
-integers as the default path (fused q|k|v and gate|up GEMMs, row-chunked prefill, host-mirrored
-lengths), and its FP16 prefill attention equals the default path's attention over unquantized K/V."""
+"""The engine's fast (serving) mode, which `qoq bench` measures (qoq.bench.serving.ServingEngine =
+Engine(fast=True)): the same integers as the plain path (fused q|k|v and gate|up GEMMs, row-chunked
+prefill, host-mirrored lengths), and its FP16 prefill attention equals the plain path's attention over
+unquantized K/V."""
 from __future__ import annotations
 
 import pytest
@@ -11,6 +12,7 @@ from qoq.runtime import backend as B
 from qoq.runtime import ops
 from qoq.bench.serving import ServingEngine
 from qoq.runtime.engine import Engine
+from qoq.runtime.fast import prefill_attention_fp16
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=300, rope_theta=10000.0, max_position_embeddings=512,
@@ -32,8 +34,9 @@ def test_serving_mode_gives_the_same_integers(shape):
     ref = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference")
     fast = ServingEngine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference")
     fast.prefill_fp16 = False  # attend over KV4 like the default path
-    layer, qkv = fast.layers[0], fast.fused["qkv"][0]
-    assert qkv is not None and fast.fused["gate_up"][0] is not None
+    layer = fast.layers[0]
+    qkv = layer.qkv
+    assert qkv is not None and layer.gate_up is not None
     assert layer.q_proj.qweight.untyped_storage().data_ptr() == qkv.qweight.untyped_storage().data_ptr()
     ids = torch.randint(0, TINY["vocab_size"], (3, 10))
     ref.reset(3, 16)
@@ -63,8 +66,8 @@ def test_fp16_prefill_attention_is_attention_over_unquantized_kv(monkeypatch):
     ref_backend = B.reference_backend()
     ref = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", 32), device="cpu",
                  backend=B.Backend("reference", {**ref_backend.fns, "kv4_append": append}))
-    ref._prefill_attention = lambda q, cache, start, t: ServingEngine._prefill_attention_fp16(
-        ref, q, *raw[cache.k.data_ptr()])
+    ref._prefill_attention = lambda q, cache, start, t, total: prefill_attention_fp16(
+        q, *raw[cache.k.data_ptr()], ref.sm_scale, ref.act_dtype)
     fast = ServingEngine(synthetic.build_synthetic_artifact("tiny", "cpu", 32), device="cpu", backend="reference")
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     ref.reset(2, 12)

@@ -10,7 +10,7 @@ tokens and generates exactly `output_len` tokens greedily (no EOS), no in-flight
 - peak memory = torch.cuda.max_memory_allocated over the run; weights and KV cache are the bytes of
   the tensors each engine holds (KV cache for input_len + output_len tokens per sequence).
 
-Engines: `qoq-w4a8kv4` (qoq.runtime.engine.Engine, kernel backend), `fp16-engine` (the same decoder in
+Engines: `qoq-w4a8kv4` (qoq.runtime.engine.Engine in fast mode, kernel backend), `fp16-engine` (the same decoder in
 FP16: qoq.bench.fp16_engine) and `hf-fp16` (transformers `generate`, static cache, no torch.compile).
 
 Max batch (QServe's protocol: the largest batch that fits): each engine is probed at two small batches
@@ -250,8 +250,8 @@ class EngineRunner(Runner):
 
 
 class QoqRunner(EngineRunner):
-    """The qoq engine in serving mode (qoq.bench.serving.ServingEngine: fused linears, FP16 prefill
-    attention, chunked prefill by rows, CUDA-graph decode), or its default path with `fast=False`."""
+    """The qoq engine (qoq.runtime.engine.Engine) in fast mode (fused linears, FP16 prefill attention,
+    CUDA-graph decode), or in its plain mode with `fast=False`; chunked prefill by rows either way."""
 
     engine = "qoq-w4a8kv4"
     weights_kind = "w4a8"
@@ -261,15 +261,10 @@ class QoqRunner(EngineRunner):
                  prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS, fast: bool = True,
                  cuda_graph: bool | None = None):
         super().__init__(dims, device, prefill_chunk_tokens)
+        from qoq.runtime.engine import Engine
+
         self.serving = fast
-        if fast:
-            from qoq.bench.serving import ServingEngine
-
-            self.eng = ServingEngine(artifact, device=device, backend=backend, cuda_graph=cuda_graph)
-        else:
-            from qoq.runtime.engine import Engine
-
-            self.eng = Engine(artifact, device=device, backend=backend)
+        self.eng = Engine(artifact, device=device, backend=backend, fast=fast, cuda_graph=cuda_graph)
 
     @property
     def backend(self) -> str:
@@ -292,10 +287,7 @@ class QoqRunner(EngineRunner):
 
     def release(self) -> None:
         if self.eng is not None:
-            if hasattr(self.eng, "release"):
-                self.eng.release()
-            else:
-                self.eng.cache = []
+            self.eng.release()
         free_memory()
 
     def close(self) -> None:
@@ -305,33 +297,11 @@ class QoqRunner(EngineRunner):
         self.eng = None
 
     def _reset(self, batch: int, total_len: int) -> None:
-        e = self.eng
-        if self.serving:
-            e.reset(batch, total_len)  # keeps a cache of the same shape
-            return
-        if e.cache and e.cache[0].k.shape[0] == batch and e.capacity >= total_len:
-            e.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-            return
-        e.cache = []  # free the old cache before allocating the new one
-        free_memory()
-        e.reset(batch, total_len)
+        self.eng.reset(batch, total_len)  # keeps a cache of the same shape, else frees it before allocating
 
     def _prefill_rows(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         """Prefill sequences `rows` of the cache."""
-        e = self.eng
-        if self.serving:
-            return e.prefill(ids, rows=rows)
-        from qoq.runtime import ops
-
-        full_cache, full_len = e.cache, e.lengths  # the default path runs on a view of those rows
-        e.cache = [ops.KV4Cache(*(getattr(c, f.name)[rows] for f in fields(c))) for c in full_cache]
-        e.lengths = full_len[rows].clone()
-        try:
-            logits = e.prefill(ids)
-            full_len[rows] = e.lengths
-        finally:
-            e.cache, e.lengths = full_cache, full_len
-        return logits
+        return self.eng.prefill(ids, rows=rows)
 
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape

@@ -8,7 +8,14 @@ fp16 on CUDA (`act_dtype`).
 
 Prefill and decode share the cache path: a step appends its T new tokens (post-RoPE K/V, quantized to
 4 bits) at each sequence's current length, then attends over the dequantized cache: T == 1 through the
-backend's `decode_attention_kv4`, T > 1 causally over `kv4_dequantize` of the cache.
+backend's `decode_attention_kv4`, T > 1 causally over `kv4_dequantize` of the cache. Sequence lengths
+are mirrored on the host, so the engine itself never waits on the device inside a step;
+`prefill(ids, rows=slice)` fills a slice of the batch (chunked prefill).
+
+Two modes with the same integers: plain (one backend call per op, the order qoq.verify's lockstep and
+kernel checks rely on; the default on CPU) and fast (the default on CUDA: fused q|k|v and gate|up GEMMs,
+the RoPE + KV4 append kernel, CUDA-graph decode, and FP16 prefill attention for fresh prompts unless
+`prefill_fp16` is False; qoq.runtime.fast).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import torch
 
 from qoq.errors import QoqError
 from qoq.formats.artifact import Artifact, read_artifact
+from qoq.runtime import fast as fast_mode
 from qoq.runtime import ops
 from qoq.runtime.backend import Backend, get_backend, resolve_device
 
@@ -38,6 +46,8 @@ class Layer:
     down_proj: ops.QLinear
     input_layernorm: torch.Tensor
     post_attention_layernorm: torch.Tensor
+    qkv: ops.QLinear | None = None  # fast mode: q|k|v fused along N (the three above are views of it)
+    gate_up: ops.QLinear | None = None  # fast mode: gate|up fused along N
 
 
 def hf_config(config: dict):
@@ -67,10 +77,16 @@ def rotary_embedding(config) -> torch.nn.Module:
 
 
 class Engine:
-    """A loaded artifact ready to run: `logits`, `prefill`/`decode_step`, `reset`, `generate`."""
+    """A loaded artifact ready to run: `logits`, `prefill`/`decode_step`, `reset`, `generate`.
+
+    `fast` (default: on CUDA) fuses q|k|v and gate|up, uses the backend's RoPE + KV4 append kernel and,
+    with `cuda_graph` (default: on CUDA), replays a CUDA graph per decode step; the plain mode runs one
+    backend call per op in the order qoq.verify's lockstep and kernel checks expect. Both give the same
+    integers. `prefill_fp16` (default: `fast`) lets a fresh prompt attend over its FP16 K/V; set it False
+    to attend over the KV4 cache, as perplexity must."""
 
     def __init__(self, artifact: Artifact | str, device: str | torch.device = "auto", backend: str | Backend = "auto",
-                 act_dtype: torch.dtype | None = None):
+                 act_dtype: torch.dtype | None = None, fast: bool | None = None, cuda_graph: bool | None = None):
         art = artifact if isinstance(artifact, Artifact) else read_artifact(artifact)
         self.artifact = art
         self.device = resolve_device(device)
@@ -89,8 +105,22 @@ class Engine:
         self.vocab = c.vocab_size
         self.rotary = rotary_embedding(c).to(self.device)
         self._load_weights(art)
+        on_cuda = self.device.type == "cuda"
+        self.fast = on_cuda if fast is None else bool(fast)
+        self.cuda_graph = self.fast and on_cuda and cuda_graph is not False
+        self.graph_error: str | None = None  # why decode graphs were turned off, if they were
+        self.prefill_fp16 = self.fast
+        self._graphs = fast_mode.DecodeGraphs()
+        # resolved once: qoq.verify swaps `backend` after construction, but only on plain engines
+        self._rope_append = fast_mode.rope_append_op(self.backend) if self.fast else None
+        self._attn_max_len = self.fast and fast_mode.attention_takes_max_len(self.backend)
+        if self.fast:
+            for layer in self.layers:
+                layer.qkv = fast_mode.fuse_qlinears([layer.q_proj, layer.k_proj, layer.v_proj])
+                layer.gate_up = fast_mode.fuse_qlinears([layer.gate_proj, layer.up_proj])
         self.cache: list[ops.KV4Cache] = []
         self.lengths = torch.zeros(0, dtype=torch.long)
+        self._host_len = torch.zeros(0, dtype=torch.long)  # host mirror of `lengths`: no device sync per step
         self.reset(1, 0)
 
     # ---- weights ------------------------------------------------------------------------------------
@@ -138,9 +168,22 @@ class Engine:
 
     # ---- cache --------------------------------------------------------------------------------------
     def reset(self, batch: int = 1, max_len: int = 0) -> None:
-        """Empty the KV4 cache for `batch` sequences, preallocating `max_len` positions."""
+        """Empty the KV4 cache for `batch` sequences, preallocating `max_len` positions. A cache of the same
+        shape is kept (its contents are dead once the lengths are zero, and decode graphs stay valid);
+        otherwise the old one is freed before the new one is allocated, so the peak holds one cache."""
+        max_len = max(max_len, 16)
+        self._host_len = torch.zeros(batch, dtype=torch.long)
+        if self.cache and self.cache[0].k.shape[0] == batch and self.capacity == max_len:
+            self.lengths.zero_()
+            return
+        self.release()
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self._alloc(batch, max(max_len, 16))
+        self._alloc(batch, max_len)
+
+    def release(self) -> None:
+        """Free the KV cache and the decode graphs that use it."""
+        self._graphs.clear()
+        self.cache = []
 
     def _alloc(self, batch: int, max_len: int) -> None:
         self.cache = [ops.KV4Cache.empty(batch, self.kv_heads, max_len, self.head_dim, device=self.device)
@@ -153,6 +196,7 @@ class Engine:
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
+        self._graphs.clear()  # they captured the old cache
         old, new_len = self.cache, max(needed, 2 * self.capacity)
         self._alloc(old[0].k.shape[0], new_len)
         for o, n in zip(old, self.cache):
@@ -162,49 +206,93 @@ class Engine:
 
     # ---- forward ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Append `input_ids` [B, T] to the cache; the final-normed hidden states [B, T, H] (fp32)."""
-        be = self.backend
+    def hidden_states(self, input_ids: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Append `input_ids` [B, T] to the cache (to sequences `rows` of the batch only: chunked prefill);
+        the final-normed hidden states [B, T, H]."""
         input_ids = input_ids.to(self.device)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        return self._forward(input_ids, rows)
+
+    def _forward(self, input_ids: torch.Tensor, rows: slice | None = None,
+                 graph_len: int | None = None) -> torch.Tensor:
+        """The decoder over input_ids [B, T]. `graph_len`: capturing a CUDA graph, which cannot grow the
+        cache; decode attention is sized for that many positions."""
+        be = self.backend
         b, t = input_ids.shape
-        if b != self.lengths.shape[0]:
-            raise QoqError(f"the cache holds {self.lengths.shape[0]} sequences but {b} were given; call reset({b})")
-        start = self.lengths.clone()
-        self._ensure_capacity(int(start.max()) + t)
+        full = rows is None
+        fast_mode.check_rows(rows, self.lengths.shape[0], b)
+        host = self._host_len if full else self._host_len[rows]  # a view: advanced in place below
+        top = int(host.max()) if b else 0  # from the host mirror: no device sync
+        if top + t > self.capacity:
+            if graph_len is not None or not full:
+                raise QoqError(f"the cache holds {self.capacity} positions, {top + t} are needed; reset with more")
+            self._ensure_capacity(top + t)
+        caches = self.cache if full else [fast_mode.rows_view(c, rows) for c in self.cache]
+        start = self.lengths.clone() if full else self.lengths[rows].clone()
+        fresh = graph_len is None and self.prefill_fp16 and top == 0  # every row starts at position 0
         positions = start[:, None] + torch.arange(t, device=self.device)[None]
         cos, sin = self.rotary(torch.zeros(1, device=self.device, dtype=torch.float32), positions)
         h = self.embed[input_ids].reshape(b * t, self.hidden)
         qsum = self.per_channel
         dt = self.act_dtype
-        for layer, cache in zip(self.layers, self.cache):
+        attn_len = {"max_len": graph_len or top + 1} if self._attn_max_len else {}
+        for layer, cache in zip(self.layers, caches):
             a = be.rmsnorm_quantize(h, layer.input_layernorm, self.eps, layer.q_proj.padded_in, qsum)
-            q = be.w4a8_linear(a, layer.q_proj, dt).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = be.w4a8_linear(a, layer.k_proj, dt).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = be.w4a8_linear(a, layer.v_proj, dt).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = be.apply_rope(q, cos, sin)
-            k = be.apply_rope(k, cos, sin)
-            be.kv4_append(cache, k.contiguous(), v.contiguous(), start)
+            q, k, v = self._qkv(layer, a, b, t)
+            q, k = self._rope_append_kv(q, k, v, cos, sin, cache, start)
             if t == 1:
-                o = be.decode_attention_kv4(q[:, :, 0].contiguous(), cache, start + 1, self.sm_scale)
+                o = be.decode_attention_kv4(q[:, :, 0].contiguous(), cache, start + 1, self.sm_scale, **attn_len)
                 o = o.reshape(b, self.heads * self.head_dim)
+            elif fresh:
+                o = fast_mode.prefill_attention_fp16(q, k, v, self.sm_scale, dt)
             else:
-                o = self._prefill_attention(q, cache, start, t)
+                o = self._prefill_attention(q, cache, start, t, top + t)
             a = be.quantize_act(o.reshape(b * t, -1), layer.o_proj.padded_in, qsum)
             h = h + be.w4a8_linear(a, layer.o_proj, dt)
             a = be.rmsnorm_quantize(h, layer.post_attention_layernorm, self.eps, layer.gate_proj.padded_in, qsum)
-            gate = be.w4a8_linear(a, layer.gate_proj, dt)
-            up = be.w4a8_linear(a, layer.up_proj, dt)
+            gate, up = self._gate_up(layer, a)
             a = be.silu_mul_quantize(gate, up, layer.down_proj.padded_in, qsum)
             h = h + be.w4a8_linear(a, layer.down_proj, dt)
-        self.lengths = start + t
+        if full:
+            self.lengths.copy_(start + t)  # in place: a captured decode graph reads and advances this tensor
+        else:
+            self.lengths[rows] = start + t
+        host += t
         return be.rmsnorm(h, self.norm, self.eps).view(b, t, self.hidden)
 
-    def _prefill_attention(self, q: torch.Tensor, cache: ops.KV4Cache, start: torch.Tensor, t: int) -> torch.Tensor:
-        """Causal attention of q [B, Hq, T, D] (positions start..start+T-1) over the dequantized cache."""
+    def _qkv(self, layer: Layer, a, b: int, t: int):
+        """q [B, Hq, T, D], k and v [B, Hkv, T, D] (one fused GEMM when the layer has one)."""
+        be, dt, d = self.backend, self.act_dtype, self.head_dim
+        hq, hkv = self.heads, self.kv_heads
+        if layer.qkv is not None:
+            q, k, v = be.w4a8_linear(a, layer.qkv, dt).split((hq * d, hkv * d, hkv * d), dim=1)
+        else:
+            q, k, v = (be.w4a8_linear(a, lin, dt) for lin in (layer.q_proj, layer.k_proj, layer.v_proj))
+        return (q.view(b, t, hq, d).transpose(1, 2), k.view(b, t, hkv, d).transpose(1, 2),
+                v.view(b, t, hkv, d).transpose(1, 2))
+
+    def _rope_append_kv(self, q, k, v, cos, sin, cache: ops.KV4Cache, start: torch.Tensor):
+        """RoPE on q and k, append k and v to the KV4 cache at `start`; the rotated (q, k)."""
+        if self._rope_append is not None:
+            return self._rope_append(q, k, v, cos, sin, cache, start)
         be = self.backend
-        total = int(start.max()) + t
+        q = be.apply_rope(q, cos, sin)
+        k = be.apply_rope(k, cos, sin)
+        be.kv4_append(cache, k.contiguous(), v.contiguous(), start)
+        return q, k
+
+    def _gate_up(self, layer: Layer, a):
+        be, dt = self.backend, self.act_dtype
+        if layer.gate_up is not None:
+            return be.w4a8_linear(a, layer.gate_up, dt).split(layer.gate_proj.out_features, dim=1)
+        return be.w4a8_linear(a, layer.gate_proj, dt), be.w4a8_linear(a, layer.up_proj, dt)
+
+    def _prefill_attention(self, q: torch.Tensor, cache: ops.KV4Cache, start: torch.Tensor, t: int,
+                           total: int) -> torch.Tensor:
+        """Causal attention of q [B, Hq, T, D] (positions start..start+T-1) over the dequantized cache;
+        `total` bounds the positions in use (known on the host)."""
+        be = self.backend
         k = be.kv4_dequantize(cache.k[:, :, :total], cache.k_scale[:, :, :total], cache.k_zero[:, :, :total])
         v = be.kv4_dequantize(cache.v[:, :, :total], cache.v_scale[:, :, :total], cache.v_zero[:, :, :total])
         rep = self.heads // self.kv_heads
@@ -222,15 +310,20 @@ class Engine:
         return (hidden.to(self.lm_head.dtype) @ self.lm_head.t()).float()
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Append a prompt to the cache: logits of its last token [B, V] (or of every token [B, T, V])."""
-        h = self.hidden_states(input_ids)
+    def prefill(self, input_ids: torch.Tensor, all_logits: bool = False, rows: slice | None = None) -> torch.Tensor:
+        """Append prompts (to sequences `rows` of the batch): logits of the last token [B, V] (or of every
+        token [B, T, V])."""
+        h = self.hidden_states(input_ids, rows)
         return self.lm_logits(h if all_logits else h[:, -1])
 
     @torch.no_grad()
     def decode_step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Append one token per sequence (token_ids [B]); the next-token logits [B, V]."""
-        return self.lm_logits(self.hidden_states(token_ids.reshape(-1, 1))[:, -1])
+        """Append one token per sequence (token_ids [B]); the next-token logits [B, V]. With CUDA graphs
+        this is a buffer that the next step overwrites: read (or copy) it first."""
+        tokens = token_ids.to(self.device).reshape(-1)
+        if self.cuda_graph and self.device.type == "cuda":
+            return self._graphs.decode(self, tokens)
+        return self.lm_logits(self._forward(tokens.reshape(-1, 1))[:, -1])
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -249,7 +342,7 @@ class Engine:
         logits = self.prefill(ids)
         eos = eos_token_ids or set()
         for _ in range(max_new_tokens):
-            tok = sample(logits[0], temperature, top_p, generator)
+            tok = sample(logits[0], temperature, top_p, generator)  # before the next step reuses the buffer
             if tok in eos:
                 return
             yield tok
@@ -271,9 +364,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 
 def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 0.9,
                   seed: int | None = None, chat_template: bool = True, backend: str = "auto", device: str = "auto",
-                  write=None) -> dict:
+                  write=None, fast: bool | None = None) -> dict:
     """Tokenize `prompt` (through the chat template when the tokenizer has one), generate, and `write` the
-    text as it is produced; returns counts and timings."""
+    text as it is produced; returns counts and timings. `fast`: the engine's mode (default: fast on CUDA)."""
     import time
 
     from transformers import AutoTokenizer
@@ -287,7 +380,7 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
         tok = AutoTokenizer.from_pretrained(str(art.path))
     except Exception as e:
         raise QoqError(f"{art.path} has no usable tokenizer ({type(e).__name__}); re-run qoq quantize") from None
-    engine = Engine(art, device=device, backend=backend)
+    engine = Engine(art, device=device, backend=backend, fast=fast)
     if chat_template and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]

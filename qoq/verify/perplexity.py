@@ -2,8 +2,9 @@
 
 Protocol (GPTQ/AWQ/QServe): the test split's rows joined with "\\n\\n", tokenized once; non-overlapping
 windows of `seq_len` tokens (the tail is dropped); each window's loss is over its tokens 1..T-1;
-PPL = exp(mean NLL over every predicted token). The quantized model runs the engine's prefill path:
-each window's K/V go through the KV4 cache and attention reads them dequantized, as decode does.
+PPL = exp(mean NLL over every predicted token). The quantized model runs the engine's prefill path (fast
+mode on CUDA, with `prefill_fp16` off): each window's K/V go through the KV4 cache and attention reads them
+dequantized, as decode does.
 """
 from __future__ import annotations
 
@@ -197,15 +198,21 @@ def _batches(windows: torch.Tensor, batch: int):
 @torch.no_grad()
 def engine_perplexity(engine, windows: torch.Tensor, reporter: Reporter | None = None, batch: int = 1,
                       description: str = "quantized") -> PplResult:
+    """Perplexity through `engine` with attention over the KV4 cache: a fast engine's FP16 prefill
+    attention is turned off for the run (perplexity must see the KV4 path that decode sees)."""
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
     nll, count = 0.0, 0
-    for ids in reporter.track(_batches(windows, batch), description):
-        ids = ids.to(engine.device)
-        engine.reset(ids.shape[0], ids.shape[1])
-        hidden = engine.hidden_states(ids)
-        nll += _window_nll(hidden, ids[:, 1:], engine.lm_logits)
-        count += ids[:, 1:].numel()
+    fp16_attention, engine.prefill_fp16 = getattr(engine, "prefill_fp16", False), False
+    try:
+        for ids in reporter.track(_batches(windows, batch), description):
+            ids = ids.to(engine.device)
+            engine.reset(ids.shape[0], ids.shape[1])
+            hidden = engine.hidden_states(ids)
+            nll += _window_nll(hidden, ids[:, 1:], engine.lm_logits)
+            count += ids[:, 1:].numel()
+    finally:
+        engine.prefill_fp16 = fp16_attention
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     return _result(nll, count, time.perf_counter() - t0)
@@ -289,6 +296,8 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
     batch = opts.batch_size or (4 if device.type == "cuda" else 1)
 
     with reporter.status("loading the engine"):
+        # fast mode on CUDA (fused GEMMs: the same integers as the plain mode), plain on the CPU;
+        # engine_perplexity keeps attention on the KV4 cache either way
         engine = Engine(art, device=device, backend=backend)
     quant = engine_perplexity(engine, windows, reporter, batch, f"W4A8KV4 ({backend.describe()})")
     del engine
