@@ -31,7 +31,8 @@ def _variants(arch):
     allv = K.all_variants()
     if arch == "90":
         return allv
-    keep = {gemm.variant_for(gemm.GemvConfig(tb=2, nt=1, warps=8, u=4), True)[0], gemm.variant_for(gemm.GemvConfig(tb=1), False)[0],
+    keep = {gemm.variant_for(gemm.GemvConfig(tb=2, nt=1, warps=8, u=4), True)[0],
+            gemm.variant_for(gemm.GemvConfig(tb=1), False)[0],
             gemm.variant_for(gemm.GemmConfig(128, 128, 2, 4, 4, 2), True)[0],
             gemm.variant_for(gemm.GemmConfig(32, 128, 1, 4, 4, 3), False)[0]}
     assert keep <= set(gemm.default_variants())
@@ -58,3 +59,23 @@ def test_kernel_sources_compile(tmp_path):
         assert {v.name for v in variants} <= built, f"sm_{arch} {unit}: missing kernels"
         if os.environ.get("QOQ_SHOW_PTXAS"):
             print(log)
+
+
+@pytest.mark.parametrize("cc", [80, 89, 90])
+def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
+    """Every config the dispatcher picks (Llama-3-8B and SmolLM2 shapes, every M bucket) is among the default
+    variants, and thread-block-cluster variants only from sm_90 on."""
+    from qoq.runtime_kernels import gemm
+
+    defaults = set(gemm.default_variants())
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (576, 640), (1536, 640), (576, 1536)]:
+        for m in (1, 5, 8, 9, 16, 17, 100, 255, 256, 4096):
+            cfg = gemm.choose_config(m, n, k, 132, cc=cc)
+            if isinstance(cfg, gemm.IntMMConfig):
+                continue
+            for grouped in (True, False):
+                v = gemm.variant_for(cfg, grouped)[0]
+                assert v in defaults, (n, k, m, cfg)
+                assert B.runs_on(v, str(cc)), (n, k, m, cfg)
+    assert gemm.choose_config(16, 6144, 4096, 132, cc=90).cluster == 2
+    assert gemm.choose_config(16, 6144, 4096, 132, cc=89).cluster == 1

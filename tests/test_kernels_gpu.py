@@ -162,6 +162,9 @@ def _configs():
         ("gemv_tb2_s5", 16, GemvConfig(tb=2, splits=5)),
         ("gemv_tb1_nt2_w4_u2_s3", 7, GemvConfig(tb=1, nt=2, warps=4, u=2, splits=3)),
         ("gemv_tb2_nt2_w16_u2", 12, GemvConfig(tb=2, nt=2, warps=16, u=2)),
+        ("gemv_tb2_atomic_red", 13, GemvConfig(tb=2, warps=8, u=4, red=0)),
+        ("gemv_tb2_w32_wide_red", 16, GemvConfig(tb=2, nt=1, warps=32, u=2)),  # slices > 40 KB: atomics
+        ("gemv_tb1_w16_u4_s2", 3, GemvConfig(tb=1, warps=16, u=4, splits=2)),
         ("gemm32_s1", 33, GemmConfig(32, 128, 1, 4, 4, 3, splits=1)),
         ("gemm64_s4", 100, GemmConfig(64, 128, 2, 2, 4, 2, splits=4)),
         ("gemm128_s3", 300, GemmConfig(128, 128, 2, 2, 4, 2, splits=3)),
@@ -171,6 +174,23 @@ def _configs():
         ("gemm256x128_s2", 260, GemmConfig(256, 128, 4, 2, 3, 1, splits=2)),
         ("gemm128x128_w2x4", 129, GemmConfig(128, 128, 2, 4, 4, 2)),
     ]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("m,cfg_kw", [(1, dict(tb=1, cluster=2)), (8, dict(tb=1, warps=8, u=2, cluster=4)),
+                                      (16, dict(tb=2, warps=8, u=4, cluster=2)), (11, dict(tb=2, cluster=4))])
+def test_w4a8_gemv_cluster_split_k(group, m, cfg_kw):
+    """sm_90 thread-block-cluster split-K (DSMEM reduction), including clusters whose last CTAs get no k-tiles."""
+    from qoq.runtime_kernels.gemm import GemvConfig
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need sm_90")
+    cfg = GemvConfig(**cfg_kw)
+    for n, k in [(192, 1536), (576, 4128), (40, 100)]:
+        w = _linear(n, k, group)
+        a = _act(m, k, w.padded_in, w.per_channel, seed=m + n)
+        assert torch.equal(K.w4a8_linear(a, w, out_dtype=torch.int32, config=cfg), _ref_acc(a, w))
+        assert torch.equal(K.w4a8_linear(a, w, config=cfg), ops.w4a8_linear(a, w))
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -213,6 +233,10 @@ def test_w4a8_large_m_intmm_path(group, n, k):
         acc_out = torch.empty(m, n, dtype=torch.int32, device=DEV)
         K.w4a8_linear(a, w, out_dtype=torch.int32, out=acc_out, config=IntMMConfig(max_acc_bytes=4 * 128 * 1024))
         assert torch.equal(acc_out, ref_acc)
+        # output-channel chunks (L2-resident scratch), alone and with row chunks; 96 leaves a ragged last chunk
+        for cfg in (IntMMConfig(n_chunk=96), IntMMConfig(n_chunk=1024, max_acc_bytes=4 * 1024 * 300)):
+            assert torch.equal(K.w4a8_linear(a, w, out_dtype=torch.int32, config=cfg), ref_acc)
+            assert torch.equal(K.w4a8_linear(a, w, config=cfg), ops.w4a8_linear(a, w))
 
 
 @pytest.mark.parametrize("group", [128, -1])
@@ -227,6 +251,7 @@ def test_w4a8_intmm_bias_odd_n_and_small_m(group):
         for dt in (torch.float16, torch.bfloat16, torch.float32):
             ref = ops.w4a8_linear(a, w, out_dtype=dt)
             assert torch.equal(K.w4a8_linear(a, w, out_dtype=dt, config=IntMMConfig()), ref)
+            assert torch.equal(K.w4a8_linear(a, w, out_dtype=dt, config=IntMMConfig(n_chunk=32)), ref)
             # the tiled kernel stays reachable at large M through config=
             assert torch.equal(K.w4a8_linear(a, w, out_dtype=dt, config=GemmConfig(128, 128, 2, 4, 4, 2)), ref)
     with pytest.raises(ValueError):

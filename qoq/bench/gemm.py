@@ -226,44 +226,62 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
     return rows
 
 
-def tune(log=print) -> list[dict]:
-    """Sweep GEMV / tile configurations of the W4A8 kernel (for choosing `choose_config`'s defaults)."""
+GEMV_CANDIDATES = {  # name -> (nt, warps, u, red, cluster); the cluster ones need sm_90
+    "w16u2": (1, 16, 2, 1, 1), "w16u2a": (1, 16, 2, 0, 1), "w16u4": (1, 16, 4, 1, 1), "w8u4": (1, 8, 4, 1, 1),
+    "w8u2": (1, 8, 2, 1, 1), "w4u8": (1, 4, 8, 1, 1), "w32u2": (1, 32, 2, 1, 1),
+    "w16u2c2": (1, 16, 2, 1, 2), "w8u2c2": (1, 8, 2, 1, 2), "w8u4c2": (1, 8, 4, 1, 2), "w8u2c4": (1, 8, 2, 1, 4),
+    "w16u2c4": (1, 16, 2, 1, 4), "w4u4c4": (1, 4, 4, 1, 4)}
+INTMM_CHUNKS = (None, 2048, 4096, 8192)
+
+
+def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16), large_ms=(1024, 2048, 4096)) -> list[dict]:
+    """Sweep the W4A8 kernel's configurations (for choosing `choose_config`'s defaults): GEMV shapes at small M;
+    at large M the output-channel chunk of the dequant + `_int_mm` path, with each stage timed alone."""
     import qoq.runtime_kernels as K
     from qoq.runtime import ops
-    from qoq.runtime_kernels.gemm import GemmConfig, GemvConfig, variant_for
+    from qoq.runtime_kernels import gemm as G
 
     dev = torch.device("cuda")
-    gemv = {"nt1w16u2": GemvConfig(1, 1, 16, 2), "nt1w16u4": GemvConfig(1, 1, 16, 4), "nt1w32u2": GemvConfig(1, 1, 32, 2),
-            "nt2w16u2": GemvConfig(1, 2, 16, 2), "nt1w8u4": GemvConfig(1, 1, 8, 4), "nt1w16u2s2": GemvConfig(1, 1, 16, 2, 2),
-            "nt1w8u2": GemvConfig(1, 1, 8, 2)}
-    tiles = {"128x128w2x4s4": GemmConfig(128, 128, 2, 4, 4, 2), "128x128w2x4s3": GemmConfig(128, 128, 2, 4, 3, 2),
-             "128x128w4x2s4": GemmConfig(128, 128, 4, 2, 4, 2), "64x128w2x2s4": GemmConfig(64, 128, 2, 2, 4, 2),
-             "64x128w2x4s4": GemmConfig(64, 128, 2, 4, 4, 2), "32x128w1x4s4": GemmConfig(32, 128, 1, 4, 4, 3),
-             "64x64w2x2s4": GemmConfig(64, 64, 2, 2, 4, 3)}
-    variants = []
-    for grouped in (True, False):
-        for c in gemv.values():
-            for tb in (1, 2):
-                variants.append(variant_for(GemvConfig(tb, c.nt, c.warps, c.u), grouped)[0])
-        variants += [variant_for(c, grouped)[0] for c in tiles.values()]
-    K.precompile(variants)
+    cands = {k: v for k, v in GEMV_CANDIDATES.items() if v[4] == 1 or torch.cuda.get_device_capability() >= (9, 0)}
+    variants = [G.variant_for(G.GemvConfig(tb, nt, w, u, red=r, cluster=cl), grouped)[0] for grouped in (True, False)
+                for tb in (1, 2) for nt, w, u, r, cl in cands.values()]
+    K.precompile(variants + [G.DEQUANT_G, G.DEQUANT_C, G.EPILOGUE])
     rows = []
-    for n, k in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]:
+
+    def note(n, k, m, g, res):
+        for name, us in res.items():
+            rows.append({"bench": "tune", "n": n, "k": k, "m": m, "group": g, "config": name, "us": us})
+        log(f"tune {n}x{k} g={g:<4d} M={m:<5d} " + "  ".join(f"{nm} {us:.1f}" for nm, us in res.items()))
+
+    for n, k in shapes:
         for g in (128, -1):
             lins = _quantized_weights(n, k, g, _copies(n * k // 2), dev)
-            ms = (1, 16) + ((64, 256, 1024, 4096) if k == 4096 and n != 6144 else ())
-            for m in ms:
+            for m in gemv_ms:
                 a = ops.quantize_act(torch.randn(m, k, device=dev, dtype=torch.float16), lins[0].padded_in,
                                      with_qsum=(g == -1))
-                if m <= 16:
-                    cands = {name: GemvConfig((m + 7) // 8, c.nt, c.warps, c.u, c.splits) for name, c in gemv.items()}
-                else:
-                    cands = dict(tiles)
                 res = {}
-                for name, cfg in cands.items():
-                    res[name] = time_calls([lambda w=w, cfg=cfg: K.w4a8_linear(a, w, config=cfg) for w in lins])["us"]
-                    rows.append({"bench": "tune", "n": n, "k": k, "m": m, "group": g, "config": name, "us": res[name]})
-                log(f"tune {n}x{k} g={g:<4d} M={m:<5d} " + "  ".join(f"{nm} {us:.1f}" for nm, us in res.items()))
+                for name, (nt, w, u, r, cl) in cands.items():
+                    cfg = G.GemvConfig((m + 7) // 8, nt, w, u, red=r, cluster=cl)
+                    res[name] = time_calls([lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg)
+                                            for lin in lins])["us"]
+                note(n, k, m, g, res)
+            for m in large_ms:
+                a = ops.quantize_act(torch.randn(m, k, device=dev, dtype=torch.float16), lins[0].padded_in,
+                                     with_qsum=(g == -1))
+                res = {}
+                for ch in INTMM_CHUNKS:
+                    cfg = G.IntMMConfig(n_chunk=ch)
+                    res[f"chunk{ch or 'all'}"] = time_calls([lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg)
+                                                             for lin in lins])["us"]
+                np_, kp = lins[0].qweight.shape[0], lins[0].padded_in
+                w8s = [torch.empty(np_, kp, dtype=torch.int8, device=dev) for _ in range(_copies(np_ * kp))]
+                res["stage_dequant"] = time_calls([lambda lin=lin, w8=w8: G._dequant(
+                    lin.qweight, lin.s2_scales, lin.s2_zeros, 7, g != -1, w8, kp, 0) for lin, w8 in zip(lins * 8, w8s)])["us"]
+                res["stage_int_mm"] = time_calls([lambda w8=w8: torch._int_mm(a.q, w8.t()) for w8 in w8s])["us"]
+                del w8s
+                note(n, k, m, g, res)
+            del lins
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -332,14 +350,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 1024}")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--tune", action="store_true", help="sweep the W4A8 kernel configurations instead")
+    p.add_argument("--tune-gemv", action="store_true", help="sweep the small-M (GEMV) configurations only")
     p.add_argument("--tune-attention", action="store_true", help="also time alternative attention CTA shapes")
     p.add_argument("--one", choices=["gemm", "gemv", "attention"], help="run one case a few times (for a profiler)")
     args = p.parse_args(argv)
     if args.one:
         _one(args.one)
         return 0
-    if args.tune:
-        rows = tune()
+    if args.tune or args.tune_gemv:
+        rows = tune(large_ms=() if args.tune_gemv else (1024, 2048, 4096))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

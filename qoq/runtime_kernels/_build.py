@@ -46,10 +46,13 @@ def variant_source(v: Variant) -> str:
 
 # ---- variants ---------------------------------------------------------------------------------------------------
 
-def gemv_variant(tb: int, nt: int, grouped: bool, warps: int, u: int) -> Variant:
-    name = f"qoq_gemv_tb{tb}_nt{nt}_{'g' if grouped else 'c'}_w{warps}_u{u}"
-    body = (f'extern "C" __global__ void __launch_bounds__({warps * 32}) {name}(GEMM_PARAMS) '
-            f'{{ gemv_body<{tb}, {nt}, {str(grouped).lower()}, {warps}, {u}>(GEMM_ARGS); }}')
+def gemv_variant(tb: int, nt: int, grouped: bool, warps: int, u: int, red: int = 1, cluster: int = 1) -> Variant:
+    """`cluster` > 1: split-K over a thread-block cluster of that many CTAs (sm_90+; the wrapper is empty of
+    the cluster attribute below sm_90, where it must not be launched)."""
+    name = f"qoq_gemv_tb{tb}_nt{nt}_{'g' if grouped else 'c'}_w{warps}_u{u}_r{red}" + (f"_cl{cluster}" if cluster > 1 else "")
+    dims = f"__cluster_dims__(1, {cluster}, 1) " if cluster > 1 else ""
+    body = (f'extern "C" __global__ void {dims}__launch_bounds__({warps * 32}) {name}(GEMM_PARAMS) '
+            f'{{ gemv_body<{tb}, {nt}, {str(grouped).lower()}, {warps}, {u}, {red}, {cluster}>(GEMM_ARGS); }}')
     return Variant("gemm.cu", name, body)
 
 
@@ -124,6 +127,11 @@ def nvrtc_compile(source: str, name: str, arch: str) -> bytes:
     except OSError:
         pass
     return cubin
+
+
+def runs_on(v: Variant, arch: str) -> bool:
+    """Thread-block-cluster variants exist from sm_90 on."""
+    return int(arch) >= 90 or "__cluster_dims__" not in v.wrapper
 
 
 def device_arch(device: int) -> str:
@@ -227,7 +235,7 @@ def device_info(device: int) -> dict:
             optin = cupy.cuda.runtime.deviceGetAttribute(97, device)  # cudaDevAttrMaxSharedMemoryPerBlockOptin
         except Exception:
             optin = 48 * 1024
-        info = {"sms": p.multi_processor_count, "smem_optin": int(optin), "name": p.name}
+        info = {"sms": p.multi_processor_count, "smem_optin": int(optin), "name": p.name, "cc": 10 * p.major + p.minor}
         _props[device] = info
     return info
 
@@ -240,7 +248,7 @@ def precompile(variants, device: int | None = None, max_workers: int | None = No
     if device is None:
         device = torch.cuda.current_device()
     arch = device_arch(device)
-    todo = [v for v in dict.fromkeys(variants) if (device, v) not in _functions]
+    todo = [v for v in dict.fromkeys(variants) if (device, v) not in _functions and runs_on(v, arch)]
     workers = max_workers or min(len(todo), os.cpu_count() or 4, 16) or 1
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda v: nvrtc_compile(variant_source(v), v.name, arch), todo))

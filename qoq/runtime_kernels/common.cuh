@@ -99,6 +99,23 @@ QOQ_DEV u32 hadd2(u32 a, u32 b) { u32 r; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r
 QOQ_DEV u32 hfma2(u32 a, u32 b, u32 c) { u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r; }
 QOQ_DEV u32 prmt(u32 a, u32 b, u32 sel) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel)); return r; }
 
+// sm_90 thread-block clusters: barrier over the cluster (release/acquire: shared-memory writes before it are
+// visible to every CTA of the cluster after it), this CTA's rank, a load from CTA `rank`'s shared memory at the
+// address that is `local` in this CTA
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+QOQ_DEV void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+QOQ_DEV u32 cluster_rank() { u32 r; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r)); return r; }
+QOQ_DEV int ld_dsmem_s32(u32 local, u32 rank) {
+  u32 remote;
+  int v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(remote) : "memory");
+  return v;
+}
+#endif
+
 QOQ_DEV float ex2(float x) { float y; asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 
 QOQ_DEV float warp_sum(float v) {

@@ -169,16 +169,34 @@ QOQ_DEV void gemv_compute(const GemvBatch<TB, NT, GROUPED, U>& bt, int (&acc)[NT
   }
 }
 
-template <int TB, int NT, bool GROUPED, int WARPS, int U>
+// Cross-warp reduction of the int32 C fragments. RED = 1: every warp stores its fragments to its own slice of
+// shared memory (token-major rows padded to NT*32 + 4 words: the 32 lanes of one store hit 32 banks), then each
+// thread adds one output over the warps; RED = 0: shared-memory atomics into one [NT*32][TB*8] table (the only
+// choice when the per-warp slices exceed 40 KB). C fragment: r=0: (row c, token 2l), r=1: (c, 2l+1),
+// r=2: (c+8, 2l), r=3: (c+8, 2l+1).
+template <int TB, int NT, int WARPS>
+struct GemvRed {
+  static constexpr int PITCH = NT * 32 + 4;
+  static constexpr bool PARTIALS = WARPS * TB * 8 * PITCH * 4 <= 40960;
+  static constexpr int WORDS = PARTIALS ? WARPS * TB * 8 * PITCH : NT * 32 * TB * 8;
+};
+
+// CL > 1 (sm_90 thread-block clusters of CL CTAs along y, S == CL): the CL split-K CTAs of one n-group form a
+// cluster and CTA rank 0 adds the others' folded sums straight from their shared memory (DSMEM) instead of the
+// global-memory round trip of the generic split-K path.
+template <int TB, int NT, bool GROUPED, int WARPS, int U, int RED, int CL = 1>
 QOQ_DEV void gemv_body(GEMM_PARAMS) {
-  __shared__ int red[NT * 32][TB * 8];
+  typedef GemvRed<TB, NT, WARPS> R;
+  constexpr bool PARTIALS = RED == 1 && R::PARTIALS;
+  __shared__ int red[PARTIALS ? R::WORDS : NT * 32 * TB * 8];
   __shared__ int s_last;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int c = lane >> 2, l = lane & 3;
   const int KT = Kp >> 5, NTILES = Np >> 5;
   const int nt0 = blockIdx.x * NT, split = blockIdx.y;
   const int k0 = split * tps, k1 = min(KT, k0 + tps);
-  for (int i = tid; i < NT * 32 * TB * 8; i += WARPS * 32) (&red[0][0])[i] = 0;
+  if (!PARTIALS)
+    for (int i = tid; i < NT * 32 * TB * 8; i += WARPS * 32) red[i] = 0;
 
   int acc[NT][2][TB][4];
 #pragma unroll
@@ -201,35 +219,78 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
     if (kb + 2 * STRIDE < k1) gemv_load(b0, A, W, s2, z2, kb + 2 * STRIDE, k1, nt0, NTILES, KT, Np, Kp, M, log2g, lane);
     gemv_compute(b1, acc, kb + STRIDE, k1);
   }
-  __syncthreads();  // red[] zeroed
-  // C fragment: r=0: (row c, token 2l), r=1: (c, 2l+1), r=2: (c+8, 2l), r=3: (c+8, 2l+1)
+  if (PARTIALS) {
+    int* mine = red + warp * (TB * 8 * R::PITCH);
 #pragma unroll
-  for (int t = 0; t < NT; ++t)
+    for (int t = 0; t < NT; ++t)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int tb = 0; tb < TB; ++tb)
+        for (int tb = 0; tb < TB; ++tb)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int tok = tb * 8 + 2 * l + (r & 1);
-          if (tok < M) atomicAdd(&red[t * 32 + h * 16 + c + 8 * (r >> 1)][tok], acc[t][h][tb][r]);
-        }
+          for (int r = 0; r < 4; ++r)
+            mine[(tb * 8 + 2 * l + (r & 1)) * R::PITCH + t * 32 + h * 16 + c + 8 * (r >> 1)] = acc[t][h][tb][r];
+    __syncthreads();
+    // fold the warps' slices into slice 0, one output per thread at a time (read by the epilogue below)
+    for (int i = tid; i < NT * 32 * M; i += WARPS * 32) {
+      const int ch = i % (NT * 32), tok = i / (NT * 32);
+      int v = 0;
+#pragma unroll 4
+      for (int w = 0; w < WARPS; ++w) v += red[w * (TB * 8 * R::PITCH) + tok * R::PITCH + ch];
+      red[tok * R::PITCH + ch] = v;  // slot of warp 0: only this thread reads or writes it from here on
+    }
+  } else {
+    __syncthreads();  // red[] zeroed
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int tb = 0; tb < TB; ++tb)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int tok = tb * 8 + 2 * l + (r & 1);
+            if (tok < M) atomicAdd(&red[(t * 32 + h * 16 + c + 8 * (r >> 1)) * (TB * 8) + tok], acc[t][h][tb][r]);
+          }
+  }
   __syncthreads();
+#define GEMV_RED(ch, tok) (PARTIALS ? red[(tok) * R::PITCH + (ch)] : red[(ch) * (TB * 8) + (tok)])
 
   EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
   const int total = NT * 32 * M;
+  if (CL > 1) {
+    static_assert(CL == 1 || PARTIALS, "cluster split-K needs the per-warp slices (fold into slot 0)");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cluster_sync();  // every CTA of the cluster has folded its sums into its slot 0
+    if (cluster_rank() == 0) {
+      for (int i = tid; i < total; i += WARPS * 32) {
+        const int ch = i % (NT * 32), tok = i / (NT * 32);
+        const int n = nt0 * 32 + ch;
+        int v = GEMV_RED(ch, tok);
+        const u32 local = smem_u32(&red[tok * R::PITCH + ch]);
+#pragma unroll
+        for (int r = 1; r < CL; ++r) v += ld_dsmem_s32(local, r);
+        if (n < N) epi_store1(e, v, tok, n);
+      }
+    }
+    cluster_sync();  // the other CTAs keep their shared memory alive until rank 0 has read it
+#else
+    __trap();  // cluster variants are launched on sm_90+ only (gemm.py)
+#endif
+    return;
+  }
   if (S == 1) {
     for (int i = tid; i < total; i += WARPS * 32) {
       const int ch = i % (NT * 32), tok = i / (NT * 32);
       const int n = nt0 * 32 + ch;
-      if (n < N) epi_store1(e, red[ch][tok], tok, n);
+      if (n < N) epi_store1(e, GEMV_RED(ch, tok), tok, n);
     }
     return;
   }
   for (int i = tid; i < total; i += WARPS * 32) {
     const int ch = i % (NT * 32), tok = i / (NT * 32);
     const int n = nt0 * 32 + ch;
-    if (n < Np) ws[((i64)split * M + tok) * Np + n] = red[ch][tok];
+    if (n < Np) ws[((i64)split * M + tok) * Np + n] = GEMV_RED(ch, tok);
   }
   __threadfence();
   __syncthreads();
@@ -247,6 +308,7 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
   }
   if (tid == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
+#undef GEMV_RED
 
 // ---------------------------------------------------------------------------------------------------------------
 // Large M: CTA tile BM x BN x 128 (k), WM x WN warps, STAGES-deep cp.async pipeline for A (XOR-swizzled 16-byte
@@ -447,7 +509,7 @@ QOQ_DEV void gemm_body(GEMM_PARAMS) {
 #define DQ_PITCH 272
 template <bool GROUPED>
 QOQ_DEV void w4_dequant_body(const u8* __restrict__ W, const u8* __restrict__ s2, const u8* __restrict__ z2,
-                             i8* __restrict__ out, int Np, int Kp, int log2g) {
+                             i8* __restrict__ out, int sld, int Kp, int log2g) {
   __shared__ __align__(16) u8 tile[32 * DQ_PITCH];
   const int KT = Kp >> 5;
   const int nt = blockIdx.y, kt0 = blockIdx.x * 8;
@@ -458,7 +520,7 @@ QOQ_DEV void w4_dequant_body(const u8* __restrict__ W, const u8* __restrict__ s2
     const uint4 w = ldg_stream16(W + ((i64)nt * KT + kt) * 512 + lane * 16);
     u32 s[4] = {0u, 0u, 0u, 0u}, zb[4] = {0u, 0u, 0u, 0u};
     if (GROUPED) {
-      const i64 off = (i64)((kt * 32) >> log2g) * Np + nt * 32 + 4 * c;
+      const i64 off = (i64)((kt * 32) >> log2g) * sld + nt * 32 + 4 * c;
       deq_params(*(const u32*)(s2 + off), *(const u32*)(z2 + off), s, zb);
     }
     u32 L[4], H[4];
@@ -481,21 +543,23 @@ QOQ_DEV void w4_dequant_body(const u8* __restrict__ W, const u8* __restrict__ s2
   }
 }
 
+// sld: row stride of s2 / z2 (the layer's Np); W, s2, z2 may point at a 32-aligned block of channels
 #define DEQUANT_PARAMS \
-  const u8 *__restrict__ W, const u8 *__restrict__ s2, const u8 *__restrict__ z2, i8 *__restrict__ out, int Np, int Kp, int log2g
+  const u8 *__restrict__ W, const u8 *__restrict__ s2, const u8 *__restrict__ z2, i8 *__restrict__ out, int sld, int Kp, int log2g
 extern "C" __global__ void __launch_bounds__(256) qoq_w4_dequant_g(DEQUANT_PARAMS) {
-  w4_dequant_body<true>(W, s2, z2, out, Np, Kp, log2g);
+  w4_dequant_body<true>(W, s2, z2, out, sld, Kp, log2g);
 }
 extern "C" __global__ void __launch_bounds__(256) qoq_w4_dequant_c(DEQUANT_PARAMS) {
-  w4_dequant_body<false>(W, s2, z2, out, Np, Kp, log2g);
+  w4_dequant_body<false>(W, s2, z2, out, sld, Kp, log2g);
 }
 
-// int32 acc [M, Np] -> out [M, N] (fp16 / bf16 / fp32), 8 columns per thread: two 16-byte acc loads, one 16-byte
-// (fp16/bf16) or two (fp32) stores when N % 8 == 0. grid = (ceil(N/8 / 128), min(M, 65535)), 128 threads.
+// int32 acc [M, Np] (row stride Np) -> out [M, N] (row stride out_ld; fp16 / bf16 / fp32), 8 columns per thread:
+// two 16-byte acc loads, one 16-byte (fp16/bf16) or two (fp32) stores when N and out_ld are multiples of 8.
+// grid = (ceil(N/8 / 128), min(M, 65535)), 128 threads.
 extern "C" __global__ void __launch_bounds__(128)
 qoq_w4a8_epilogue(const int* __restrict__ acc, const float* __restrict__ sa, const int* __restrict__ qsum,
                   const u16* __restrict__ s1, const u16* __restrict__ szeros, const void* __restrict__ bias,
-                  int bias_dt, void* __restrict__ out, int out_dt, int M, int N, int Np) {
+                  int bias_dt, void* __restrict__ out, int out_dt, int M, int N, int Np, int out_ld) {
   const EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
   const int n0 = 8 * (blockIdx.x * 128 + threadIdx.x);
   if (n0 >= N) return;
@@ -503,8 +567,8 @@ qoq_w4a8_epilogue(const int* __restrict__ acc, const float* __restrict__ sa, con
     const int4* src = (const int4*)(acc + (i64)m * Np + n0);
     const int4 v0 = src[0], v1 = src[1];
     const int a[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-    const i64 idx = (i64)m * N + n0;
-    if (n0 + 8 <= N && !(N & 7)) {
+    const i64 idx = (i64)m * out_ld + n0;
+    if (n0 + 8 <= N && !(N & 7) && !(out_ld & 7)) {
       float y[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) y[j] = epi_value(e, a[j], m, n0 + j);

@@ -22,6 +22,8 @@ class GemvConfig:
     warps: int = 16
     u: int = 2
     splits: int | None = None  # None: planned from the SM count
+    red: int = 1  # cross-warp reduction: 1 per-warp shared-memory slices, 0 shared-memory atomics
+    cluster: int = 1  # > 1: split K over a thread-block cluster of this many CTAs (sm_90+, DSMEM reduction)
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,13 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class IntMMConfig:
-    """Large M: dequantize the packed W4 linear into an int8 [Np, Kp] scratch (one per device, reused), int32
-    accumulators from `torch._int_mm` (cuBLAS), then the fused epilogue kernel. Rows are processed in chunks so
-    the int32 accumulator buffer stays <= `max_acc_bytes`."""
+    """Large M: dequantize the packed W4 linear into an int8 scratch (one per device, reused), int32 accumulators
+    from `torch._int_mm` (cuBLAS), then the fused epilogue kernel. `n_chunk` output channels at a time (None: all;
+    a multiple of 32): the chunk's int8 weights and int32 accumulators are small enough to stay in L2 between
+    the three kernels. Rows are processed in chunks so the int32 accumulator buffer stays <= `max_acc_bytes`."""
 
     max_acc_bytes: int = 256 << 20
+    n_chunk: int | None = None
 
 
 GEMV_MAX_M = 16
@@ -54,11 +58,14 @@ DEQUANT_C = B.Variant("gemm.cu", "qoq_w4_dequant_c")
 EPILOGUE = B.Variant("gemm.cu", "qoq_w4a8_epilogue")
 
 
-def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True) -> GemvConfig | GemmConfig | IntMMConfig:
-    """Measured on H100 (qoq.bench.gemm --tune): the GEMV for M <= 16; otherwise the largest tile that still gives
-    every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound)."""
-    if m <= GEMV_MAX_M:  # M <= 8: 16 warps x 2 k-tiles; 9..16: activation loads double, 8 warps x 4 k-tiles
-        return GemvConfig(tb=1) if m <= 8 else GemvConfig(tb=2, nt=1, warps=8, u=4)
+def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
+                  cc: int = 80) -> GemvConfig | GemmConfig | IntMMConfig:
+    """Measured on H100 (`python -m qoq.bench.gemm --tune`, NOTES.md). M <= 16: the weight-streaming GEMV, its
+    shape by how many 32-channel groups there are per SM and by K; otherwise the largest tile that still gives
+    every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound), or from M = 256 the
+    dequant + `_int_mm` path. `cc`: compute capability (90 enables the thread-block-cluster split-K)."""
+    if m <= GEMV_MAX_M:
+        return _choose_gemv(m, np_ // 32, kp // 32, sms, cc)
     if intmm and m >= INTMM_MIN_M and kp % 8 == 0 and np_ % 8 == 0:
         return IntMMConfig()
     ntile = lambda bm, bn: math.ceil(m / bm) * math.ceil(np_ / bn)  # noqa: E731
@@ -69,12 +76,29 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True) -> Ge
     return GemmConfig(32, 128, 1, 4, stages=4, min_blocks=3)
 
 
+def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig:
+    """Many groups per SM (several CTAs per SM anyway): 8 warps x 2 k-tiles; long K: more warps per CTA (M <= 8)
+    or a 2-CTA cluster split-K (M > 8); M > 8 with more groups than SMs: a 2-CTA cluster balances the SMs;
+    otherwise 16 warps x 2 k-tiles."""
+    tb = 1 if m <= 8 else 2
+    hopper = cc >= 90
+    if ngroups >= 4 * sms:
+        return GemvConfig(tb, warps=8, u=2)
+    if kt >= 256:
+        if tb == 1:
+            return GemvConfig(tb, warps=32, u=2)
+        return GemvConfig(tb, warps=8, u=4, cluster=2) if hopper else GemvConfig(tb, warps=8, u=4)
+    if tb == 2 and ngroups > sms:
+        return GemvConfig(tb, warps=8, u=2, cluster=2) if hopper else GemvConfig(tb, warps=8, u=4)
+    return GemvConfig(tb, warps=16, u=2)
+
+
 def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 227 * 1024):
     """(kernel variant, dynamic shared memory bytes) of a configuration."""
     if isinstance(cfg, IntMMConfig):
         return (DEQUANT_G if grouped else DEQUANT_C), 0
     if isinstance(cfg, GemvConfig):
-        return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u), 0
+        return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u, cfg.red, cfg.cluster), 0
     stages = cfg.stages
     while stages > 2 and B.gemm_smem_bytes(cfg.bm, cfg.bn, stages, grouped) > smem_optin:
         stages -= 1
@@ -84,8 +108,11 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
 
 def _plan_gemv(cfg: GemvConfig, ngroups: int, kt: int, sms: int) -> tuple[int, int]:
     """(splits, k-tiles per split): split K over CTAs only when the n-groups cannot keep half the SMs busy
-    (the cross-CTA reduction costs global round trips at the end of the kernel)."""
+    (the cross-CTA reduction costs global round trips at the end of the kernel); a cluster config always
+    launches `cluster` splits (trailing ones may get no k-tiles)."""
     unit = cfg.warps * cfg.u
+    if cfg.cluster > 1:
+        return cfg.cluster, math.ceil(math.ceil(kt / cfg.cluster) / unit) * unit
     if cfg.splits is not None:
         s0 = max(1, cfg.splits)
     else:
@@ -166,7 +193,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     device = dev.index if dev.index is not None else torch.cuda.current_device()
     info = B.device_info(device)
     sms = info["sms"]
-    cfg = config or choose_config(m, np_, kp, sms)
+    cfg = config or choose_config(m, np_, kp, sms, cc=info["cc"])
     if isinstance(cfg, IntMMConfig):
         _intmm_linear(cfg, q, qw, s2, z2, log2g, grouped, s1, szeros, bias, bias_dt, scale, qsum, out, out_dtype,
                       m, n, np_, kp, device)
@@ -176,6 +203,8 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     if isinstance(cfg, GemvConfig):
         if m > 8 * cfg.tb:
             raise ValueError(f"GemvConfig(tb={cfg.tb}) handles M <= {8 * cfg.tb}, got {m}")
+        if cfg.cluster > 1 and info["cc"] < 90:
+            raise ValueError(f"GemvConfig(cluster={cfg.cluster}) needs sm_90 or newer")
         ngroups = math.ceil((np_ // 32) / cfg.nt)
         splits, tps = _plan_gemv(cfg, ngroups, kt, sms)
         grid, block = (ngroups, splits, 1), (cfg.warps * 32, 1, 1)
@@ -185,7 +214,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
         splits, tps = _plan_gemm(cfg, mt * ntl, kt, sms)
         grid, block = (mt, ntl, splits), (cfg.wm * cfg.wn * 32, 1, 1)
         ncounters = mt * ntl
-    if splits > 1:
+    if splits > 1 and not getattr(cfg, "cluster", 1) > 1:
         ws = _workspace(device, "gemm_partials", splits * m * np_, torch.int32)
         counters = _workspace(device, "gemm_counters", ncounters, torch.int32)
     else:
@@ -206,42 +235,61 @@ def dequant_int8_weight(w: QLinear) -> torch.Tensor:
     grouped = not w.per_channel
     _dequant(w.qweight.contiguous(), w.s2_scales.contiguous() if grouped else None,
              w.s2_zeros.contiguous() if grouped else None, int(math.log2(w.group_size)) if grouped else 0,
-             grouped, dst, np_, kp, device)
+             grouped, dst, kp, device)
     return dst
 
 
-def _dequant(qw, s2, z2, log2g, grouped, dst, np_, kp, device) -> None:
-    grid = (math.ceil(kp // 32 / 8), np_ // 32, 1)
+def _dequant(qw, s2, z2, log2g, grouped, dst, kp, device) -> None:
+    """dst [rows, Kp] int8 = the channels of qw [rows, Kp/2] (s2 / z2: [Kp/g, rows] views, any row stride)."""
+    grid = (math.ceil(kp // 32 / 8), qw.shape[0] // 32, 1)
     B.launch(DEQUANT_G if grouped else DEQUANT_C, device, grid, (256, 1, 1),
-             (B.ptr(qw), B.ptr(s2), B.ptr(z2), B.ptr(dst), B.i32(np_), B.i32(kp), B.i32(log2g)))
+             (B.ptr(qw), B.ptr(s2), B.ptr(z2), B.ptr(dst), B.i32(s2.stride(0) if grouped else 0), B.i32(kp),
+              B.i32(log2g)))
 
 
 def _intmm_linear(cfg: IntMMConfig, q, qw, s2, z2, log2g, grouped, s1, szeros, bias, bias_dt, scale, qsum, out,
                   out_dtype, m, n, np_, kp, device) -> None:
     if m <= 16 or kp % 8 or np_ % 8:
         raise ValueError(f"IntMMConfig needs M > 16 and K, N multiples of 8 (torch._int_mm), got M={m}")
-    w8 = _workspace(device, "w8_scratch", np_ * kp, torch.int8)[: np_ * kp].view(np_, kp)
-    _dequant(qw, s2, z2, log2g, grouped, w8, np_, kp, device)
-    rows = max(32, (cfg.max_acc_bytes // (4 * np_)) // 32 * 32)
+    chunk = np_ if not cfg.n_chunk or cfg.n_chunk >= np_ else cfg.n_chunk
+    if chunk % 32:
+        raise ValueError(f"IntMMConfig.n_chunk must be a multiple of 32, got {chunk}")
+    scratch = _workspace(device, "w8_scratch", chunk * kp, torch.int8)
+    for c0 in range(0, n, chunk):  # chunks past N would hold padding channels only
+        c1 = min(np_, c0 + chunk)
+        w8 = scratch[: (c1 - c0) * kp].view(c1 - c0, kp)
+        cols = slice(c0, c1)
+        _dequant(qw[cols], None if s2 is None else s2[:, cols], None if z2 is None else z2[:, cols], log2g,
+                 grouped, w8, kp, device)
+        nc = min(n, c1) - c0
+        _intmm_rows(cfg, q, w8, s1[c0:], None if szeros is None else szeros[c0:],
+                    None if bias is None else bias[c0:], bias_dt, scale, qsum, out[:, c0:], out_dtype, m, nc, device)
+
+
+def _intmm_rows(cfg, q, w8, s1, szeros, bias, bias_dt, scale, qsum, out, out_dtype, m, nc, device) -> None:
+    """out[:, :nc] (row stride out.stride(0)) = epilogue(q @ w8^T) for the channels of one column chunk."""
+    npc = w8.shape[0]
+    rows = max(32, (cfg.max_acc_bytes // (4 * npc)) // 32 * 32)
     r0 = 0
     while r0 < m:
         r1 = m if m - r0 <= rows + 16 else r0 + rows  # chunks of `rows`; the last one keeps M > 16
         acc = torch._int_mm(q[r0:r1], w8.t())
         if out_dtype == torch.int32:
-            out[r0:r1].copy_(acc[:, :n])
+            out[r0:r1, :nc].copy_(acc[:, :nc])
             r0 = r1
             continue
         mc = r1 - r0
-        grid = (math.ceil(math.ceil(n / 8) / 128), min(mc, 65535), 1)
+        grid = (math.ceil(math.ceil(nc / 8) / 128), min(mc, 65535), 1)
         args = (B.ptr(acc), B.ptr(scale[r0:r1]), B.ptr(None if qsum is None else qsum[r0:r1]), B.ptr(s1),
                 B.ptr(szeros), B.ptr(bias), B.i32(bias_dt), B.ptr(out[r0:r1]), B.i32(DTYPE_CODES[out_dtype]),
-                B.i32(mc), B.i32(n), B.i32(np_))
+                B.i32(mc), B.i32(nc), B.i32(npc), B.i32(out.stride(0)))
         B.launch(EPILOGUE, device, grid, (128, 1, 1), args)
         r0 = r1
 
 
-DEFAULT_CONFIGS = (GemvConfig(tb=1), GemvConfig(tb=2, nt=1, warps=8, u=4), GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2),
-                   GemmConfig(128, 128, 2, 4, 4, 2))
+DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2)
+                        for w, u, cl in ((16, 2, 1), (8, 2, 1), (32, 2, 1), (8, 4, 1), (8, 4, 2), (8, 2, 2))) + (
+    GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2))
 
 
 def default_variants() -> list:
