@@ -84,7 +84,7 @@ def test_serving_mode_on_gpu():
     if not cupy_available()[0]:
         pytest.skip(cupy_available()[1])
     art = synthetic.build_synthetic_artifact("smollm2-135m", "cuda", 128)
-    default = Engine(art, device="cuda", backend="cupy")
+    default = Engine(art, device="cuda", backend="cupy", fast=False)
     fast = ServingEngine(art, device="cuda", backend="cupy")
     eager = ServingEngine(art, device="cuda", backend="cupy", cuda_graph=False)
     fast.prefill_fp16 = eager.prefill_fp16 = False

@@ -82,9 +82,14 @@ def quantize_act(x: torch.Tensor, padded_in: int, with_qsum: bool = False) -> Qu
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF RMSNorm in fp32: x * rsqrt(mean(x^2) + eps) * weight (fp32 result)."""
+    """HF RMSNorm in fp32: x / sqrt(mean(x^2) + eps) * weight (fp32 result). The mean of squares is summed in
+    fp64 and rounded once to fp32, and sqrt / division are IEEE (not an approximate rsqrt), so any summation
+    order gives the same bits: the kernel twin matches exactly. The INT8 quantizer that follows is
+    discontinuous, and a one-ulp difference here flips a code that grows through the layers (a 1-ulp nudge
+    moves whole-model logits by ~17 % relative on SmolLM2; scripts/logits_sensitivity.py)."""
     xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    ms = (xf.double().square().sum(-1, keepdim=True) / x.shape[-1]).float()
+    return xf * (1.0 / torch.sqrt(ms + eps)) * weight.float()
 
 
 def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, padded_in: int,

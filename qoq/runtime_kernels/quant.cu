@@ -33,6 +33,19 @@ QOQ_DEV float block_max(float v, float* sh) {
   return r;
 }
 template <int THREADS>
+QOQ_DEV double block_sum_d(double v, double* sh) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  double r = 0.0;
+#pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) r += sh[w];
+  return r;
+}
+template <int THREADS>
 QOQ_DEV int block_sum_i(int v, int* sh) {
   v = warp_sum_i(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -70,9 +83,10 @@ QOQ_DEV void load8(const void* p, i64 row_off, int base, int K, bool vec, float 
 }
 
 template <int DT, int MODE, int CH, int THREADS>
-QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ x2, int dt2, float eps, float inv_k,
+QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ x2, int dt2, float eps,
                            i8* __restrict__ q, float* __restrict__ scale, int* __restrict__ qsum, int K, int Kp,
                            i64 ldx, i64 ldx2, int vec) {
+  __shared__ double shd[32];
   __shared__ float shf[32];
   __shared__ int shi[32];
   const int row = blockIdx.x, tid = threadIdx.x;
@@ -89,13 +103,15 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
     }
   }
   if (MODE == MODE_RMSNORM) {
-    float ss = 0.f;
+    // ops.rmsnorm: the sum of squares in fp64 (each square exact, the sum within 1e-16 in any order, so its
+    // fp32 rounding is the reference's), then IEEE fp32 sqrt and division: the same bits as the reference
+    double ss = 0.0;
 #pragma unroll
     for (int i = 0; i < CH; ++i)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) ss = __fadd_rn(ss, __fmul_rn(v[i][e], v[i][e]));
-    const float tot = block_sum<THREADS>(ss, shf);
-    const float r = rsqrtf(__fadd_rn(__fmul_rn(tot, inv_k), eps));
+      for (int e = 0; e < 8; ++e) ss += (double)v[i][e] * (double)v[i][e];
+    const float ms = __double2float_rn(block_sum_d<THREADS>(ss, shd) / (double)K);
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
       const int base = 8 * (tid + i * THREADS);
@@ -156,6 +172,6 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
 }
 
 #define ROWQUANT_PARAMS                                                                                     \
-  const void *__restrict__ x, const void *__restrict__ x2, int dt2, float eps, float inv_k, i8 *__restrict__ q, \
+  const void *__restrict__ x, const void *__restrict__ x2, int dt2, float eps, i8 *__restrict__ q, \
       float *__restrict__ scale, int *__restrict__ qsum, int K, int Kp, i64 ldx, i64 ldx2, int vec
-#define ROWQUANT_ARGS x, x2, dt2, eps, inv_k, q, scale, qsum, K, Kp, ldx, ldx2, vec
+#define ROWQUANT_ARGS x, x2, dt2, eps, q, scale, qsum, K, Kp, ldx, ldx2, vec

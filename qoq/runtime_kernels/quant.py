@@ -75,7 +75,7 @@ def rowquant(mode: int, x: torch.Tensor, x2: torch.Tensor | None, eps: float, pa
     device = dev.index if dev.index is not None else torch.cuda.current_device()
     variant = B.rowquant_variant(IN_DTYPES[x.dtype], mode, ch, threads)
     qsum = out.qsum if with_qsum else None
-    args = (B.ptr(x), B.ptr(x2), B.i32(dt2), B.f32(eps), B.f32(1.0 / k), B.ptr(out.q), B.ptr(out.scale), B.ptr(qsum),
+    args = (B.ptr(x), B.ptr(x2), B.i32(dt2), B.f32(eps), B.ptr(out.q), B.ptr(out.scale), B.ptr(qsum),
             B.i32(k), B.i32(padded_in), B.i64(x.stride(0)), B.i64(ld2), B.i32(int(vec)))
     B.launch(variant, device, (m, 1, 1), (threads, 1, 1), args)
     if not with_qsum and out.qsum is not None:
