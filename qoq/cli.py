@@ -45,6 +45,9 @@ def user_errors(fn):
     return wrapper
 
 
+ARTIFACT_ARG = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote")
+
+
 @app.command()
 @user_errors
 def quantize(
@@ -169,7 +172,7 @@ def _mb(nbytes: float) -> str:
 @app.command()
 @user_errors
 def verify(
-    artifact: Optional[Path] = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote"),
+    artifact: Optional[Path] = ARTIFACT_ARG,
     ppl: str = typer.Option("wikitext2", "--ppl", help="perplexity dataset (wikitext2)"),
     data: Optional[str] = typer.Option(None, "--data", help="local WikiText-2 wiki.test.raw (or its folder); "
                                        "default: $QOQ_WIKITEXT2, the hub, then $QOQ_DATA_DIR"),
@@ -244,7 +247,7 @@ def _kernel_table(kc: dict) -> Table:
 @app.command()
 @user_errors
 def generate(
-    artifact: Optional[Path] = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote"),
+    artifact: Optional[Path] = ARTIFACT_ARG,
     prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="most tokens to generate"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples"),
@@ -270,7 +273,7 @@ def generate(
 @app.command()
 @user_errors
 def bench(
-    artifact: Optional[Path] = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote"),
+    artifact: Optional[Path] = ARTIFACT_ARG,
     gpu: str = typer.Option("auto", "--gpu", help="GPU profile: l40s | a100 | h100 | h200 | auto (the detected GPU)"),
     shape: Optional[str] = typer.Option(None, "--shape", help="synthetic model instead of ARTIFACT: llama-3-8b | "
                                         "llama-2-7b | mistral-7b | qwen2-7b | smollm2-135m (random weights, RTN)"),

@@ -359,12 +359,9 @@ def main(argv=None) -> int:
         return 0
     if args.tune or args.tune_gemv:
         rows = tune(large_ms=() if args.tune_gemv else (1024, 2048, 4096))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-        return 0
-    rows = run(quick=args.quick, tune_attention=args.tune_attention)
-    print(summary(rows))
+    else:
+        rows = run(quick=args.quick, tune_attention=args.tune_attention)
+        print(summary(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

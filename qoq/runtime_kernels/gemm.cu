@@ -448,6 +448,9 @@ QOQ_DEV void gemm_body(GEMM_PARAMS) {
   cp_async_wait<0>();
 
   EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
+  // output row / first column of accumulator pair acc[mi][j][2hh..2hh+1] (C fragment of the n8 MMA)
+  auto frag_row = [&](int mi, int hh) { return m0 + wm * TM + mi * 16 + g + 8 * hh; };
+  auto frag_col = [&](int j) { return n0 + wn * TN + (j >> 2) * 32 + (j & 3) * 8 + 2 * l; };
   if (S > 1) {
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
@@ -455,8 +458,7 @@ QOQ_DEV void gemm_body(GEMM_PARAMS) {
       for (int j = 0; j < NI * 4; ++j)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int row = m0 + wm * TM + mi * 16 + g + 8 * hh;
-          const int col = n0 + wn * TN + (j >> 2) * 32 + (j & 3) * 8 + 2 * l;
+          const int row = frag_row(mi, hh), col = frag_col(j);
           if (row < M && col < Np)
             *(int2*)(ws + ((i64)split * M + row) * Np + col) = make_int2(acc[mi][j][2 * hh], acc[mi][j][2 * hh + 1]);
         }
@@ -473,8 +475,7 @@ QOQ_DEV void gemm_body(GEMM_PARAMS) {
       for (int j = 0; j < NI * 4; ++j)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int row = m0 + wm * TM + mi * 16 + g + 8 * hh;
-          const int col = n0 + wn * TN + (j >> 2) * 32 + (j & 3) * 8 + 2 * l;
+          const int row = frag_row(mi, hh), col = frag_col(j);
           int v0 = 0, v1 = 0;
           if (row < M && col < Np) {
             for (int s = 0; s < S; ++s) {
@@ -494,8 +495,7 @@ QOQ_DEV void gemm_body(GEMM_PARAMS) {
     for (int j = 0; j < NI * 4; ++j)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        const int row = m0 + wm * TM + mi * 16 + g + 8 * hh;
-        const int col = n0 + wn * TN + (j >> 2) * 32 + (j & 3) * 8 + 2 * l;
+        const int row = frag_row(mi, hh), col = frag_col(j);
         if (row < M) epi_store2(e, acc[mi][j][2 * hh], acc[mi][j][2 * hh + 1], row, col);
       }
 }

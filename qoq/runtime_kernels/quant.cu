@@ -8,53 +8,22 @@
 #define MODE_RMSNORM 1
 #define MODE_SILU_MUL 2
 
-template <int THREADS>
-QOQ_DEV float block_sum(float v, float* sh) {
-  v = warp_sum(v);
+// Block-wide reduction of one value per thread: butterfly within each warp, then every thread folds the warps'
+// results in the same order (so every thread gets the same bits). `sh`: THREADS / 32 slots.
+struct AddOp { template <typename T> QOQ_DEV T operator()(T a, T b) const { return a + b; } };
+struct MaxOp { QOQ_DEV float operator()(float a, float b) const { return fmaxf(a, b); } };
+
+template <int THREADS, typename T, typename Op>
+QOQ_DEV T block_reduce(T v, T* sh, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();
   if (lane == 0) sh[warp] = v;
   __syncthreads();
-  float r = 0.f;
+  T r = sh[0];
 #pragma unroll
-  for (int w = 0; w < THREADS / 32; ++w) r += sh[w];  // same order in every thread
-  return r;
-}
-template <int THREADS>
-QOQ_DEV float block_max(float v, float* sh) {
-  v = warp_max(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  float r = sh[0];
-#pragma unroll
-  for (int w = 1; w < THREADS / 32; ++w) r = fmaxf(r, sh[w]);
-  return r;
-}
-template <int THREADS>
-QOQ_DEV double block_sum_d(double v, double* sh) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  double r = 0.0;
-#pragma unroll
-  for (int w = 0; w < THREADS / 32; ++w) r += sh[w];
-  return r;
-}
-template <int THREADS>
-QOQ_DEV int block_sum_i(int v, int* sh) {
-  v = warp_sum_i(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  int r = 0;
-#pragma unroll
-  for (int w = 0; w < THREADS / 32; ++w) r += sh[w];
+  for (int w = 1; w < THREADS / 32; ++w) r = op(r, sh[w]);
   return r;
 }
 
@@ -110,7 +79,7 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
     for (int i = 0; i < CH; ++i)
 #pragma unroll
       for (int e = 0; e < 8; ++e) ss += (double)v[i][e] * (double)v[i][e];
-    const float ms = __double2float_rn(block_sum_d<THREADS>(ss, shd) / (double)K);
+    const float ms = __double2float_rn(block_reduce<THREADS>(ss, shd, AddOp()) / (double)K);
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
@@ -145,7 +114,7 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
   for (int i = 0; i < CH; ++i)
 #pragma unroll
     for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(v[i][e]));
-  amax = block_max<THREADS>(amax, shf);
+  amax = block_reduce<THREADS>(amax, shf, MaxOp());
   // torch evaluates `amax / 127` (division by a Python scalar) on CUDA as amax * (1/127)
   const float s = amax > 0.f ? __fmul_rn(amax, 1.0f / 127.0f) : 1.0f;
   int lsum = 0;
@@ -164,7 +133,7 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
       *(uint2*)(q + (i64)row * Kp + 8 * j) = make_uint2(packed[0], packed[1]);
     }
   }
-  if (qsum) lsum = block_sum_i<THREADS>(lsum, shi);
+  if (qsum) lsum = block_reduce<THREADS>(lsum, shi, AddOp());
   if (tid == 0) {
     scale[row] = s;
     if (qsum) qsum[row] = lsum;
