@@ -44,11 +44,13 @@ def test_kernel_sources_compile(tmp_path):
     jobs = []
     for arch in ("80", "89", "90"):
         for unit in B.UNITS:
+            if unit in B.ARCH_SPECIFIC and B.ARCH_SPECIFIC[unit] != arch:
+                continue
             variants = [v for v in _variants(arch) if v.unit == unit]
             src = B.unit_source(unit) + "\n" + "\n".join(v.wrapper for v in variants if v.wrapper) + "\n"
             path = tmp_path / f"sm{arch}_{unit}"
             path.write_text(src)
-            cmd = ["nvcc", f"-arch=sm_{arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o",
+            cmd = ["nvcc", f"-arch=sm_{B.compile_arch(B.Variant(unit, ''), arch)}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o",
                    str(path.with_suffix(".cubin")), str(path)]
             jobs.append((arch, unit, variants, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                                 text=True)))
@@ -78,4 +80,19 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
                 assert v in defaults, (n, k, m, cfg)
                 assert B.runs_on(v, str(cc)), (n, k, m, cfg)
     assert gemm.choose_config(16, 6144, 4096, 132, cc=90).cluster == 2
+
+
+def test_choose_config_large_m_paths():
+    """sm_90: the wgmma kernel once its 128 x 128 tiles cover half the SMs; else (and below sm_90) dequant +
+    _int_mm from M = 256, the tiled kernel below that."""
+    from qoq.runtime_kernels import gemm
+
+    W, I, T = gemm.WgmmaConfig, gemm.IntMMConfig, gemm.GemmConfig
+    for m, n, k, cc, kind in [(4096, 4096, 4096, 90, W), (1024, 28672, 4096, 90, W), (256, 6144, 4096, 90, W),
+                              (64, 28672, 4096, 90, W), (256, 4096, 4096, 90, I), (64, 4096, 14336, 90, T),
+                              (32, 28672, 4096, 90, T), (4096, 4096, 4096, 80, I), (4096, 4096, 4096, 89, I),
+                              (100, 4096, 4096, 80, T)]:
+        assert isinstance(gemm.choose_config(m, n, k, 132, cc=cc), kind), (m, n, k, cc)
+    assert isinstance(gemm.choose_config(4096, 4096, 4096, 132, intmm=False, cc=90), T)
+    assert not B.runs_on(gemm.variant_for(gemm.WgmmaConfig(), True)[0], "100")
     assert gemm.choose_config(16, 6144, 4096, 132, cc=89).cluster == 1

@@ -56,6 +56,7 @@ def _precompiled():
     from qoq.runtime_kernels.gemm import variant_for
 
     extra = [variant_for(cfg, grouped)[0] for grouped in (True, False) for _, _, cfg in _configs()]
+    extra += [variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in _wgmma_configs()]
     for kp in (128, 576, 1536, 4096, 4128, 4160, 14336):
         threads, ch = launch_shape(kp)
         extra += [B.rowquant_variant(dt, mode, ch, threads) for dt in (0, 1, 2) for mode in (0, 1, 2)]
@@ -218,7 +219,7 @@ def test_w4a8_large_m_intmm_path(group, n, k):
     w = _linear(n, k, group)
     assert torch.equal(dequant_int8_weight(w), ops.int8_weight(w))
     for m in LARGE_MS:
-        assert isinstance(choose_config(m, w.qweight.shape[0], w.padded_in, 132), IntMMConfig)
+        assert isinstance(choose_config(m, w.qweight.shape[0], w.padded_in, 132, cc=80), IntMMConfig)
         a = _act(m, k, w.padded_in, w.per_channel, seed=m + 7)
         ref_acc = _ref_acc(a, w)
         assert torch.equal(K.w4a8_linear(a, w, out_dtype=torch.int32), ref_acc), f"int32 differs at M={m}"
@@ -237,6 +238,30 @@ def test_w4a8_large_m_intmm_path(group, n, k):
         for cfg in (IntMMConfig(n_chunk=96), IntMMConfig(n_chunk=1024, max_acc_bytes=4 * 1024 * 300)):
             assert torch.equal(K.w4a8_linear(a, w, out_dtype=torch.int32, config=cfg), ref_acc)
             assert torch.equal(K.w4a8_linear(a, w, config=cfg), ops.w4a8_linear(a, w))
+
+
+def _wgmma_configs():
+    from qoq.runtime_kernels.gemm import WgmmaConfig
+    return [WgmmaConfig(256, 4, 1), WgmmaConfig(128, 4, 1), WgmmaConfig(128, 3, 2)]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("n,k", [(576, 4128), (4096, 4096), (40, 100), (192, 1536)])
+def test_w4a8_wgmma_kernel(group, n, k):
+    """sm_90a warpgroup-MMA kernel (in-kernel W4 dequant, fused epilogue): int32 accumulators exact and every output
+    dtype bit-equal to ops.py, with M, N (Np not a multiple of BN) and K (Kp not a multiple of 128) tails."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma needs sm_90a")
+    w = _linear(n, k, group, bias=(n == 40))
+    for m in (1, 17, 128, 130, 1000):
+        a = _act(m, k, w.padded_in, w.per_channel, seed=m + 3)
+        ref_acc = _ref_acc(a, w)
+        for cfg in _wgmma_configs():
+            acc = K.w4a8_linear(a, w, out_dtype=torch.int32, config=cfg)
+            assert torch.equal(acc, ref_acc), f"{cfg} int32 differs at M={m}: {(acc - ref_acc).abs().max()}"
+            for dt in (torch.float16, torch.bfloat16, torch.float32):
+                y, ref = K.w4a8_linear(a, w, out_dtype=dt, config=cfg), ops.w4a8_linear(a, w, out_dtype=dt)
+                assert torch.equal(y, ref), f"{cfg} {dt} differs at M={m}"
 
 
 @pytest.mark.parametrize("group", [128, -1])

@@ -98,8 +98,11 @@ def _quantized_weights(n: int, k: int, group: int, copies: int, device):
 def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = True, log=print) -> list[dict]:
     import qoq.runtime_kernels as K
     from qoq.runtime import ops
+    from qoq.runtime_kernels.gemm import IntMMConfig, WgmmaConfig, choose_config
 
     dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    sms, cc = props.multi_processor_count, 10 * props.major + props.minor
     rows = []
     for n, k in shapes:
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
@@ -111,6 +114,7 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
         have_fp8 = fp8 and hasattr(torch, "float8_e4m3fn") and torch.cuda.get_device_capability() >= (8, 9)
         wf8s = [w.to(torch.float8_e4m3fn) for w in w16s[: c8]] if have_fp8 else []
         q4 = {g: _quantized_weights(n, k, g, _copies(n * k // 2 + n * 8), dev) for g in groups}
+        np_, kp = q4[groups[0]][0].qweight.shape[0], q4[groups[0]][0].padded_in
         one = torch.ones((), device=dev)
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -130,20 +134,22 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
             for g, lins in q4.items():
                 a = ops.quantize_act(x, lins[0].padded_in, with_qsum=(g == -1))
                 name = "w4a8_g128" if g == 128 else ("w4a8_pc" if g == -1 else f"w4a8_g{g}")
-                if m < 256:
+                # every large-M path (tiled mma.sync kernel; dequant + _int_mm + epilogue; sm_90a wgmma kernel);
+                # the plain row is the one choose_config dispatches to
+                paths = {}
+                if m >= 256:
+                    paths["_tiled"] = choose_config(m, np_, kp, sms, intmm=False)
+                    paths["_intmm"] = IntMMConfig()
+                if cc == 90 and m > 16:
+                    paths["_wgmma"] = WgmmaConfig()
+                for suffix, cfg in paths.items():
+                    res[name + suffix] = time_calls([lambda w=w, cfg=cfg: K.w4a8_linear(a, w, config=cfg) for w in lins])
+                picked = {IntMMConfig: "_intmm", WgmmaConfig: "_wgmma"}.get(type(choose_config(m, np_, kp, sms, cc=cc)),
+                                                                             "_tiled")
+                if name + picked in res:
+                    res[name] = res[name + picked]
+                else:
                     res[name] = time_calls([lambda w=w: K.w4a8_linear(a, w) for w in lins])
-                    continue
-                # both large-M paths (tiled tensor-core kernel; dequant + _int_mm + epilogue); the plain row is
-                # the one choose_config dispatches to
-                from qoq.runtime_kernels.gemm import IntMMConfig, choose_config
-                sms = torch.cuda.get_device_properties(0).multi_processor_count
-                np_, kp = lins[0].qweight.shape[0], lins[0].padded_in
-                tiled = choose_config(m, np_, kp, sms, intmm=False)
-                res[name + "_tiled"] = time_calls([lambda w=w: K.w4a8_linear(a, w, config=tiled) for w in lins])
-                res[name + "_intmm"] = time_calls([lambda w=w: K.w4a8_linear(a, w, config=IntMMConfig())
-                                                   for w in lins])
-                picked = choose_config(m, np_, kp, sms)
-                res[name] = res[name + ("_intmm" if isinstance(picked, IntMMConfig) else "_tiled")]
             flops = 2.0 * m * n * k
             base16, base8 = res["fp16"]["us"], res.get("int8", {}).get("us")
             for impl, r in res.items():
@@ -171,10 +177,11 @@ def _gemm_line(n, k, m, res):
     for name in ("w4a8_g128", "w4a8_pc"):
         if name in res:
             ratios.append(f"{b16 / res[name]['us']:5.2f}x" + (f"/{b8 / res[name]['us']:4.2f}x" if b8 else "/   - "))
+    paths = [p for p in ("tiled", "intmm", "wgmma") if f"w4a8_g128_{p}" in res]
     extra = ""
-    if "w4a8_g128_tiled" in res:
-        extra = (f"   [tiled/intmm: g128 {f('w4a8_g128_tiled')} {f('w4a8_g128_intmm')} "
-                 f"pc {f('w4a8_pc_tiled')} {f('w4a8_pc_intmm')}]")
+    if paths:
+        extra = (f"   [{'/'.join(paths)}: g128 " + " ".join(f(f"w4a8_g128_{p}") for p in paths)
+                 + " pc " + " ".join(f(f"w4a8_pc_{p}") for p in paths) + "]")
     return (f"{n:6d}x{k:<6d} M={m:<5d} fp16 {f('fp16')} int8 {f('int8')} fp8 {f('fp8')} "
             f"g128 {f('w4a8_g128')} pc {f('w4a8_pc')}   vs fp16/int8: {'  '.join(ratios)}{extra}")
 
@@ -231,7 +238,10 @@ GEMV_CANDIDATES = {  # name -> (nt, warps, u, red, cluster); the cluster ones ne
     "w8u2": (1, 8, 2, 1, 1), "w4u8": (1, 4, 8, 1, 1), "w32u2": (1, 32, 2, 1, 1),
     "w16u2c2": (1, 16, 2, 1, 2), "w8u2c2": (1, 8, 2, 1, 2), "w8u4c2": (1, 8, 4, 1, 2), "w8u2c4": (1, 8, 2, 1, 4),
     "w16u2c4": (1, 16, 2, 1, 4), "w4u4c4": (1, 4, 4, 1, 4)}
-INTMM_CHUNKS = (None, 2048, 4096, 8192)
+INTMM_CHUNKS = (None,)  # output-channel chunks measured slower at 2048-8192 (NOTES.md)
+
+
+WGMMA_CANDIDATES = [(256, 4, 1), (128, 4, 1), (128, 3, 2)]  # WgmmaConfig(bn, stages, min_blocks)  # WgmmaConfig(bn, stages, min_blocks)
 
 
 def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16), large_ms=(1024, 2048, 4096)) -> list[dict]:
@@ -245,6 +255,9 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16), large_ms=(1024,
     cands = {k: v for k, v in GEMV_CANDIDATES.items() if v[4] == 1 or torch.cuda.get_device_capability() >= (9, 0)}
     variants = [G.variant_for(G.GemvConfig(tb, nt, w, u, red=r, cluster=cl), grouped)[0] for grouped in (True, False)
                 for tb in (1, 2) for nt, w, u, r, cl in cands.values()]
+    hopper_a = torch.cuda.get_device_capability() == (9, 0)
+    wgmmas = [G.WgmmaConfig(*c) for c in WGMMA_CANDIDATES] if hopper_a else []
+    variants += [G.variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in wgmmas]
     K.precompile(variants + [G.DEQUANT_G, G.DEQUANT_C, G.EPILOGUE])
     rows = []
 
@@ -273,6 +286,9 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16), large_ms=(1024,
                     cfg = G.IntMMConfig(n_chunk=ch)
                     res[f"chunk{ch or 'all'}"] = time_calls([lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg)
                                                              for lin in lins])["us"]
+                for cfg in wgmmas:
+                    res[f"wgmma{cfg.bn}s{cfg.stages}b{cfg.min_blocks}"] = time_calls(
+                        [lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg) for lin in lins])["us"]
                 np_, kp = lins[0].qweight.shape[0], lins[0].padded_in
                 w8s = [torch.empty(np_, kp, dtype=torch.int8, device=dev) for _ in range(_copies(np_ * kp))]
                 res["stage_dequant"] = time_calls([lambda lin=lin, w8=w8: G._dequant(

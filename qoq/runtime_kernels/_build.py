@@ -1,6 +1,7 @@
 """Compile (NVRTC), cache and launch the qoq CUDA kernels.
 
-Sources: `common.cuh` (helpers, no #include) is prepended to each unit (`gemm.cu`, `quant.cu`, `attention.cu`).
+Sources: `common.cuh` (helpers, no #include) is prepended to each unit (`gemm.cu`, `quant.cu`, `attention.cu`;
+`wgmma.cu` also gets `gemm.cu` before it and is compiled for `sm_90a`, the arch-specific Hopper target).
 Templated kernels get a small `extern "C"` wrapper per variant (see `Variant`), so every variant is compiled on
 first use only, once per process per device arch: options `-arch=sm_XX -std=c++17` (IEEE division, no fast math,
 no flush-to-zero). Compiled cubins are also kept on disk (`$QOQ_KERNEL_CACHE`, default ~/.cache/qoq/kernels),
@@ -18,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 SRC_DIR = Path(__file__).resolve().parent
-UNITS = ("gemm.cu", "quant.cu", "attention.cu")
+UNITS = ("gemm.cu", "quant.cu", "attention.cu", "wgmma.cu")
+UNIT_PREFIX = {"wgmma.cu": ("gemm.cu",)}  # sources a unit builds on
+ARCH_SPECIFIC = {"wgmma.cu": "90"}  # units compiled for sm_XXa (warpgroup MMA): they run on exactly that arch
 NVRTC_OPTIONS = ("-std=c++17",)
 
 _lock = threading.RLock()
@@ -37,7 +40,13 @@ class Variant:
 
 
 def unit_source(unit: str) -> str:
-    return (SRC_DIR / "common.cuh").read_text() + "\n" + (SRC_DIR / unit).read_text()
+    files = ("common.cuh",) + UNIT_PREFIX.get(unit, ()) + (unit,)
+    return "\n".join((SRC_DIR / f).read_text() for f in files)
+
+
+def compile_arch(v: Variant, arch: str) -> str:
+    """`arch` of the device, or `<arch>a` for the arch-specific units."""
+    return arch + "a" if ARCH_SPECIFIC.get(v.unit) == arch else arch
 
 
 def variant_source(v: Variant) -> str:
@@ -66,6 +75,17 @@ def gemm_variant(bm: int, bn: int, wm: int, wn: int, stages: int, grouped: bool,
 def gemm_smem_bytes(bm: int, bn: int, stages: int, grouped: bool) -> int:
     bk = 128
     return stages * (bm * bk + bn * bk // 2 + (2 * (bk // 32) * bn if grouped else 0))
+
+
+def wgmma_variant(bn: int, stages: int, grouped: bool, min_blocks: int = 1) -> Variant:
+    name = f"qoq_wgmma_128x{bn}_s{stages}_b{min_blocks}_{'g' if grouped else 'c'}"
+    body = (f'extern "C" __global__ void __launch_bounds__(256, {min_blocks}) {name}(GEMM_PARAMS) '
+            f'{{ wgmma_gemm_body<{bn}, {stages}, {str(grouped).lower()}>(GEMM_ARGS); }}')
+    return Variant("wgmma.cu", name, body)
+
+
+def wgmma_smem_bytes(bn: int, stages: int) -> int:
+    return stages * 128 * (128 + bn) + 1024  # + alignment slack for the 1024-byte swizzle atoms
 
 
 def rowquant_variant(dt: int, mode: int, ch: int, threads: int) -> Variant:
@@ -130,7 +150,9 @@ def nvrtc_compile(source: str, name: str, arch: str) -> bytes:
 
 
 def runs_on(v: Variant, arch: str) -> bool:
-    """Thread-block-cluster variants exist from sm_90 on."""
+    """Thread-block-cluster variants exist from sm_90 on; arch-specific units run on their arch only."""
+    if v.unit in ARCH_SPECIFIC:
+        return ARCH_SPECIFIC[v.unit] == arch
     return int(arch) >= 90 or "__cluster_dims__" not in v.wrapper
 
 
@@ -152,7 +174,7 @@ def get_function(v: Variant, device: int):
             import cupy
             from cupy.cuda import function
 
-            cubin = nvrtc_compile(variant_source(v), v.name, device_arch(device))
+            cubin = nvrtc_compile(variant_source(v), v.name, compile_arch(v, device_arch(device)))
             with cupy.cuda.Device(device):
                 mod = function.Module()
                 mod.load(cubin)
@@ -251,6 +273,6 @@ def precompile(variants, device: int | None = None, max_workers: int | None = No
     todo = [v for v in dict.fromkeys(variants) if (device, v) not in _functions and runs_on(v, arch)]
     workers = max_workers or min(len(todo), os.cpu_count() or 4, 16) or 1
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda v: nvrtc_compile(variant_source(v), v.name, arch), todo))
+        list(pool.map(lambda v: nvrtc_compile(variant_source(v), v.name, compile_arch(v, arch)), todo))
     for v in todo:
         get_function(v, device)  # loads from the disk cache just written

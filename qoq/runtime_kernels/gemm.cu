@@ -56,18 +56,15 @@ struct EpiArgs {
   int N;
 };
 
-// ops.w4a8_epilogue, op for op in fp32 (no contraction): exact twin of the torch reference
+// ops.w4a8_epilogue, op for op in fp32 (no contraction): exact twin of the torch reference (qs: the row's qsum and
+// sz the channel's s1_szeros, per-channel weights only)
+QOQ_DEV float epi_math(int acc, float sa, float qs, float s1, float sz, bool per_channel) {
+  if (per_channel) return __fmul_rn(sa, __fsub_rn(__fmul_rn(__int2float_rn(acc), s1), __fmul_rn(sz, qs)));
+  return __fmul_rn(__fmul_rn(__int2float_rn(acc), sa), s1);
+}
 QOQ_DEV float epi_value(const EpiArgs& e, int acc, int m, int n) {
-  const float s1 = h2f(e.s1[n]);
-  const float sa = e.sa[m];
-  float y;
-  if (e.szeros) {
-    const float t1 = __fmul_rn(__int2float_rn(acc), s1);
-    const float t2 = __fmul_rn(h2f(e.szeros[n]), __int2float_rn(e.qsum[m]));
-    y = __fmul_rn(sa, __fsub_rn(t1, t2));
-  } else {
-    y = __fmul_rn(__fmul_rn(__int2float_rn(acc), sa), s1);
-  }
+  const bool pc = e.szeros != nullptr;
+  float y = epi_math(acc, e.sa[m], pc ? __int2float_rn(e.qsum[m]) : 0.f, h2f(e.s1[n]), pc ? h2f(e.szeros[n]) : 0.f, pc);
   if (e.bias) y = __fadd_rn(y, ld_any(e.bias, n, e.bias_dt));
   return y;
 }

@@ -50,8 +50,20 @@ class IntMMConfig:
     n_chunk: int | None = None
 
 
+@dataclass(frozen=True)
+class WgmmaConfig:
+    """Hopper (sm_90a) large-M kernel: 128 x bn x 128 CTA tile, two warpgroups of `wgmma` s8, W4 dequantized into
+    shared memory inside the kernel, epilogue on the accumulators (wgmma.cu). Default measured on H100: two
+    128 x 128 CTAs per SM hide each other's load latency better than one 128 x 256 CTA (NOTES.md)."""
+
+    bn: int = 128
+    stages: int = 3
+    min_blocks: int = 2
+
+
 GEMV_MAX_M = 16
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
+WGMMA_MIN_M = 64
 
 DEQUANT_G = B.Variant("gemm.cu", "qoq_w4_dequant_g")
 DEQUANT_C = B.Variant("gemm.cu", "qoq_w4_dequant_c")
@@ -59,13 +71,17 @@ EPILOGUE = B.Variant("gemm.cu", "qoq_w4a8_epilogue")
 
 
 def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
-                  cc: int = 80) -> GemvConfig | GemmConfig | IntMMConfig:
+                  cc: int = 80) -> GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig:
     """Measured on H100 (`python -m qoq.bench.gemm --tune`, NOTES.md). M <= 16: the weight-streaming GEMV, its
-    shape by how many 32-channel groups there are per SM and by K; otherwise the largest tile that still gives
-    every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound), or from M = 256 the
-    dequant + `_int_mm` path. `cc`: compute capability (90 enables the thread-block-cluster split-K)."""
+    shape by how many 32-channel groups there are per SM and by K. On sm_90 from M = 64: the wgmma kernel when its
+    128 x 128 tiles give at least half the SMs a CTA (it has no split-K). Otherwise the largest tile that still
+    gives every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound), or from M = 256
+    the dequant + `_int_mm` path. `cc`: compute capability (90 enables the thread-block-cluster split-K and the
+    sm_90a wgmma kernel). `intmm=False`: the tiled mma.sync kernel only (benchmark baseline)."""
     if m <= GEMV_MAX_M:
         return _choose_gemv(m, np_ // 32, kp // 32, sms, cc)
+    if intmm and cc == 90 and m >= WGMMA_MIN_M and 2 * math.ceil(m / 128) * math.ceil(np_ / 128) >= sms:
+        return WgmmaConfig()
     if intmm and m >= INTMM_MIN_M and kp % 8 == 0 and np_ % 8 == 0:
         return IntMMConfig()
     ntile = lambda bm, bn: math.ceil(m / bm) * math.ceil(np_ / bn)  # noqa: E731
@@ -97,6 +113,8 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
     """(kernel variant, dynamic shared memory bytes) of a configuration."""
     if isinstance(cfg, IntMMConfig):
         return (DEQUANT_G if grouped else DEQUANT_C), 0
+    if isinstance(cfg, WgmmaConfig):
+        return B.wgmma_variant(cfg.bn, cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.bn, cfg.stages)
     if isinstance(cfg, GemvConfig):
         return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u, cfg.red, cfg.cluster), 0
     stages = cfg.stages
@@ -145,7 +163,7 @@ def _workspace(device: int, name: str, numel: int, dtype: torch.dtype) -> torch.
 
 
 def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
-                config: GemvConfig | GemmConfig | IntMMConfig | None = None) -> torch.Tensor:
+                config: GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig | None = None) -> torch.Tensor:
     """y [M, N] = ops.w4a8_linear(a, w, out_dtype); out_dtype=torch.int32 returns the raw int32 accumulators."""
     q = a.q
     if q.dim() != 2 or q.dtype != torch.int8:
@@ -200,7 +218,13 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
         return out
     kt = kp // 32
     variant, smem = variant_for(cfg, grouped, info["smem_optin"])
-    if isinstance(cfg, GemvConfig):
+    if isinstance(cfg, WgmmaConfig):
+        if info["cc"] != 90:
+            raise ValueError(f"WgmmaConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
+        grid, block = (math.ceil(m / 128), math.ceil(np_ / cfg.bn), 1), (256, 1, 1)
+        splits, tps, ncounters = 1, kt, 0
+        s1, szeros = _aligned4(s1), _aligned4(szeros)  # its epilogue reads channel-scale pairs as 32-bit words
+    elif isinstance(cfg, GemvConfig):
         if m > 8 * cfg.tb:
             raise ValueError(f"GemvConfig(tb={cfg.tb}) handles M <= {8 * cfg.tb}, got {m}")
         if cfg.cluster > 1 and info["cc"] < 90:
@@ -214,7 +238,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
         splits, tps = _plan_gemm(cfg, mt * ntl, kt, sms)
         grid, block = (mt, ntl, splits), (cfg.wm * cfg.wn * 32, 1, 1)
         ncounters = mt * ntl
-    if splits > 1 and not getattr(cfg, "cluster", 1) > 1:
+    if splits > 1 and not getattr(cfg, "cluster", 1) > 1:  # (a WgmmaConfig never splits K)
         ws = _workspace(device, "gemm_partials", splits * m * np_, torch.int32)
         counters = _workspace(device, "gemm_counters", ncounters, torch.int32)
     else:
@@ -224,6 +248,10 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
             B.i32(m), B.i32(n), B.i32(np_), B.i32(kp), B.i32(log2g), B.i32(splits), B.i32(tps))
     B.launch(variant, device, grid, block, args, smem)
     return out
+
+
+def _aligned4(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.data_ptr() % 4 == 0 else t.clone()
 
 
 def dequant_int8_weight(w: QLinear) -> torch.Tensor:
@@ -289,7 +317,8 @@ def _intmm_rows(cfg, q, w8, s1, szeros, bias, bias_dt, scale, qsum, out, out_dty
 
 DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2)
                         for w, u, cl in ((16, 2, 1), (8, 2, 1), (32, 2, 1), (8, 4, 1), (8, 4, 2), (8, 2, 2))) + (
-    GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2))
+    GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
+    WgmmaConfig())
 
 
 def default_variants() -> list:

@@ -1,0 +1,286 @@
+// W4A8 GEMM for large M on Hopper: warpgroup MMA (`wgmma.mma_async` s8, sm_90a only; compiled with -arch=sm_90a).
+//
+// Replaces the three memory passes of the dequant + torch._int_mm + epilogue path with one kernel: the packed W4
+// tiles are dequantized in registers (the same byte arithmetic as gemm.cu: q*s2 - z per group, q per channel) and
+// stored as int8 into shared memory in the layout wgmma reads, and the epilogue runs on the accumulators.
+//
+// CTA tile 128 x BN x 128 (k), 256 threads = two warpgroups, each owning 64 rows x BN (one m64nBNk32 wgmma per k32
+// step). Shared memory per stage: A [128][128] int8 and B [BN][128] int8, both K-major with the 128-byte swizzle
+// (16-byte chunk c of row r at chunk c ^ (r & 7); atoms of 8 rows x 128 bytes, 1024-byte aligned), which is what
+// the descriptors say (layout SWIZZLE_128B, 1024 bytes between 8-row groups; the k32 step advances the start
+// address by 32 bytes inside the atom). A arrives by cp.async; B by 16-byte register loads of the packed tiles
+// two stages ahead, dequantized and stored with 4-byte st.shared (the 32 lanes of a store hit 32 banks).
+//
+// Pipeline over STAGES buffers: at step t the wgmma of stage t is in flight (and t-1 may still be), stage t+S-2
+// is written. Stage t-2 is free: every warpgroup waited for its wgmma of t-2 (wait_group 1 at the end of step t-1)
+// before the barrier that opens step t. Generic-proxy writes (cp.async, st.shared) are made visible to the async
+// proxy that wgmma reads through with fence.proxy.async before that barrier.
+// grid = (ceil(M/128), ceil(Np/BN)); M, N and K tails are zero-filled; no split-K (large M fills the GPU).
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QOQ_WGMMA 1
+// smem matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart (leading offset unused: 1)
+QOQ_DEV u64 wg_desc(u32 saddr) {
+  return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+QOQ_DEV void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+QOQ_DEV void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> QOQ_DEV void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+QOQ_DEV void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+template <int R> QOQ_DEV void reg_fence(int (&d)[R]) {  // keep accumulator accesses on their side of a wait
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(d[i]) :: "memory");
+}
+QOQ_DEV void wgmma_m64n128k32_s8(int (&d)[64], u64 da, u64 db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+      "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+      "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+      "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+      "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "l"(da), "l"(db), "r"(1));
+}
+QOQ_DEV void wgmma_m64n256k32_s8(int (&d)[128], u64 da, u64 db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+      "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+      "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+      "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+      "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
+      "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
+      "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
+      "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
+      "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
+      "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
+      "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
+      "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
+      "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+      : "l"(da), "l"(db), "r"(1));
+}
+template <int BN> struct Wgmma;
+template <> struct Wgmma<128> { QOQ_DEV static void mma(int (&d)[64], u64 a, u64 b) { wgmma_m64n128k32_s8(d, a, b); } };
+template <> struct Wgmma<256> { QOQ_DEV static void mma(int (&d)[128], u64 a, u64 b) { wgmma_m64n256k32_s8(d, a, b); } };
+#endif
+
+// Epilogue on the accumulators, out dtype fixed at compile time: d[4j + 2hh + e] is row row0 + 8hh, column
+// col0 + 8j + e (col0 = n0 + 2l; the m16n8 C fragment, per warp of the warpgroup). Row scales are read once per
+// row and channel scales once per column pair; the arithmetic is epi_value's, op for op (bit-equal to ops.py).
+template <int DT> QOQ_DEV void st_pair(void* out, i64 idx, float y0, float y1) {
+  if (DT == DT_F16) *(u32*)((u16*)out + idx) = (u32)f2h(y0) | ((u32)f2h(y1) << 16);
+  else if (DT == DT_BF16) *(u32*)((u16*)out + idx) = (u32)f2bf(y0) | ((u32)f2bf(y1) << 16);
+  else *(float2*)((float*)out + idx) = make_float2(y0, y1);
+}
+template <int DT> QOQ_DEV void st_one(void* out, i64 idx, float y) {
+  if (DT == DT_F16) ((u16*)out)[idx] = f2h(y);
+  else if (DT == DT_BF16) ((u16*)out)[idx] = f2bf(y);
+  else ((float*)out)[idx] = y;
+}
+template <int BN, int DT>
+QOQ_DEV void wgmma_epilogue(const EpiArgs& e, const int (&acc)[BN / 2], int row0, int col0, int M) {
+  const bool pc = e.szeros != nullptr;
+  float sa_[2], qs_[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + 8 * hh;
+    sa_[hh] = row < M ? e.sa[row] : 0.f;
+    qs_[hh] = (pc && row < M) ? __int2float_rn(e.qsum[row]) : 0.f;
+  }
+  const bool pairs = !(e.N & 1);
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int col = col0 + 8 * j;  // even; col + 1 < Np whenever col < N (Np is a multiple of 32)
+    if (col >= e.N) continue;
+    const bool has1 = col + 1 < e.N;
+    float s1a = 0.f, s1b = 0.f, sza = 0.f, szb = 0.f, ba = 0.f, bb = 0.f;
+    if (DT != DT_I32) {
+      const u32 s1w = *(const u32*)(e.s1 + col);
+      s1a = h2f((u16)(s1w & 0xffffu));
+      s1b = h2f((u16)(s1w >> 16));
+      if (pc) {
+        const u32 szw = *(const u32*)(e.szeros + col);
+        sza = h2f((u16)(szw & 0xffffu));
+        szb = h2f((u16)(szw >> 16));
+      }
+      if (e.bias) {
+        ba = ld_any(e.bias, col, e.bias_dt);
+        bb = has1 ? ld_any(e.bias, col + 1, e.bias_dt) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = row0 + 8 * hh;
+      if (row >= M) continue;
+      const int a0 = acc[4 * j + 2 * hh], a1 = acc[4 * j + 2 * hh + 1];
+      const i64 idx = (i64)row * e.N + col;
+      if (DT == DT_I32) {
+        if (has1 && pairs) *(int2*)((int*)e.out + idx) = make_int2(a0, a1);
+        else {
+          ((int*)e.out)[idx] = a0;
+          if (has1) ((int*)e.out)[idx + 1] = a1;
+        }
+        continue;
+      }
+      float y0 = epi_math(a0, sa_[hh], qs_[hh], s1a, sza, pc), y1 = epi_math(a1, sa_[hh], qs_[hh], s1b, szb, pc);
+      if (e.bias) {
+        y0 = __fadd_rn(y0, ba);
+        y1 = __fadd_rn(y1, bb);
+      }
+      if (has1 && pairs) st_pair<DT>(e.out, idx, y0, y1);
+      else {
+        st_one<DT>(e.out, idx, y0);
+        if (has1) st_one<DT>(e.out, idx + 1, y1);
+      }
+    }
+  }
+}
+
+// packed 16-byte lane chunks (and per-group s2 / -z words) of one stage's B tiles, held in registers
+template <int IT> struct WgB {
+  uint4 w[IT];
+  u32 s[IT], z[IT];
+};
+
+template <int BN, int STAGES, bool GROUPED>
+QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
+#if defined(QOQ_WGMMA)
+  constexpr int BM = 128, BK = 128, KTS = BK / 32, THREADS = 256, NACC = BN / 2;
+  constexpr int A_BYTES = BM * BK, B_BYTES = BN * BK, STAGE = A_BYTES + B_BYTES;
+  constexpr int A_IT = BM * 8 / THREADS, B_IT = (BN / 32) * KTS / 8;  // 16-byte A chunks / packed tiles per warp
+  static_assert(STAGES >= 3, "the pipeline writes stage t+S-2 while t-1 and t may be in flight");
+  extern __shared__ uint4 dsmem[];
+  const u32 sraw = smem_u32(dsmem), sbase = (sraw + 1023u) & ~1023u;  // swizzle atoms need 1024-byte alignment
+  u8* const smem = (u8*)dsmem + (sbase - sraw);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7;
+  const int c = lane >> 2, l = lane & 3;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int KT = Kp >> 5, NTILES = Np >> 5;
+  const int nst = (KT + KTS - 1) / KTS;
+
+  const int a_row0 = tid >> 3, a_ch = tid & 7;
+  const i8* a_base = A + (i64)(m0 + a_row0) * Kp + a_ch * 16;
+  const u32 a_dst0 = a_row0 * BK + ((a_ch ^ (a_row0 & 7)) << 4);  // (row & 7) is the same for every it
+  auto load_a = [&](int st, int kt0) {
+    const bool k_ok = kt0 * 32 + a_ch * 16 < Kp;
+#pragma unroll
+    for (int it = 0; it < A_IT; ++it) {
+      const bool ok = k_ok && m0 + a_row0 + it * (THREADS / 8) < M;
+      cp_async16(sbase + st * STAGE + a_dst0 + it * (THREADS / 8) * BK,
+                 ok ? a_base + (i64)it * (THREADS / 8) * Kp + kt0 * 32 : A, ok ? 16 : 0);
+    }
+  };
+  // packed tile t = warp + 8 it of a stage: n-tile t / KTS, k-tile t % KTS
+  auto load_b = [&](WgB<B_IT>& r, int kt0) {
+#pragma unroll
+    for (int it = 0; it < B_IT; ++it) {
+      const int t = warp + 8 * it, nt = (n0 >> 5) + t / KTS, kt = kt0 + t % KTS;
+      const bool ok = nt < NTILES && kt < KT;
+      r.w[it] = ok ? ldg_stream16(W + ((i64)nt * KT + kt) * 512 + lane * 16) : make_uint4(0u, 0u, 0u, 0u);
+      if (GROUPED) {
+        const i64 gi = (i64)((kt << 5) >> log2g) * Np + nt * 32 + 4 * c;
+        r.s[it] = ok ? ldg_nc32(s2 + gi) : 0u;
+        r.z[it] = ok ? ldg_nc32(z2 + gi) : 0u;
+      }
+    }
+  };
+  // dequantize into stage st: word i of a lane's chunk holds k = 16 (i >> 1) + 4 l .. +3 of rows 8 (i & 1) + c
+  // (low nibbles) and 16 + 8 (i & 1) + c (high nibbles); zero chunks dequantize to zero (s2 = z = 0)
+  auto store_b = [&](const WgB<B_IT>& r, int st) {
+    u8* const base = smem + st * STAGE + A_BYTES;
+#pragma unroll
+    for (int it = 0; it < B_IT; ++it) {
+      const int t = warp + 8 * it, ntl = t / KTS, ktl = t % KTS;
+      u32 s[4] = {0u, 0u, 0u, 0u}, zb[4] = {0u, 0u, 0u, 0u}, L[4], H[4];
+      if (GROUPED) deq_params(r.s[it], r.z[it], s, zb);
+      dequant_tile<GROUPED>(r.w[it], s, zb, L, H);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = ntl * 32 + 8 * (i & 1) + c, chunk = ktl * 2 + (i >> 1);
+        const int off = row * BK + ((chunk ^ (row & 7)) << 4) + 4 * l;  // row + 16: same (row & 7)
+        *(u32*)(base + off) = L[i];
+        *(u32*)(base + off + 16 * BK) = H[i];
+      }
+    }
+  };
+
+  int acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0;
+
+  // B registers are double-buffered: the packed tiles of stage t+S are loaded at step t, two steps before their
+  // dequantization, so the global-load latency hides behind two steps of wgmma
+  WgB<B_IT> b0, b1;
+#pragma unroll
+  for (int s = 0; s < STAGES - 2; ++s) {
+    if (s < nst) {
+      load_a(s, s * KTS);
+      load_b(b0, s * KTS);
+      store_b(b0, s);
+    }
+    cp_async_commit();
+  }
+  if (STAGES - 2 < nst) load_b(b0, (STAGES - 2) * KTS);
+  if (STAGES - 1 < nst) load_b(b1, (STAGES - 1) * KTS);
+
+  auto step = [&](int t, WgB<B_IT>& br) {  // br holds the packed tiles of stage t+S-2
+    cp_async_wait<STAGES - 3>();
+    fence_proxy_async();
+    __syncthreads();
+    const u32 sa_ = sbase + (t % STAGES) * STAGE + wg * 64 * BK, sb_ = sbase + (t % STAGES) * STAGE + A_BYTES;
+    reg_fence(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KTS; ++kk) Wgmma<BN>::mma(acc, wg_desc(sa_ + kk * 32), wg_desc(sb_ + kk * 32));
+    wgmma_commit();
+    const int nx = t + STAGES - 2;
+    if (nx < nst) {
+      load_a(nx % STAGES, nx * KTS);
+      store_b(br, nx % STAGES);
+    }
+    cp_async_commit();
+    if (nx + 2 < nst) load_b(br, (nx + 2) * KTS);
+    wgmma_wait<1>();
+  };
+  for (int t = 0; t < nst; t += 2) {
+    step(t, b0);
+    if (t + 1 < nst) step(t + 1, b1);
+  }
+  wgmma_wait<0>();
+  reg_fence(acc);
+  cp_async_wait<0>();
+
+  const int row0 = m0 + wg * 64 + (warp & 3) * 16 + c;
+  const EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
+  if (out_dt == DT_F16) wgmma_epilogue<BN, DT_F16>(e, acc, row0, n0 + 2 * l, M);
+  else if (out_dt == DT_BF16) wgmma_epilogue<BN, DT_BF16>(e, acc, row0, n0 + 2 * l, M);
+  else if (out_dt == DT_F32) wgmma_epilogue<BN, DT_F32>(e, acc, row0, n0 + 2 * l, M);
+  else wgmma_epilogue<BN, DT_I32>(e, acc, row0, n0 + 2 * l, M);
+#else
+  __trap();  // sm_90a only (gemm.py launches it on compute capability 9.0)
+#endif
+}
