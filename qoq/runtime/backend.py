@@ -21,6 +21,7 @@ from qoq.runtime import ops
 KERNELS = ("quantize_act", "rmsnorm_quantize", "silu_mul_quantize", "w4a8_linear", "kv4_append",
            "kv4_quantize", "kv4_dequantize", "apply_rope", "decode_attention_kv4")
 OPTIONAL = ("rmsnorm",)
+FUSED = ("rope_kv4_append",)  # kernels with no reference op of their own: the engine composes them when absent
 BACKENDS = ("auto", "reference", "cupy")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -90,6 +91,7 @@ def cupy_backend() -> Backend:
             if name in KERNELS:
                 fallbacks.append(name)
         fns[name] = fn
+    fns.update({name: getattr(rk, name) for name in FUSED if hasattr(rk, name)})
     return Backend("cupy", fns, tuple(fallbacks))
 
 

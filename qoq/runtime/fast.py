@@ -62,14 +62,8 @@ def rows_view(cache: ops.KV4Cache, rows: slice) -> ops.KV4Cache:
 
 
 def rope_append_op(backend):
-    """The backend's fused RoPE + KV4 append, or None. The cupy Backend only lists the ops every backend
-    has, so its optional fused kernel is taken from qoq.runtime_kernels directly."""
-    fn = backend.fns.get("rope_kv4_append")
-    if fn is None and backend.name == "cupy":
-        import qoq.runtime_kernels as rk
-
-        fn = getattr(rk, "rope_kv4_append", None)
-    return fn
+    """The backend's fused RoPE + KV4 append (backend.FUSED), or None."""
+    return backend.fns.get("rope_kv4_append")
 
 
 def attention_takes_max_len(backend) -> bool:

@@ -35,16 +35,10 @@ def _backend(flag: str, name: str, device):
 def load_windows(art, data: str | None, seq_len: int, windows: int):
     """The first `windows` WikiText-2 test windows of `seq_len` tokens, tokenized with the artifact's tokenizer,
     and where the text came from."""
-    from transformers import AutoTokenizer
-
-    from qoq.verify.perplexity import load_wikitext2, token_windows
+    from qoq.verify.perplexity import artifact_tokenizer, load_wikitext2, token_windows
 
     text, source = load_wikitext2(data)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(art.path))
-    except Exception as e:
-        raise QoqError(f"{art.path} has no usable tokenizer ({type(e).__name__}); re-run qoq quantize") from None
-    return token_windows(tokenizer, text, seq_len, windows), source
+    return token_windows(artifact_tokenizer(art), text, seq_len, windows), source
 
 
 def _table(report: dict) -> Table:

@@ -257,10 +257,18 @@ def _result(nll: float, count: int, seconds: float) -> PplResult:
     return PplResult(ppl=ppl, nll_sum=nll, tokens=count, seconds=seconds)
 
 
-def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResult:
-    """Perplexity of the artifact (and of its FP16 source unless opts.baseline is False), kernel check."""
+def artifact_tokenizer(art):
+    """The tokenizer saved in the artifact; QoqError when it is missing or unreadable."""
     from transformers import AutoTokenizer
 
+    try:
+        return AutoTokenizer.from_pretrained(str(art.path))
+    except Exception as e:
+        raise QoqError(f"{art.path} has no usable tokenizer ({type(e).__name__}); re-run qoq quantize") from None
+
+
+def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResult:
+    """Perplexity of the artifact (and of its FP16 source unless opts.baseline is False), kernel check."""
     from qoq.formats.artifact import read_artifact
     from qoq.runtime.backend import cupy_available, get_backend, reference_backend, resolve_device
     from qoq.runtime.engine import Engine
@@ -286,10 +294,7 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
     if opts.baseline and not reload_spec:
         raise QoqError(f"{art.path} records no source model to compare with (qoq_report.json); pass --no-baseline")
     text, source = load_wikitext2(opts.data)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(art.path))
-    except Exception as e:
-        raise QoqError(f"{art.path} has no usable tokenizer ({type(e).__name__}); re-run qoq quantize") from None
+    tokenizer = artifact_tokenizer(art)
     with reporter.status("tokenizing WikiText-2"):
         windows = token_windows(tokenizer, text, opts.seq_len, opts.max_windows)
     reporter.info(f"WikiText-2 test from {source}: {windows.shape[0]} windows x {opts.seq_len} tokens")
