@@ -236,7 +236,7 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
 GEMV_CANDIDATES = {  # name -> (nt, warps, u, red, cluster); the cluster ones need sm_90
     "w16u2": (1, 16, 2, 1, 1), "w16u2a": (1, 16, 2, 0, 1), "w16u4": (1, 16, 4, 1, 1), "w8u4": (1, 8, 4, 1, 1),
     "w8u2": (1, 8, 2, 1, 1), "w4u8": (1, 4, 8, 1, 1), "w32u2": (1, 32, 2, 1, 1),
-    "w32u4": (1, 32, 4, 1, 1), "w16u8": (1, 16, 8, 1, 1), "w32u4c2": (1, 32, 4, 1, 2),
+    "w32u4": (1, 32, 4, 1, 1), "w16u8": (1, 16, 8, 1, 1),
     "w16u2c2": (1, 16, 2, 1, 2), "w8u2c2": (1, 8, 2, 1, 2), "w8u4c2": (1, 8, 4, 1, 2), "w8u2c4": (1, 8, 2, 1, 4),
     "w16u2c4": (1, 16, 2, 1, 4), "w4u4c4": (1, 4, 4, 1, 4)}
 INTMM_CHUNKS = (None,)  # output-channel chunks measured slower at 2048-8192 (NOTES.md)
