@@ -166,6 +166,8 @@ def _configs():
         ("gemv_tb2_atomic_red", 13, GemvConfig(tb=2, warps=8, u=4, red=0)),
         ("gemv_tb2_w32_wide_red", 16, GemvConfig(tb=2, nt=1, warps=32, u=2)),  # slices > 40 KB: atomics
         ("gemv_tb1_w16_u4_s2", 3, GemvConfig(tb=1, warps=16, u=4, splits=2)),
+        ("gemv_tb4_nt2_w4_u1", 32, GemvConfig(tb=4, nt=2, warps=4, u=1)),
+        ("gemv_tb3_w8_u2_s3", 20, GemvConfig(tb=3, warps=8, u=2, splits=3)),
         ("gemm32_s1", 33, GemmConfig(32, 128, 1, 4, 4, 3, splits=1)),
         ("gemm64_s4", 100, GemmConfig(64, 128, 2, 2, 4, 2, splits=4)),
         ("gemm128_s3", 300, GemmConfig(128, 128, 2, 2, 4, 2, splits=3)),

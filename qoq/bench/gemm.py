@@ -22,7 +22,7 @@ import time
 import torch
 
 LLAMA3_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate_up, down
-MS = [1, 4, 16, 64, 256, 512, 1024, 2048, 4096]
+MS = [1, 4, 16, 32, 64, 256, 512, 1024, 2048, 4096]
 L2_BYTES = 50 * 2**20
 WORKING_SET = 3 * L2_BYTES
 
@@ -245,7 +245,7 @@ INTMM_CHUNKS = (None,)  # output-channel chunks measured slower at 2048-8192 (NO
 WGMMA_CANDIDATES = [(256, 4, 1), (128, 4, 1), (128, 3, 2)]  # WgmmaConfig(bn, stages, min_blocks)
 
 
-def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16), large_ms=(1024, 2048, 4096)) -> list[dict]:
+def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16, 32), large_ms=(1024, 2048, 4096)) -> list[dict]:
     """Sweep the W4A8 kernel's configurations (for choosing `choose_config`'s defaults): GEMV shapes at small M;
     at large M the output-channel chunk of the dequant + `_int_mm` path, with each stage timed alone."""
     import qoq.runtime_kernels as K
