@@ -71,7 +71,7 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
 
     defaults = set(gemm.default_variants())
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (576, 640), (1536, 640), (576, 1536)]:
-        for m in (1, 5, 8, 9, 16, 17, 24, 32, 33, 100, 255, 256, 4096):
+        for m in (1, 5, 8, 9, 16, 17, 24, 32, 33, 48, 64, 65, 100, 255, 256, 4096):
             cfg = gemm.choose_config(m, n, k, 132, cc=cc)
             if isinstance(cfg, gemm.IntMMConfig):
                 continue
@@ -89,12 +89,14 @@ def test_choose_config_large_m_paths():
 
     W, I, T = gemm.WgmmaConfig, gemm.IntMMConfig, gemm.GemmConfig
     for m, n, k, cc, kind in [(4096, 4096, 4096, 90, W), (1024, 28672, 4096, 90, W), (256, 6144, 4096, 90, W),
-                              (64, 28672, 4096, 90, W), (256, 4096, 4096, 90, I), (64, 4096, 14336, 90, T),
+                              (64, 28672, 4096, 90, W), (256, 4096, 4096, 90, I), (65, 4096, 14336, 90, T),
                               (33, 28672, 4096, 90, T), (4096, 4096, 4096, 80, I), (4096, 4096, 4096, 89, I),
                               (100, 4096, 4096, 80, T)]:
         assert isinstance(gemm.choose_config(m, n, k, 132, cc=cc), kind), (m, n, k, cc)
     assert isinstance(gemm.choose_config(4096, 4096, 4096, 132, intmm=False, cc=90), T)
     assert gemm.choose_config(32, 4096, 4096, 132, cc=90) == gemm.GemvConfig(4, warps=8, u=2)
     assert gemm.choose_config(17, 28672, 4096, 132, cc=80) == gemm.GemvConfig(3, nt=2, warps=4, u=1)
+    assert gemm.choose_config(64, 4096, 14336, 132, cc=90) == gemm.GemvConfig(8, warps=4, u=2, cluster=2)
+    assert gemm.choose_config(40, 4096, 4096, 132, cc=90) == gemm.GemvConfig(5, warps=8, u=2)
     assert not B.runs_on(gemm.variant_for(gemm.WgmmaConfig(), True)[0], "100")
     assert gemm.choose_config(16, 6144, 4096, 132, cc=89).cluster == 1

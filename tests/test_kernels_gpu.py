@@ -128,7 +128,7 @@ def test_quantize_into_preallocated_and_strided_input():
 
 # ---- W4A8 GEMM ---------------------------------------------------------------------------------------------
 
-MS = [1, 3, 16, 17, 128, 1000]
+MS = [1, 3, 16, 17, 33, 64, 128, 1000]
 NKS = [(32, 576), (192, 1536), (576, 4128), (4096, 4096)]
 
 
@@ -168,6 +168,8 @@ def _configs():
         ("gemv_tb1_w16_u4_s2", 3, GemvConfig(tb=1, warps=16, u=4, splits=2)),
         ("gemv_tb4_nt2_w4_u1", 32, GemvConfig(tb=4, nt=2, warps=4, u=1)),
         ("gemv_tb3_w8_u2_s3", 20, GemvConfig(tb=3, warps=8, u=2, splits=3)),
+        ("gemv_tb8_w8_u2", 64, GemvConfig(tb=8, warps=8, u=2)),
+        ("gemv_tb6_w4_u1_s2", 41, GemvConfig(tb=6, warps=4, u=1, splits=2)),
         ("gemm32_s1", 33, GemmConfig(32, 128, 1, 4, 4, 3, splits=1)),
         ("gemm64_s4", 100, GemmConfig(64, 128, 2, 2, 4, 2, splits=4)),
         ("gemm128_s3", 300, GemmConfig(128, 128, 2, 2, 4, 2, splits=3)),
@@ -181,6 +183,7 @@ def _configs():
 
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("m,cfg_kw", [(1, dict(tb=1, cluster=2)), (8, dict(tb=1, warps=8, u=2, cluster=4)),
+                                      (64, dict(tb=8, warps=4, u=2, cluster=2)), (37, dict(tb=5, warps=4, u=1, cluster=2)),
                                       (16, dict(tb=2, warps=8, u=4, cluster=2)), (11, dict(tb=2, cluster=4))])
 def test_w4a8_gemv_cluster_split_k(group, m, cfg_kw):
     """sm_90 thread-block-cluster split-K (DSMEM reduction), including clusters whose last CTAs get no k-tiles."""

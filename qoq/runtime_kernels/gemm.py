@@ -62,6 +62,7 @@ class WgmmaConfig:
 
 
 GEMV_MAX_M = 32  # 17-32 tokens: 2-3x faster than the tiled kernel on Llama-3-8B shapes (NOTES.md)
+GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-64 tokens: 1.1-1.7x)
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
 WGMMA_MIN_M = 64
 
@@ -72,13 +73,13 @@ EPILOGUE = B.Variant("gemm.cu", "qoq_w4a8_epilogue")
 
 def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
                   cc: int = 80) -> GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig:
-    """Measured on H100 (`python -m qoq.bench.gemm --tune`, NOTES.md). M <= 32: the weight-streaming GEMV, its
-    shape by how many 32-channel groups there are per SM and by K. On sm_90 from M = 64: the wgmma kernel when its
+    """Measured on H100 (`python -m qoq.bench.gemm --tune`, NOTES.md). M <= 32 (M <= 64 with few channel groups):
+    the weight-streaming GEMV, its shape by how many 32-channel groups there are per SM and by K. On sm_90 from M = 64: the wgmma kernel when its
     128 x 128 tiles give at least half the SMs a CTA (it has no split-K). Otherwise the largest tile that still
     gives every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound), or from M = 256
     the dequant + `_int_mm` path. `cc`: compute capability (90 enables the thread-block-cluster split-K and the
     sm_90a wgmma kernel). `intmm=False`: the tiled mma.sync kernel only (benchmark baseline)."""
-    if m <= GEMV_MAX_M:
+    if m <= GEMV_MAX_M or (m <= GEMV_MID_M and np_ // 32 < 4 * sms):
         return _choose_gemv(m, np_ // 32, kp // 32, sms, cc)
     if intmm and cc == 90 and m >= WGMMA_MIN_M and 2 * math.ceil(m / 128) * math.ceil(np_ / 128) >= sms:
         return WgmmaConfig()
@@ -97,9 +98,14 @@ def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig
     or a 2-CTA cluster split-K (M > 8); M > 8 with more groups than SMs: a 2-CTA cluster balances the SMs;
     otherwise 16 warps x 2 k-tiles. M = 17-32 (3-4 token blocks, twice the registers per warp): 8 warps x 2
     k-tiles, or with >= 4 groups per SM 4 warps x 1 k-tile x 2 n-tiles (the activations, re-read by every CTA,
-    serve twice the channels)."""
+    serve twice the channels). M = 33-64: 4 warps x 2-CTA cluster split-K (sm_90) on long K or with more groups
+    than SMs, else 8 warps x 2 k-tiles."""
     tb = (m + 7) // 8
     hopper = cc >= 90
+    if tb > 4:
+        if hopper and (kt >= 256 or ngroups > sms):
+            return GemvConfig(tb, warps=4, u=2 if kt >= 256 else 1, cluster=2)
+        return GemvConfig(tb, warps=8, u=2)
     if tb > 2:
         return GemvConfig(tb, nt=2, warps=4, u=1) if ngroups >= 4 * sms else GemvConfig(tb, warps=8, u=2)
     if ngroups >= 4 * sms:
@@ -321,7 +327,8 @@ def _intmm_rows(cfg, q, w8, s1, szeros, bias, bias_dt, scale, qsum, out, out_dty
 
 DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2)
                         for w, u, cl in ((16, 2, 1), (8, 2, 1), (32, 2, 1), (8, 4, 1), (8, 4, 2), (8, 2, 2))) + tuple(
-    GemvConfig(tb, nt=nt, warps=w, u=u) for tb in (3, 4) for nt, w, u in ((1, 8, 2), (2, 4, 1))) + (
+    GemvConfig(tb, nt=nt, warps=w, u=u) for tb in (3, 4) for nt, w, u in ((1, 8, 2), (2, 4, 1))) + tuple(
+    GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8) for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
     WgmmaConfig())
 
