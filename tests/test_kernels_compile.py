@@ -90,7 +90,8 @@ def test_choose_config_large_m_paths():
     W, I, T = gemm.WgmmaConfig, gemm.IntMMConfig, gemm.GemmConfig
     for m, n, k, cc, kind in [(4096, 4096, 4096, 90, W), (1024, 28672, 4096, 90, W), (256, 6144, 4096, 90, W),
                               (64, 28672, 4096, 90, W), (256, 4096, 4096, 90, I), (65, 4096, 14336, 90, T),
-                              (33, 28672, 4096, 90, T), (4096, 4096, 4096, 80, I), (4096, 4096, 4096, 89, I),
+                              (33, 28672, 4096, 90, W), (100, 4096, 4096, 90, T), (4096, 4096, 4096, 80, I),
+                              (4096, 4096, 4096, 89, I),
                               (100, 4096, 4096, 80, T)]:
         assert isinstance(gemm.choose_config(m, n, k, 132, cc=cc), kind), (m, n, k, cc)
     assert isinstance(gemm.choose_config(4096, 4096, 4096, 132, intmm=False, cc=90), T)

@@ -64,7 +64,7 @@ class WgmmaConfig:
 GEMV_MAX_M = 32  # 17-32 tokens: 2-3x faster than the tiled kernel on Llama-3-8B shapes (NOTES.md)
 GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-64 tokens: 1.1-1.7x)
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
-WGMMA_MIN_M = 64
+WGMMA_MIN_M = 33  # (M <= 64 reaches it only with >= 4 channel groups per SM; below that the GEMV wins)
 
 DEQUANT_G = B.Variant("gemm.cu", "qoq_w4_dequant_g")
 DEQUANT_C = B.Variant("gemm.cu", "qoq_w4_dequant_c")
@@ -74,8 +74,8 @@ EPILOGUE = B.Variant("gemm.cu", "qoq_w4a8_epilogue")
 def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
                   cc: int = 80) -> GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig:
     """Measured on H100 (`python -m qoq.bench.gemm --tune`, NOTES.md). M <= 32 (M <= 64 with few channel groups):
-    the weight-streaming GEMV, its shape by how many 32-channel groups there are per SM and by K. On sm_90 from M = 64: the wgmma kernel when its
-    128 x 128 tiles give at least half the SMs a CTA (it has no split-K). Otherwise the largest tile that still
+    the weight-streaming GEMV, its shape by how many 32-channel groups there are per SM and by K. On sm_90 above
+    that: the wgmma kernel when its 128 x 128 tiles give at least half the SMs a CTA (it has no split-K). Otherwise the largest tile that still
     gives every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound), or from M = 256
     the dequant + `_int_mm` path. `cc`: compute capability (90 enables the thread-block-cluster split-K and the
     sm_90a wgmma kernel). `intmm=False`: the tiled mma.sync kernel only (benchmark baseline)."""
