@@ -2,6 +2,7 @@
 the max-batch plan, the roofline, synthetic shapes and the FP16 baseline engine."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -107,11 +108,6 @@ def test_profiles_have_every_figure():
     for p in profiles.PROFILES.values():
         assert p.mem_bw_gbs > 0 and p.fp16_tflops > 0 and p.int8_tops >= 2 * p.fp16_tflops * 0.99
         assert p.memory_gb > 0 and p.sm_count > 0 and p.arch.startswith("sm_") and p.source
-        for key in ("w4a8_gemv", "w4a8_small_m", "w4a8_mid_m", "w4a8_large_m", "kv4_decode", "fused_rows"):
-            assert key in p.tiles
-        for key in ("w4a8_small_m", "w4a8_mid_m", "w4a8_large_m"):
-            t = p.tiles[key]
-            assert t["bn"] % 32 == 0 and t["bm"] % 16 == 0 and t["stages"] >= 2
         d = p.as_dict()
         assert "match" not in d and d["tiles"] == p.tiles
         json.dumps(d)
@@ -146,20 +142,19 @@ def test_resolve_profile_auto_named_and_mismatch():
         profiles.resolve_profile("v100", H100)
 
 
-def test_w4a8_tile_choice():
-    h100 = profiles.PROFILES["h100"]
-    for m, bucket in ((1, "w4a8_gemv"), (16, "w4a8_gemv"), (17, "w4a8_small_m"), (100, "w4a8_mid_m"),
-                      (4096, "w4a8_large_m")):
-        t = profiles.w4a8_tile(h100, m, 4096, 4096)
-        assert t["config"] == bucket and t["splits"] >= 1
-    gemv = profiles.w4a8_tile(h100, 1, 4096, 4096)
-    assert gemv["tb"] == 1 and (4096 // 32 // gemv["nt"]) * gemv["splits"] >= h100.sm_count  # every SM has work
-    mid = profiles.w4a8_tile(h100, 64, 4096, 4096)
-    assert (4096 // mid["bn"]) * mid["splits"] >= h100.sm_count
-    assert profiles.w4a8_tile(h100, 4096, 4096, 4096)["splits"] == 1
-    assert profiles.w4a8_tile(h100, 1, 28672, 4096)["splits"] <= gemv["splits"]
-    # shared memory decides the pipeline depth
-    assert profiles.PROFILES["l40s"].tiles["w4a8_large_m"]["stages"] < h100.tiles["w4a8_large_m"]["stages"]
+def test_profile_tiles_are_the_dispatchers_choices():
+    """The profile's "tiles" are what gemm.choose_config launches on that GPU: GEMV at small M everywhere, the sm_90a
+    wgmma kernel at large M on H100 / H200, dequant + _int_mm on A100 / L40S."""
+    from qoq.runtime_kernels import gemm
+
+    for name, large in (("h100", "WgmmaConfig"), ("h200", "WgmmaConfig"), ("a100", "IntMMConfig"),
+                        ("l40s", "IntMMConfig")):
+        t = profiles.PROFILES[name].tiles
+        assert set(t) == {"6144x4096", "4096x4096", "28672x4096", "4096x14336"}
+        assert t["4096x4096"]["1"]["kernel"] == "GemvConfig" and t["4096x4096"]["16"]["tb"] == 2
+        assert t["4096x4096"]["4096"]["kernel"] == large
+    h100 = profiles.PROFILES["h100"].tiles["28672x4096"]["1024"]
+    assert h100 == {"kernel": "WgmmaConfig", **dataclasses.asdict(gemm.choose_config(1024, 28672, 4096, 132, cc=90))}
 
 
 # ---- JSON schema, speedups, --min-speedup ------------------------------------------------------------

@@ -12,26 +12,14 @@ twice these) and are used as the roofline that `qoq bench` reports fractions of:
 - H200 SXM 141GB:            NVIDIA H200 datasheet: 4800 GB/s, 141 GB HBM3e; tensor math as H100 SXM
   (989.4 FP16, 1979 INT8/FP8 dense); 132 SMs (sm_90).
 
-Kernel tile choices (`GpuProfile.tiles`): a plain dict in the vocabulary of qoq.runtime_kernels.gemm
-(`GemvConfig`, `GemmConfig`: CTA tile bm x bn x 128, wm x wn warps, cp.async stages, min resident
-blocks) and .attention (`plan_splits`); `w4a8_tile(profile, m, n, k)` gives the concrete choice for one
-GEMM shape. Buckets by M, as the kernels' `choose_config`:
-
-    tiles["w4a8_gemv"]     M <= 16: weight-streaming kernel (tb = ceil(M/8) token blocks), split-K
-                           planned to `splits_per_sm` CTAs per SM
-    tiles["w4a8_small_m"]  M <= 32;  tiles["w4a8_mid_m"]  M <= 128;  tiles["w4a8_large_m"]  larger M
-    tiles["split_k_ctas_per_sm"]  tensor-core kernel: split K until tiles*splits covers the SMs this often
-    tiles["kv4_decode"]    decode attention: split the sequence until B*Hkv*splits covers the SMs
-                           `ctas_per_sm` times, chunks a multiple of 16 tokens
-
-Stages and min_blocks follow each GPU's shared memory per SM (one 128x128 int8 A + 4-bit B stage is
-24 KB): L40S 100 KB -> 3 stages, 1 block; A100 164 KB -> 3 stages, 2 blocks; H100/H200 228 KB ->
-4 stages, 2 blocks.
+Kernel choices (`GpuProfile.tiles`, the profile's "tiles" in the bench JSON): what
+`qoq.runtime_kernels.gemm.choose_config` launches on that GPU (its SM count and compute capability) for the
+Llama-3-8B linear shapes, by M: `{"NxK": {"M": {"kernel": "GemvConfig" | "GemmConfig" | "IntMMConfig" |
+"WgmmaConfig", ...the config's fields}}}`. Computed from the dispatcher itself, so it cannot drift from it.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from qoq.errors import QoqError
 
@@ -52,12 +40,16 @@ class GpuProfile:
     smem_per_sm_kb: int
     match: tuple[str, ...]  # substrings of torch.cuda.get_device_name() that identify it
     source: str
-    tiles: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("match")
+        d["tiles"] = self.tiles
         return d
+
+    @property
+    def tiles(self) -> dict:
+        return gemm_dispatch(self)
 
     @property
     def memory_bytes(self) -> float:
@@ -65,40 +57,44 @@ class GpuProfile:
         return self.memory_gb * GIB
 
 
-def _tiles(stages: int, large_min_blocks: int, ctas_per_sm: float = 1.5) -> dict:
-    return {
-        "w4a8_gemv": {"max_m": 16, "nt": 2, "warps": 8, "u": 4, "splits_per_sm": 4},
-        "w4a8_small_m": {"max_m": 32, "bm": 32, "bn": 128, "wm": 1, "wn": 4, "stages": max(stages, 3),
-                         "min_blocks": 3 if stages >= 4 else 2},
-        "w4a8_mid_m": {"max_m": 128, "bm": 64, "bn": 128, "wm": 2, "wn": 2, "stages": stages, "min_blocks": 2},
-        "w4a8_large_m": {"bm": 128, "bn": 128, "wm": 2, "wn": 2, "stages": stages, "min_blocks": large_min_blocks},
-        "split_k_ctas_per_sm": ctas_per_sm,
-        "kv4_decode": {"warps": 4, "ctas_per_sm": 2, "chunk_multiple": 16},
-        "fused_rows": {"threads_per_row": 256},
-    }
+DISPATCH_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # Llama-3-8B: qkv, o, gate_up, down
+DISPATCH_MS = (1, 16, 32, 64, 256, 1024, 4096)
+
+
+def gemm_dispatch(profile: GpuProfile) -> dict:
+    """{"NxK": {"M": {"kernel": config class, **its fields}}}: the W4A8 GEMM launch on `profile`'s GPU."""
+    from dataclasses import asdict as fields_of
+
+    from qoq.runtime_kernels.gemm import choose_config
+
+    cc = int(profile.arch.removeprefix("sm_"))
+    out = {}
+    for n, k in DISPATCH_SHAPES:
+        by_m = {}
+        for m in DISPATCH_MS:
+            cfg = choose_config(m, n, k, profile.sm_count, cc=cc)
+            by_m[str(m)] = {"kernel": type(cfg).__name__, **fields_of(cfg)}
+        out[f"{n}x{k}"] = by_m
+    return out
 
 
 PROFILES: dict[str, GpuProfile] = {
     "l40s": GpuProfile(
         name="l40s", full_name="NVIDIA L40S 48GB", memory_gb=48, mem_bw_gbs=864, fp16_tflops=362.05, int8_tops=733,
         fp8_tflops=733, sm_count=142, arch="sm_89", smem_per_sm_kb=100, match=("L40S",),
-        source="NVIDIA L40S datasheet (dense tensor figures)",
-        tiles=_tiles(stages=3, large_min_blocks=1)),
+        source="NVIDIA L40S datasheet (dense tensor figures)"),
     "a100": GpuProfile(
         name="a100", full_name="NVIDIA A100 80GB SXM", memory_gb=80, mem_bw_gbs=2039, fp16_tflops=312, int8_tops=624,
         fp8_tflops=None, sm_count=108, arch="sm_80", smem_per_sm_kb=164, match=("A100",),
-        source="NVIDIA A100 datasheet, 80GB SXM column (dense tensor figures)",
-        tiles=_tiles(stages=3, large_min_blocks=2)),
+        source="NVIDIA A100 datasheet, 80GB SXM column (dense tensor figures)"),
     "h100": GpuProfile(
         name="h100", full_name="NVIDIA H100 SXM5 80GB", memory_gb=80, mem_bw_gbs=3350, fp16_tflops=989.4,
         int8_tops=1979, fp8_tflops=1979, sm_count=132, arch="sm_90", smem_per_sm_kb=228, match=("H100",),
-        source="NVIDIA H100 datasheet, SXM column (dense tensor figures)",
-        tiles=_tiles(stages=4, large_min_blocks=2)),
+        source="NVIDIA H100 datasheet, SXM column (dense tensor figures)"),
     "h200": GpuProfile(
         name="h200", full_name="NVIDIA H200 SXM 141GB", memory_gb=141, mem_bw_gbs=4800, fp16_tflops=989.4,
         int8_tops=1979, fp8_tflops=1979, sm_count=132, arch="sm_90", smem_per_sm_kb=228, match=("H200",),
-        source="NVIDIA H200 datasheet, SXM column (dense tensor figures)",
-        tiles=_tiles(stages=4, large_min_blocks=2)),
+        source="NVIDIA H200 datasheet, SXM column (dense tensor figures)"),
 }
 GPU_CHOICES = (*PROFILES, "auto")
 # When the device matches no profile by name: nearest by compute capability.
@@ -149,7 +145,7 @@ def resolve_profile(gpu: str, device: DeviceInfo) -> tuple[GpuProfile, GpuProfil
     """(profile to use, profile matching the device or None, one-line note or None).
 
     `auto` picks the device's profile by name (else the nearest by compute capability, with a note);
-    a named profile that is not the device is kept (its tiles and roofline) with a note saying so.
+    a named profile that is not the device is kept (its roofline) with a note saying so.
     """
     detected = profile_for_device_name(device.name)
     if gpu.lower() == "auto":
@@ -162,25 +158,4 @@ def resolve_profile(gpu: str, device: DeviceInfo) -> tuple[GpuProfile, GpuProfil
     if detected is profile:
         return profile, detected, None
     return profile, detected, (f"detected {device.name}, not {profile.full_name}: using the {profile.name} profile's "
-                               "tiles and roofline, measuring on the detected device")
-
-
-def w4a8_tile(profile: GpuProfile, m: int, n: int, k: int) -> dict:
-    """The W4A8 GEMM launch choice for [m, k] x [n, k]^T on `profile`: the M bucket's tile dict plus
-    "config" (its name) and "splits" (split-K over 128-wide k-steps, as the kernels plan it)."""
-    t = profile.tiles
-    k_steps = max(1, math.ceil(k / 128))
-    if m <= t["w4a8_gemv"]["max_m"]:
-        cfg = dict(t["w4a8_gemv"], config="w4a8_gemv", tb=math.ceil(m / 8))
-        groups = math.ceil(math.ceil(n / 32) / cfg["nt"])
-        cfg["splits"] = max(1, min(k_steps, math.ceil(cfg["splits_per_sm"] * profile.sm_count / groups)))
-        return cfg
-    name = next((b for b in ("w4a8_small_m", "w4a8_mid_m") if m <= t[b]["max_m"]), "w4a8_large_m")
-    cfg = dict(t[name], config=name)
-    tiles = math.ceil(m / cfg["bm"]) * math.ceil(n / cfg["bn"])
-    if tiles >= profile.sm_count:
-        cfg["splits"] = 1
-    else:
-        want = math.ceil(t["split_k_ctas_per_sm"] * profile.sm_count / tiles)
-        cfg["splits"] = max(1, min(want, k_steps // 2))
-    return cfg
+                               "roofline, measuring on the detected device (whose kernels pick their own tiles)")

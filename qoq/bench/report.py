@@ -7,8 +7,9 @@ JSON schema ("qoq-bench/1"); every figure the run measured, with the device, ver
       "created": "2026-01-01T12:00:00+00:00",              ISO time
       "device": {"name": str, "memory_gb": float, "sm_count": int, "capability": "9.0"},
       "profile": {"name": "h100", "full_name": str, "memory_gb", "mem_bw_gbs", "fp16_tflops", "int8_tops",
-                  "fp8_tflops": float|null, "sm_count", "arch", "smem_per_sm_kb", "source", "tiles": {...}},
-      "profile_matches_device": bool,                      false: profile tiles/roofline, measured elsewhere
+                  "fp8_tflops": float|null, "sm_count", "arch", "smem_per_sm_kb", "source",
+                  "tiles": {"NxK": {"M": {"kernel": str, ...}}}},  the profile GPU's W4A8 GEMM launches
+      "profile_matches_device": bool,                      false: profile roofline, measured elsewhere
       "versions": {"qoq", "python", "torch", "cuda", "transformers", "cupy": str|null},
       "settings": {"model": str, "shape": str|null, "group_size": int, "input_len": int, "output_len": int,
                    "batches": [int], "max_batch": "auto"|int, "backend": str, "engines": [str],

@@ -114,7 +114,7 @@ def run_kernels(profile, reporter: Reporter) -> tuple[list | None, str | None]:
               None)
     if fn is None:
         return None, "kernel benchmark unavailable: qoq.bench.gemm has no run()"
-    offered = {"profile": profile, "tiles": profile.tiles, "device": torch.device("cuda"), "reporter": reporter,
+    offered = {"profile": profile, "device": torch.device("cuda"), "reporter": reporter,
                "log": reporter.info}
     params = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in offered.items() if k in params}
