@@ -75,9 +75,9 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
                   cc: int = 80) -> GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig:
     """Measured on H100 (`python -m qoq.bench.gemm --tune`, NOTES.md). M <= 32 (M <= 64 with few channel groups):
     the weight-streaming GEMV, its shape by how many 32-channel groups there are per SM and by K. On sm_90 above
-    that: the wgmma kernel when its 128 x 128 tiles give at least half the SMs a CTA (it has no split-K). Otherwise the largest tile that still
-    gives every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound), or from M = 256
-    the dequant + `_int_mm` path. `cc`: compute capability (90 enables the thread-block-cluster split-K and the
+    that: the wgmma kernel when its 128 x 128 tiles give at least half the SMs a CTA (it has no split-K).
+    Otherwise from M = 256 the dequant + `_int_mm` path, below it the largest tiled-kernel tile that still gives
+    every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound). `cc`: compute capability (90 enables the thread-block-cluster split-K and the
     sm_90a wgmma kernel). `intmm=False`: the tiled mma.sync kernel only (benchmark baseline)."""
     if m <= GEMV_MAX_M or (m <= GEMV_MID_M and np_ // 32 < 4 * sms):
         return _choose_gemv(m, np_ // 32, kp // 32, sms, cc)
@@ -248,7 +248,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
         splits, tps = _plan_gemm(cfg, mt * ntl, kt, sms)
         grid, block = (mt, ntl, splits), (cfg.wm * cfg.wn * 32, 1, 1)
         ncounters = mt * ntl
-    if splits > 1 and not getattr(cfg, "cluster", 1) > 1:  # (a WgmmaConfig never splits K)
+    if splits > 1 and not getattr(cfg, "cluster", 1) > 1:
         ws = _workspace(device, "gemm_partials", splits * m * np_, torch.int32)
         counters = _workspace(device, "gemm_counters", ncounters, torch.int32)
     else:
