@@ -247,7 +247,7 @@ def test_w4a8_large_m_intmm_path(group, n, k):
 
 def _wgmma_configs():
     from qoq.runtime_kernels.gemm import WgmmaConfig
-    return [WgmmaConfig(256, 4, 1), WgmmaConfig(128, 4, 1), WgmmaConfig(128, 3, 2)]
+    return [WgmmaConfig(4, 1), WgmmaConfig(3, 2)]
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -242,7 +242,7 @@ GEMV_CANDIDATES = {  # name -> (nt, warps, u, red, cluster); the cluster ones ne
 INTMM_CHUNKS = (None,)  # output-channel chunks measured slower at 2048-8192 (NOTES.md)
 
 
-WGMMA_CANDIDATES = [(256, 4, 1), (128, 4, 1), (128, 3, 2)]  # WgmmaConfig(bn, stages, min_blocks)
+WGMMA_CANDIDATES = [(4, 1), (3, 2)]  # WgmmaConfig(stages, min_blocks)
 
 
 def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16, 32), large_ms=(1024, 2048, 4096)) -> list[dict]:
@@ -288,7 +288,7 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16, 32), large_ms=(1
                     res[f"chunk{ch or 'all'}"] = time_calls([lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg)
                                                              for lin in lins])["us"]
                 for cfg in wgmmas:
-                    res[f"wgmma{cfg.bn}s{cfg.stages}b{cfg.min_blocks}"] = time_calls(
+                    res[f"wgmma_s{cfg.stages}b{cfg.min_blocks}"] = time_calls(
                         [lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg) for lin in lins])["us"]
                 np_, kp = lins[0].qweight.shape[0], lins[0].padded_in
                 w8s = [torch.empty(np_, kp, dtype=torch.int8, device=dev) for _ in range(_copies(np_ * kp))]

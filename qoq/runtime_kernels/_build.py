@@ -77,15 +77,15 @@ def gemm_smem_bytes(bm: int, bn: int, stages: int, grouped: bool) -> int:
     return stages * (bm * bk + bn * bk // 2 + (2 * (bk // 32) * bn if grouped else 0))
 
 
-def wgmma_variant(bn: int, stages: int, grouped: bool, min_blocks: int = 1) -> Variant:
-    name = f"qoq_wgmma_128x{bn}_s{stages}_b{min_blocks}_{'g' if grouped else 'c'}"
+def wgmma_variant(stages: int, grouped: bool, min_blocks: int = 1) -> Variant:
+    name = f"qoq_wgmma_128x128_s{stages}_b{min_blocks}_{'g' if grouped else 'c'}"
     body = (f'extern "C" __global__ void __launch_bounds__(256, {min_blocks}) {name}(GEMM_PARAMS) '
-            f'{{ wgmma_gemm_body<{bn}, {stages}, {str(grouped).lower()}>(GEMM_ARGS); }}')
+            f'{{ wgmma_gemm_body<{stages}, {str(grouped).lower()}>(GEMM_ARGS); }}')
     return Variant("wgmma.cu", name, body)
 
 
-def wgmma_smem_bytes(bn: int, stages: int) -> int:
-    return stages * 128 * (128 + bn) + 1024  # + alignment slack for the 1024-byte swizzle atoms
+def wgmma_smem_bytes(stages: int) -> int:
+    return stages * 128 * (128 + 128) + 1024  # + alignment slack for the 1024-byte swizzle atoms
 
 
 def rowquant_variant(dt: int, mode: int, ch: int, threads: int) -> Variant:

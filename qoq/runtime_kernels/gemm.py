@@ -52,11 +52,10 @@ class IntMMConfig:
 
 @dataclass(frozen=True)
 class WgmmaConfig:
-    """Hopper (sm_90a) large-M kernel: 128 x bn x 128 CTA tile, two warpgroups of `wgmma` s8, W4 dequantized into
-    shared memory inside the kernel, epilogue on the accumulators (wgmma.cu). Default measured on H100: two
-    128 x 128 CTAs per SM hide each other's load latency better than one 128 x 256 CTA (NOTES.md)."""
+    """Hopper (sm_90a) large-M kernel: 128 x 128 x 128 CTA tile, two warpgroups of `wgmma` s8, W4 dequantized into
+    shared memory inside the kernel, epilogue on the accumulators (wgmma.cu). Default measured on H100: 3 stages,
+    two CTAs per SM (NOTES.md)."""
 
-    bn: int = 128
     stages: int = 3
     min_blocks: int = 2
 
@@ -124,7 +123,7 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
     if isinstance(cfg, IntMMConfig):
         return (DEQUANT_G if grouped else DEQUANT_C), 0
     if isinstance(cfg, WgmmaConfig):
-        return B.wgmma_variant(cfg.bn, cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.bn, cfg.stages)
+        return B.wgmma_variant(cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.stages)
     if isinstance(cfg, GemvConfig):
         return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u, cfg.red, cfg.cluster), 0
     stages = cfg.stages
@@ -231,7 +230,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     if isinstance(cfg, WgmmaConfig):
         if info["cc"] != 90:
             raise ValueError(f"WgmmaConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
-        grid, block = (math.ceil(m / 128), math.ceil(np_ / cfg.bn), 1), (256, 1, 1)
+        grid, block = (math.ceil(m / 128), math.ceil(np_ / 128), 1), (256, 1, 1)
         splits, tps, ncounters = 1, kt, 0
         s1, szeros = _aligned4(s1), _aligned4(szeros)  # its epilogue reads channel-scale pairs as 32-bit words
     elif isinstance(cfg, GemvConfig):

@@ -4,8 +4,9 @@
 // tiles are dequantized in registers (the same byte arithmetic as gemm.cu: q*s2 - z per group, q per channel) and
 // stored as int8 into shared memory in the layout wgmma reads, and the epilogue runs on the accumulators.
 //
-// CTA tile 128 x BN x 128 (k), 256 threads = two warpgroups, each owning 64 rows x BN (one m64nBNk32 wgmma per k32
-// step). Shared memory per stage: A [128][128] int8 and B [BN][128] int8, both K-major with the 128-byte swizzle
+// CTA tile 128 x 128 x 128 (k), 256 threads = two warpgroups, each owning 64 rows x 128 (one m64n128k32 wgmma per
+// k32 step; two such CTAs per SM hide each other's load latency better than one 128 x 256 CTA, NOTES.md). Shared
+// memory per stage: A [128][128] int8 and B [128][128] int8, both K-major with the 128-byte swizzle
 // (16-byte chunk c of row r at chunk c ^ (r & 7); atoms of 8 rows x 128 bytes, 1024-byte aligned), which is what
 // the descriptors say (layout SWIZZLE_128B, 1024 bytes between 8-row groups; the k32 step advances the start
 // address by 32 bytes inside the atom). A arrives by cp.async; B by 16-byte register loads of the packed tiles
@@ -15,7 +16,7 @@
 // is written. Stage t-2 is free: every warpgroup waited for its wgmma of t-2 (wait_group 1 at the end of step t-1)
 // before the barrier that opens step t. Generic-proxy writes (cp.async, st.shared) are made visible to the async
 // proxy that wgmma reads through with fence.proxy.async before that barrier.
-// grid = (ceil(M/128), ceil(Np/BN)); M, N and K tails are zero-filled; no split-K (large M fills the GPU).
+// grid = (ceil(M/128), ceil(Np/128)); M, N and K tails are zero-filled; no split-K (large M fills the GPU).
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define QOQ_WGMMA 1
@@ -51,41 +52,6 @@ QOQ_DEV void wgmma_m64n128k32_s8(int (&d)[64], u64 da, u64 db) {
       "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
       : "l"(da), "l"(db), "r"(1));
 }
-QOQ_DEV void wgmma_m64n256k32_s8(int (&d)[128], u64 da, u64 db) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-      "}, %128, %129, p;\n}\n"
-      :
-      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
-      "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
-      "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
-      "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
-      "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
-      "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
-      "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
-      "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
-      "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
-      "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
-      "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
-      "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
-      "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
-      : "l"(da), "l"(db), "r"(1));
-}
-template <int BN> struct Wgmma;
-template <> struct Wgmma<128> { QOQ_DEV static void mma(int (&d)[64], u64 a, u64 b) { wgmma_m64n128k32_s8(d, a, b); } };
-template <> struct Wgmma<256> { QOQ_DEV static void mma(int (&d)[128], u64 a, u64 b) { wgmma_m64n256k32_s8(d, a, b); } };
 #endif
 
 // Epilogue on the accumulators, out dtype fixed at compile time: d[4j + 2hh + e] is row row0 + 8hh, column
@@ -166,10 +132,10 @@ template <int IT> struct WgB {
   u32 s[IT], z[IT];
 };
 
-template <int BN, int STAGES, bool GROUPED>
+template <int STAGES, bool GROUPED>
 QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
 #if defined(QOQ_WGMMA)
-  constexpr int BM = 128, BK = 128, KTS = BK / 32, THREADS = 256, NACC = BN / 2;
+  constexpr int BM = 128, BN = 128, BK = 128, KTS = BK / 32, THREADS = 256, NACC = BN / 2;
   constexpr int A_BYTES = BM * BK, B_BYTES = BN * BK, STAGE = A_BYTES + B_BYTES;
   constexpr int A_IT = BM * 8 / THREADS, B_IT = (BN / 32) * KTS / 8;  // 16-byte A chunks / packed tiles per warp
   static_assert(STAGES >= 3, "the pipeline writes stage t+S-2 while t-1 and t may be in flight");
@@ -255,7 +221,7 @@ QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
     reg_fence(acc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < KTS; ++kk) Wgmma<BN>::mma(acc, wg_desc(sa_ + kk * 32), wg_desc(sb_ + kk * 32));
+    for (int kk = 0; kk < KTS; ++kk) wgmma_m64n128k32_s8(acc, wg_desc(sa_ + kk * 32), wg_desc(sb_ + kk * 32));
     wgmma_commit();
     const int nx = t + STAGES - 2;
     if (nx < nst) {
