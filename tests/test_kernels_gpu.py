@@ -406,3 +406,38 @@ def test_kernels_run_on_the_current_stream_and_in_a_graph():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(gy, ops.w4a8_linear(ops.quantize_act(static_x, w.padded_in), w))
+
+
+@pytest.mark.parametrize("m,cfg_kw", [(1, dict(tb=1)), (16, dict(tb=2, warps=8, u=2, cluster=2)),
+                                      (5, dict(tb=1, warps=8, u=2, splits=3)), (40, dict(tb=5, warps=8, u=2))])
+def test_w4a8_gemv_programmatic_dependent_launch_chain(m, cfg_kw):
+    """Each GEMV (launched with PDL on sm_90) reads the activations the previous kernels just wrote: a chain of
+    quantize -> GEMV layers, eager and in a CUDA graph, equals the same chain launched without PDL."""
+    from dataclasses import replace
+
+    from qoq.runtime_kernels.gemm import GemvConfig
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    cfg = GemvConfig(**cfg_kw)
+    layers = [_linear(2048, 2048, 128 if i % 2 else -1, seed=50 + i) for i in range(6)]
+    x0 = _randn(m, 2048, seed=51, dtype=torch.float16)
+
+    def chain(x, c):
+        for w in layers:
+            a = K.quantize_act(x, w.padded_in, with_qsum=w.per_channel)
+            x = K.w4a8_linear(a, w, config=c) * 0.05  # keeps the activations in fp16 range
+        return x
+
+    ref = chain(x0, replace(cfg, pdl=False))
+    for _ in range(3):
+        assert torch.equal(chain(x0, cfg), ref)
+    static_x = x0.clone()
+    chain(static_x, cfg)  # warm-up (workspaces) before capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gy = chain(static_x, cfg)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(gy, ref)

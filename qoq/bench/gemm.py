@@ -18,6 +18,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -98,7 +99,7 @@ def _quantized_weights(n: int, k: int, group: int, copies: int, device):
 def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = True, log=print) -> list[dict]:
     import qoq.runtime_kernels as K
     from qoq.runtime import ops
-    from qoq.runtime_kernels.gemm import IntMMConfig, WgmmaConfig, choose_config
+    from qoq.runtime_kernels.gemm import GemvConfig, IntMMConfig, WgmmaConfig, choose_config
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -142,10 +143,12 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                     paths["_intmm"] = IntMMConfig()
                 if cc == 90 and m > 16:
                     paths["_wgmma"] = WgmmaConfig()
+                picked_cfg = choose_config(m, np_, kp, sms, cc=cc)
+                if cc >= 90 and isinstance(picked_cfg, GemvConfig):  # the GEMV without programmatic dependent launch
+                    paths["_nopdl"] = replace(picked_cfg, pdl=False)
                 for suffix, cfg in paths.items():
                     res[name + suffix] = time_calls([lambda w=w, cfg=cfg: K.w4a8_linear(a, w, config=cfg) for w in lins])
-                picked = {IntMMConfig: "_intmm", WgmmaConfig: "_wgmma"}.get(type(choose_config(m, np_, kp, sms, cc=cc)),
-                                                                             "_tiled")
+                picked = {IntMMConfig: "_intmm", WgmmaConfig: "_wgmma"}.get(type(picked_cfg), "_tiled")
                 if name + picked in res:
                     res[name] = res[name + picked]
                 else:
@@ -177,7 +180,7 @@ def _gemm_line(n, k, m, res):
     for name in ("w4a8_g128", "w4a8_pc"):
         if name in res:
             ratios.append(f"{b16 / res[name]['us']:5.2f}x" + (f"/{b8 / res[name]['us']:4.2f}x" if b8 else "/   - "))
-    paths = [p for p in ("tiled", "intmm", "wgmma") if f"w4a8_g128_{p}" in res]
+    paths = [p for p in ("tiled", "intmm", "wgmma", "nopdl") if f"w4a8_g128_{p}" in res]
     extra = ""
     if paths:
         extra = (f"   [{'/'.join(paths)}: g128 " + " ".join(f(f"w4a8_g128_{p}") for p in paths)
@@ -233,19 +236,20 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
     return rows
 
 
-GEMV_CANDIDATES = {  # name -> (nt, warps, u, red, cluster); the cluster ones need sm_90
-    "w16u2": (1, 16, 2, 1, 1), "w16u2a": (1, 16, 2, 0, 1), "w16u4": (1, 16, 4, 1, 1), "w8u4": (1, 8, 4, 1, 1),
-    "w8u2": (1, 8, 2, 1, 1), "w4u8": (1, 4, 8, 1, 1), "w32u2": (1, 32, 2, 1, 1),
-    "w32u4": (1, 32, 4, 1, 1), "w16u8": (1, 16, 8, 1, 1),
-    "w16u2c2": (1, 16, 2, 1, 2), "w8u2c2": (1, 8, 2, 1, 2), "w8u4c2": (1, 8, 4, 1, 2), "w8u2c4": (1, 8, 2, 1, 4),
-    "w16u2c4": (1, 16, 2, 1, 4), "w4u4c4": (1, 4, 4, 1, 4)}
+GEMV_CANDIDATES = {  # name -> GemvConfig fields besides tb; the cluster and PDL ones need sm_90
+    "w16u2": dict(warps=16, u=2), "w8u2": dict(warps=8, u=2), "w32u2": dict(warps=32, u=2),
+    "w8u4": dict(warps=8, u=4), "w8u2c2": dict(warps=8, u=2, cluster=2), "w8u4c2": dict(warps=8, u=4, cluster=2),
+    "nt2w8u2c2": dict(nt=2, warps=8, u=2, cluster=2), "w16u2-late": dict(warps=16, u=2, early_trigger=False),
+    "w32u2-late": dict(warps=32, u=2, early_trigger=False),
+    "w16u2-nopdl": dict(warps=16, u=2, pdl=False), "w32u2-nopdl": dict(warps=32, u=2, pdl=False),
+    "w8u2c2-nopdl": dict(warps=8, u=2, cluster=2, pdl=False)}
 INTMM_CHUNKS = (None,)  # output-channel chunks measured slower at 2048-8192 (NOTES.md)
 
 
 WGMMA_CANDIDATES = [(4, 1), (3, 2)]  # WgmmaConfig(stages, min_blocks)
 
 
-def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16, 32), large_ms=(1024, 2048, 4096)) -> list[dict]:
+def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 4, 16), large_ms=(1024, 2048, 4096)) -> list[dict]:
     """Sweep the W4A8 kernel's configurations (for choosing `choose_config`'s defaults): GEMV shapes at small M;
     at large M the output-channel chunk of the dequant + `_int_mm` path, with each stage timed alone."""
     import qoq.runtime_kernels as K
@@ -253,9 +257,10 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16, 32), large_ms=(1
     from qoq.runtime_kernels import gemm as G
 
     dev = torch.device("cuda")
-    cands = {k: v for k, v in GEMV_CANDIDATES.items() if v[4] == 1 or torch.cuda.get_device_capability() >= (9, 0)}
-    variants = [G.variant_for(G.GemvConfig(tb, nt, w, u, red=r, cluster=cl), grouped)[0] for grouped in (True, False)
-                for tb in (1, 2) for nt, w, u, r, cl in cands.values()]
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    cands = {k: v for k, v in GEMV_CANDIDATES.items() if hopper or v.get("cluster", 1) == 1}
+    variants = [G.variant_for(G.GemvConfig(tb, **kw), grouped)[0] for grouped in (True, False)
+                for tb in (1, 2) for kw in cands.values()]
     hopper_a = torch.cuda.get_device_capability() == (9, 0)
     wgmmas = [G.WgmmaConfig(*c) for c in WGMMA_CANDIDATES] if hopper_a else []
     variants += [G.variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in wgmmas]
@@ -274,8 +279,8 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 8, 16, 32), large_ms=(1
                 a = ops.quantize_act(torch.randn(m, k, device=dev, dtype=torch.float16), lins[0].padded_in,
                                      with_qsum=(g == -1))
                 res = {}
-                for name, (nt, w, u, r, cl) in cands.items():
-                    cfg = G.GemvConfig((m + 7) // 8, nt, w, u, red=r, cluster=cl)
+                for name, kw in cands.items():
+                    cfg = G.GemvConfig((m + 7) // 8, **kw)
                     res[name] = time_calls([lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg)
                                             for lin in lins])["us"]
                 note(n, k, m, g, res)
@@ -353,9 +358,10 @@ def _one(kind: str) -> None:
         lengths = torch.full((b,), t, device=dev, dtype=torch.long)
         fn = lambda: K.decode_attention_kv4(q, c, lengths, d ** -0.5, max_len=t)  # noqa: E731
     else:
-        m = 4096 if kind == "gemm" else 1
-        lin = _quantized_weights(4096, 4096, 128, 1, dev)[0]
-        a = ops.quantize_act(torch.randn(m, 4096, device=dev, dtype=torch.float16), 4096)
+        m = {"gemm": 4096, "gemv16": 16}.get(kind, 1)
+        group = -1 if kind == "gemv-pc" else 128
+        lin = _quantized_weights(4096, 4096, group, 1, dev)[0]
+        a = ops.quantize_act(torch.randn(m, 4096, device=dev, dtype=torch.float16), 4096, with_qsum=group == -1)
         fn = lambda: K.w4a8_linear(a, lin)  # noqa: E731
     for _ in range(4):
         fn()
@@ -369,7 +375,7 @@ def main(argv=None) -> int:
     p.add_argument("--tune", action="store_true", help="sweep the W4A8 kernel configurations instead")
     p.add_argument("--tune-gemv", action="store_true", help="sweep the small-M (GEMV) configurations only")
     p.add_argument("--tune-attention", action="store_true", help="also time alternative attention CTA shapes")
-    p.add_argument("--one", choices=["gemm", "gemv", "attention"], help="run one case a few times (for a profiler)")
+    p.add_argument("--one", choices=["gemm", "gemv", "gemv-pc", "gemv16", "attention"], help="run one case a few times (for a profiler)")
     args = p.parse_args(argv)
     if args.one:
         _one(args.one)

@@ -10,6 +10,7 @@ the stream (kernels go to torch's current stream). cupy is imported lazily: this
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import threading
@@ -55,13 +56,17 @@ def variant_source(v: Variant) -> str:
 
 # ---- variants ---------------------------------------------------------------------------------------------------
 
-def gemv_variant(tb: int, nt: int, grouped: bool, warps: int, u: int, red: int = 1, cluster: int = 1) -> Variant:
+def gemv_variant(tb: int, nt: int, grouped: bool, warps: int, u: int, red: int = 1, cluster: int = 1,
+                 early_trigger: bool = True) -> Variant:
     """`cluster` > 1: split-K over a thread-block cluster of that many CTAs (sm_90+; the wrapper is empty of
-    the cluster attribute below sm_90, where it must not be launched)."""
-    name = f"qoq_gemv_tb{tb}_nt{nt}_{'g' if grouped else 'c'}_w{warps}_u{u}_r{red}" + (f"_cl{cluster}" if cluster > 1 else "")
+    the cluster attribute below sm_90, where it must not be launched). `early_trigger`: a dependent kernel
+    launched with PDL may start when this one starts (else when its weights are read)."""
+    name = (f"qoq_gemv_tb{tb}_nt{nt}_{'g' if grouped else 'c'}_w{warps}_u{u}_r{red}" + (f"_cl{cluster}" if cluster > 1 else "")
+            + ("" if early_trigger else "_late"))
     dims = f"__cluster_dims__(1, {cluster}, 1) " if cluster > 1 else ""
     body = (f'extern "C" __global__ void {dims}__launch_bounds__({warps * 32}) {name}(GEMM_PARAMS) '
-            f'{{ gemv_body<{tb}, {nt}, {str(grouped).lower()}, {warps}, {u}, {red}, {cluster}>(GEMM_ARGS); }}')
+            f'{{ gemv_body<{tb}, {nt}, {str(grouped).lower()}, {warps}, {u}, {red}, {cluster}, '
+            f'{str(early_trigger).lower()}>(GEMM_ARGS); }}')
     return Variant("gemm.cu", name, body)
 
 
@@ -209,7 +214,10 @@ def _stream(device: int):
     return s
 
 
-def launch(v: Variant, device: int, grid, block, args, smem: int = 0) -> None:
+def launch(v: Variant, device: int, grid, block, args, smem: int = 0, pdl: bool = False) -> None:
+    """Launch on torch's current stream. `pdl`: programmatic dependent launch (sm_90+, the kernel must call
+    pdl_wait before it reads anything an earlier kernel writes): its CTAs may start while the previous kernel
+    finishes."""
     fn = get_function(v, device)
     if smem > 0 and (device, v) not in _smem_set:  # opt in (static smem counts against the 48 KB default)
         from cupy.cuda import driver
@@ -218,11 +226,50 @@ def launch(v: Variant, device: int, grid, block, args, smem: int = 0) -> None:
         _smem_set.add((device, v))
     import cupy
 
-    if cupy.cuda.runtime.getDevice() != device:
+    if pdl:
+        if cupy.cuda.runtime.getDevice() != device:
+            with cupy.cuda.Device(device):
+                _launch_pdl(fn, device, grid, block, args, smem)
+        else:
+            _launch_pdl(fn, device, grid, block, args, smem)
+    elif cupy.cuda.runtime.getDevice() != device:
         with cupy.cuda.Device(device):
             fn(tuple(grid), tuple(block), tuple(args), shared_mem=smem, stream=_stream(device))
     else:
         fn(tuple(grid), tuple(block), tuple(args), shared_mem=smem, stream=_stream(device))
+
+
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, pad to 8, 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32, np.float32: ctypes.c_float}
+_libcuda = None
+
+
+def _launch_pdl(fn, device: int, grid, block, args, smem: int) -> None:
+    """cuLaunchKernelEx with programmatic stream serialization (CuPy's launcher has no launch attributes)."""
+    global _libcuda
+    import torch
+
+    if _libcuda is None:
+        _libcuda = ctypes.CDLL("libcuda.so.1")
+        _libcuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    vals = [_CTYPES[type(a)](int(a) if not isinstance(a, np.float32) else float(a)) for a in args]
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(x), ctypes.c_void_p) for x in vals])
+    attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem,
+                        torch.cuda.current_stream(device).cuda_stream, ctypes.pointer(attr), 1)
+    err = _libcuda.cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err}")
 
 
 # ---- argument helpers ---------------------------------------------------------------------------------------------

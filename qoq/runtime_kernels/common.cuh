@@ -116,6 +116,22 @@ QOQ_DEV int ld_dsmem_s32(u32 local, u32 rank) {
 }
 #endif
 
+// Programmatic dependent launch (sm_90+; no-ops below and when the grid was launched without the attribute):
+// `pdl_trigger` lets the next kernel in the stream, if it was launched with programmatic stream serialization,
+// start its CTAs now (they run up to their `pdl_wait`); `pdl_wait` blocks until every prerequisite grid has
+// completed and its memory writes are visible. Before `pdl_wait` a kernel may only read data no earlier kernel
+// writes (weights, scales).
+QOQ_DEV void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+QOQ_DEV void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 QOQ_DEV float ex2(float x) { float y; asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 
 QOQ_DEV float warp_max(float v) {

@@ -88,6 +88,34 @@ QOQ_DEV void epi_store2(const EpiArgs& e, int a0, int a1, int m, int n) {
   }
 }
 
+// The epilogue's parameters of one output, loaded early (the GEMV prefetches them into registers so that their
+// global-memory latency is off the kernel's tail); epi_store_pre is epi_store1 on them, op for op.
+struct EpiPre {
+  bool ok;
+  float s1, sz, bias, sa, qs;
+};
+QOQ_DEV EpiPre epi_prefetch_channel(const u16* s1, const u16* szeros, const void* bias, int bias_dt, int N, bool ok,
+                                    int n) {
+  EpiPre p{ok && n < N, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (p.ok) {
+    p.s1 = h2f(s1[n]);
+    if (szeros) p.sz = h2f(szeros[n]);
+    if (bias) p.bias = ld_any(bias, n, bias_dt);
+  }
+  return p;
+}
+QOQ_DEV void epi_prefetch_row(EpiPre& p, const float* sa, const int* qsum, int m) {
+  p.sa = sa[m];
+  if (qsum) p.qs = __int2float_rn(qsum[m]);
+}
+QOQ_DEV void epi_store_pre(const EpiArgs& e, const EpiPre& p, int acc, int m, int n, bool per_channel) {
+  const i64 idx = (i64)m * e.N + n;
+  if (e.out_dt == DT_I32) { ((int*)e.out)[idx] = acc; return; }
+  float y = epi_math(acc, p.sa, per_channel ? p.qs : 0.f, p.s1, p.sz, per_channel);
+  if (e.bias) y = __fadd_rn(y, p.bias);
+  st_any(e.out, idx, e.out_dt, y);
+}
+
 #define GEMM_PARAMS                                                                                        \
   const i8 *__restrict__ A, const float *__restrict__ sa, const int *__restrict__ qsum,                    \
       const u8 *__restrict__ W, const u8 *__restrict__ s2, const u8 *__restrict__ z2,                      \
@@ -103,7 +131,10 @@ QOQ_DEV void epi_store2(const EpiArgs& e, int a0, int a1, int m, int n) {
 // already in flight while the current one is dequantized and multiplied (register double buffering). The CTA's
 // warps split its k range and add their int32 sums with shared-memory atomics (exact in any order). Split-K
 // over CTAs (S > 1, only when there are too few n-groups to fill the GPU) writes int32 partials to a workspace; the
-// last CTA of each n-group (atomic counter) sums them and runs the epilogue.
+// last CTA of each n-group (atomic counter) sums them and runs the epilogue. On sm_90 the GEMV is launched with
+// programmatic dependent launch: it lets the next kernel start at once (pdl_trigger) and reads its first weights
+// and its epilogue's channel scales before waiting for the previous kernel (pdl_wait), so back-to-back calls
+// overlap one call's tail with the next one's first DRAM round trip.
 // grid = (ceil(Np/32 / NT), S)
 template <int TB, int NT, bool GROUPED, int U>
 struct GemvBatch {
@@ -112,11 +143,12 @@ struct GemvBatch {
   u32 s[U][NT], z[U][NT];
 };
 
+// weights (and per-group s2 / z words) of one batch: read-only parameters, safe before pdl_wait
 template <int TB, int NT, bool GROUPED, int U>
-QOQ_DEV void gemv_load(GemvBatch<TB, NT, GROUPED, U>& bt, const i8* __restrict__ A, const u8* __restrict__ W,
-                       const u8* __restrict__ s2, const u8* __restrict__ z2, int kb, int k1, int nt0, int NTILES,
-                       int KT, int Np, int Kp, int M, int log2g, int lane) {
-  const int c = lane >> 2, l = lane & 3;
+QOQ_DEV void gemv_load_w(GemvBatch<TB, NT, GROUPED, U>& bt, const u8* __restrict__ W, const u8* __restrict__ s2,
+                         const u8* __restrict__ z2, int kb, int k1, int nt0, int NTILES, int KT, int Np, int log2g,
+                         int lane) {
+  const int c = lane >> 2;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int kt = kb + u;
@@ -131,10 +163,21 @@ QOQ_DEV void gemv_load(GemvBatch<TB, NT, GROUPED, U>& bt, const i8* __restrict__
         bt.z[u][t] = ok ? ldg_nc32(z2 + gi) : 0u;
       }
     }
+  }
+}
+
+// activations of one batch (written by the previous kernel: after pdl_wait)
+template <int TB, int NT, bool GROUPED, int U>
+QOQ_DEV void gemv_load_a(GemvBatch<TB, NT, GROUPED, U>& bt, const i8* __restrict__ A, int kb, int k1, int Kp, int M,
+                         int lane) {
+  const int c = lane >> 2, l = lane & 3;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int kt = kb + u;
 #pragma unroll
     for (int tb = 0; tb < TB; ++tb) {
       const int tok = tb * 8 + c;
-      if (kv && tok < M) {
+      if (kt < k1 && tok < M) {
         const i8* ap = A + (i64)tok * Kp + kt * 32 + 4 * l;
         bt.a[u][tb][0] = ldg_nc32(ap);
         bt.a[u][tb][1] = ldg_nc32(ap + 16);
@@ -181,7 +224,7 @@ struct GemvRed {
 // CL > 1 (sm_90 thread-block clusters of CL CTAs along y, S == CL): the CL split-K CTAs of one n-group form a
 // cluster and CTA rank 0 adds the others' folded sums straight from their shared memory (DSMEM) instead of the
 // global-memory round trip of the generic split-K path.
-template <int TB, int NT, bool GROUPED, int WARPS, int U, int RED, int CL = 1>
+template <int TB, int NT, bool GROUPED, int WARPS, int U, int RED, int CL = 1, bool EARLY = true>
 QOQ_DEV void gemv_body(GEMM_PARAMS) {
   typedef GemvRed<TB, NT, WARPS> R;
   constexpr bool PARTIALS = RED == 1 && R::PARTIALS;
@@ -192,6 +235,7 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
   const int KT = Kp >> 5, NTILES = Np >> 5;
   const int nt0 = blockIdx.x * NT, split = blockIdx.y;
   const int k0 = split * tps, k1 = min(KT, k0 + tps);
+  if (EARLY) pdl_trigger();  // the next GEMV may start streaming its weights while this one runs
   if (!PARTIALS)
     for (int i = tid; i < NT * 32 * TB * 8; i += WARPS * 32) red[i] = 0;
 
@@ -205,17 +249,35 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[t][h][tb][r] = 0;
 
+  // the first two batches of weights and the epilogue's channel parameters are read before pdl_wait (they
+  // overlap the previous kernel's tail when launched with programmatic dependent launch), the rest after it
+  const int total = NT * 32 * M;
+  const bool pc = szeros != nullptr;
   constexpr int STRIDE = WARPS * U;
-  GemvBatch<TB, NT, GROUPED, U> b0, b1;
   int kb = k0 + warp * U;
-  if (kb < k1) gemv_load(b0, A, W, s2, z2, kb, k1, nt0, NTILES, KT, Np, Kp, M, log2g, lane);
+  GemvBatch<TB, NT, GROUPED, U> b0, b1;
+  if (kb < k1) gemv_load_w(b0, W, s2, z2, kb, k1, nt0, NTILES, KT, Np, log2g, lane);
+  if (kb + STRIDE < k1) gemv_load_w(b1, W, s2, z2, kb + STRIDE, k1, nt0, NTILES, KT, Np, log2g, lane);
+  EpiPre pre = epi_prefetch_channel(s1, szeros, bias, bias_dt, N, total <= WARPS * 32 && tid < total,
+                                    nt0 * 32 + tid % (NT * 32));
+  pdl_wait();
+  if (pre.ok) epi_prefetch_row(pre, sa, qsum, tid / (NT * 32));
+  if (kb < k1) gemv_load_a(b0, A, kb, k1, Kp, M, lane);
+  if (kb + STRIDE < k1) gemv_load_a(b1, A, kb + STRIDE, k1, Kp, M, lane);
   for (; kb < k1; kb += 2 * STRIDE) {
-    if (kb + STRIDE < k1) gemv_load(b1, A, W, s2, z2, kb + STRIDE, k1, nt0, NTILES, KT, Np, Kp, M, log2g, lane);
     gemv_compute(b0, acc, kb, k1);
+    if (kb + 2 * STRIDE < k1) {
+      gemv_load_w(b0, W, s2, z2, kb + 2 * STRIDE, k1, nt0, NTILES, KT, Np, log2g, lane);
+      gemv_load_a(b0, A, kb + 2 * STRIDE, k1, Kp, M, lane);
+    }
     if (kb + STRIDE >= k1) break;
-    if (kb + 2 * STRIDE < k1) gemv_load(b0, A, W, s2, z2, kb + 2 * STRIDE, k1, nt0, NTILES, KT, Np, Kp, M, log2g, lane);
     gemv_compute(b1, acc, kb + STRIDE, k1);
+    if (kb + 3 * STRIDE < k1) {
+      gemv_load_w(b1, W, s2, z2, kb + 3 * STRIDE, k1, nt0, NTILES, KT, Np, log2g, lane);
+      gemv_load_a(b1, A, kb + 3 * STRIDE, k1, Kp, M, lane);
+    }
   }
+  if (!EARLY) pdl_trigger();  // only once its weights are read: the next GEMV's CTAs fill the SMs as they free
   if (PARTIALS) {
     int* mine = red + warp * (TB * 8 * R::PITCH);
 #pragma unroll
@@ -254,7 +316,11 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
 #define GEMV_RED(ch, tok) (PARTIALS ? red[(tok) * R::PITCH + (ch)] : red[(ch) * (TB * 8) + (tok)])
 
   EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
-  const int total = NT * 32 * M;
+  // output i = tok * NT*32 + ch; the prefetched parameters belong to i == tid
+  auto store = [&](int v, int i, int tok, int n) {
+    if (pre.ok && i == tid) epi_store_pre(e, pre, v, tok, n, pc);
+    else epi_store1(e, v, tok, n);
+  };
   if (CL > 1) {
     static_assert(CL == 1 || PARTIALS, "cluster split-K needs the per-warp slices (fold into slot 0)");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -267,7 +333,7 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
         const u32 local = smem_u32(&red[tok * R::PITCH + ch]);
 #pragma unroll
         for (int r = 1; r < CL; ++r) v += ld_dsmem_s32(local, r);
-        if (n < N) epi_store1(e, v, tok, n);
+        if (n < N) store(v, i, tok, n);
       }
     }
     cluster_sync();  // the other CTAs keep their shared memory alive until rank 0 has read it
@@ -280,7 +346,7 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
     for (int i = tid; i < total; i += WARPS * 32) {
       const int ch = i % (NT * 32), tok = i / (NT * 32);
       const int n = nt0 * 32 + ch;
-      if (n < N) epi_store1(e, GEMV_RED(ch, tok), tok, n);
+      if (n < N) store(GEMV_RED(ch, tok), i, tok, n);
     }
     return;
   }
@@ -301,7 +367,7 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
     if (n >= N) continue;
     int v = 0;
     for (int s = 0; s < S; ++s) v += ld_cg_s32(ws + ((i64)s * M + tok) * Np + n);
-    epi_store1(e, v, tok, n);
+    store(v, i, tok, n);
   }
   if (tid == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }

@@ -24,6 +24,8 @@ class GemvConfig:
     splits: int | None = None  # None: planned from the SM count
     red: int = 1  # cross-warp reduction: 1 per-warp shared-memory slices, 0 shared-memory atomics
     cluster: int = 1  # > 1: split K over a thread-block cluster of this many CTAs (sm_90+, DSMEM reduction)
+    pdl: bool = True  # sm_90+: programmatic dependent launch (weights stream while the previous kernel ends)
+    early_trigger: bool = True  # a PDL-launched next kernel may start with this one (False: after its main loop)
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,8 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
 
 
 def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig:
-    """Many groups per SM (several CTAs per SM anyway): 8 warps x 2 k-tiles; long K: more warps per CTA (M <= 8)
-    or a 2-CTA cluster split-K (M > 8); M > 8 with more groups than SMs: a 2-CTA cluster balances the SMs;
+    """Many groups per SM (several CTAs per SM anyway): 8 warps x 2 k-tiles; long K, or on sm_90 (PDL) no more
+    groups than SMs: 32 warps per CTA (M <= 8); long K: a 2-CTA cluster split-K (M > 8); M > 8 with more groups than SMs: a 2-CTA cluster balances the SMs;
     otherwise 16 warps x 2 k-tiles. M = 17-32 (3-4 token blocks, twice the registers per warp): 8 warps x 2
     k-tiles, or with >= 4 groups per SM 4 warps x 1 k-tile x 2 n-tiles (the activations, re-read by every CTA,
     serve twice the channels). M = 33-64: 4 warps x 2-CTA cluster split-K (sm_90) on long K or with more groups
@@ -109,13 +111,18 @@ def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig
         return GemvConfig(tb, nt=2, warps=4, u=1) if ngroups >= 4 * sms else GemvConfig(tb, warps=8, u=2)
     if ngroups >= 4 * sms:
         return GemvConfig(tb, warps=8, u=2)
-    if kt >= 256:
+    if kt >= 256 or (tb == 1 and ngroups <= sms and hopper):
         if tb == 1:
             return GemvConfig(tb, warps=32, u=2)
         return GemvConfig(tb, warps=8, u=4, cluster=2) if hopper else GemvConfig(tb, warps=8, u=4)
     if tb == 2 and ngroups > sms:
         return GemvConfig(tb, warps=8, u=2, cluster=2) if hopper else GemvConfig(tb, warps=8, u=4)
     return GemvConfig(tb, warps=16, u=2)
+
+
+def gemv_slices_fit(cfg: GemvConfig) -> bool:
+    """The per-warp shared-memory slices of the cross-warp reduction fit (gemm.cu GemvRed::PARTIALS)."""
+    return cfg.warps * cfg.tb * 8 * (cfg.nt * 32 + 4) * 4 <= 40960
 
 
 def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 227 * 1024):
@@ -125,7 +132,7 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
     if isinstance(cfg, WgmmaConfig):
         return B.wgmma_variant(cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.stages)
     if isinstance(cfg, GemvConfig):
-        return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u, cfg.red, cfg.cluster), 0
+        return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u, cfg.red, cfg.cluster, cfg.early_trigger), 0
     stages = cfg.stages
     while stages > 2 and B.gemm_smem_bytes(cfg.bm, cfg.bn, stages, grouped) > smem_optin:
         stages -= 1
@@ -238,6 +245,8 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
             raise ValueError(f"GemvConfig(tb={cfg.tb}) handles M <= {8 * cfg.tb}, got {m}")
         if cfg.cluster > 1 and info["cc"] < 90:
             raise ValueError(f"GemvConfig(cluster={cfg.cluster}) needs sm_90 or newer")
+        if cfg.cluster > 1 and not gemv_slices_fit(cfg):
+            raise ValueError(f"{cfg}: a cluster split-K needs warps * tb * 8 * (nt * 32 + 4) * 4 <= 40960 bytes")
         ngroups = math.ceil((np_ // 32) / cfg.nt)
         splits, tps = _plan_gemv(cfg, ngroups, kt, sms)
         grid, block = (ngroups, splits, 1), (cfg.warps * 32, 1, 1)
@@ -255,7 +264,8 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     args = (B.ptr(q), B.ptr(scale), B.ptr(qsum), B.ptr(qw), B.ptr(s2), B.ptr(z2), B.ptr(s1), B.ptr(szeros),
             B.ptr(bias), B.i32(bias_dt), B.ptr(out), B.i32(DTYPE_CODES[out_dtype]), B.ptr(ws), B.ptr(counters),
             B.i32(m), B.i32(n), B.i32(np_), B.i32(kp), B.i32(log2g), B.i32(splits), B.i32(tps))
-    B.launch(variant, device, grid, block, args, smem)
+    pdl = isinstance(cfg, GemvConfig) and cfg.pdl and info["cc"] >= 90
+    B.launch(variant, device, grid, block, args, smem, pdl=pdl)
     return out
 
 

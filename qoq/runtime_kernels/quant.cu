@@ -55,6 +55,7 @@ template <int DT, int MODE, int CH, int THREADS>
 QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ x2, int dt2, float eps,
                            i8* __restrict__ q, float* __restrict__ scale, int* __restrict__ qsum, int K, int Kp,
                            i64 ldx, i64 ldx2, int vec) {
+  pdl_trigger();  // a GEMV launched after this kernel with PDL may start streaming its weights
   __shared__ double shd[32];
   __shared__ float shf[32];
   __shared__ int shi[32];
