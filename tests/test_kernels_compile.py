@@ -79,7 +79,9 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
                 v = gemm.variant_for(cfg, grouped)[0]
                 assert v in defaults, (n, k, m, cfg)
                 assert B.runs_on(v, str(cc)), (n, k, m, cfg)
-    assert gemm.choose_config(16, 6144, 4096, 132, cc=90).cluster == 2
+    assert gemm.choose_config(16, 6144, 4096, 132, cc=90) == gemm.GemvConfig(2, warps=16, u=1)
+    assert gemm.choose_config(16, 4096, 14336, 132, cc=90) == gemm.GemvConfig(2, warps=16, u=1, cluster=2)
+    assert gemm.choose_config(1, 4096, 4096, 132, cc=90) == gemm.GemvConfig(1, warps=32, u=1)
 
 
 def test_choose_config_large_m_paths():
@@ -95,9 +97,9 @@ def test_choose_config_large_m_paths():
                               (100, 4096, 4096, 80, T)]:
         assert isinstance(gemm.choose_config(m, n, k, 132, cc=cc), kind), (m, n, k, cc)
     assert isinstance(gemm.choose_config(4096, 4096, 4096, 132, intmm=False, cc=90), T)
-    assert gemm.choose_config(32, 4096, 4096, 132, cc=90) == gemm.GemvConfig(4, warps=8, u=2)
-    assert gemm.choose_config(17, 28672, 4096, 132, cc=80) == gemm.GemvConfig(3, nt=2, warps=4, u=1)
-    assert gemm.choose_config(64, 4096, 14336, 132, cc=90) == gemm.GemvConfig(8, warps=4, u=2, cluster=2)
-    assert gemm.choose_config(40, 4096, 4096, 132, cc=90) == gemm.GemvConfig(5, warps=8, u=2)
+    assert gemm.choose_config(32, 4096, 4096, 132, cc=90) == gemm.GemvConfig(4, warps=8, u=2, pdl=False)
+    assert gemm.choose_config(17, 28672, 4096, 132, cc=80) == gemm.GemvConfig(3, nt=2, warps=4, u=1, pdl=False)
+    assert gemm.choose_config(64, 4096, 14336, 132, cc=90) == gemm.GemvConfig(8, warps=4, u=2, cluster=2, pdl=False)
+    assert gemm.choose_config(40, 4096, 4096, 132, cc=90) == gemm.GemvConfig(5, warps=8, u=2, pdl=False)
     assert not B.runs_on(gemm.variant_for(gemm.WgmmaConfig(), True)[0], "100")
     assert gemm.choose_config(16, 6144, 4096, 132, cc=89).cluster == 1

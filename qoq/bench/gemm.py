@@ -144,7 +144,7 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                 if cc == 90 and m > 16:
                     paths["_wgmma"] = WgmmaConfig()
                 picked_cfg = choose_config(m, np_, kp, sms, cc=cc)
-                if cc >= 90 and isinstance(picked_cfg, GemvConfig):  # the GEMV without programmatic dependent launch
+                if cc >= 90 and isinstance(picked_cfg, GemvConfig) and picked_cfg.pdl:  # the GEMV without PDL
                     paths["_nopdl"] = replace(picked_cfg, pdl=False)
                 for suffix, cfg in paths.items():
                     res[name + suffix] = time_calls([lambda w=w, cfg=cfg: K.w4a8_linear(a, w, config=cfg) for w in lins])
@@ -239,10 +239,8 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
 GEMV_CANDIDATES = {  # name -> GemvConfig fields besides tb; the cluster and PDL ones need sm_90
     "w16u2": dict(warps=16, u=2), "w8u2": dict(warps=8, u=2), "w32u2": dict(warps=32, u=2),
     "w8u4": dict(warps=8, u=4), "w8u2c2": dict(warps=8, u=2, cluster=2), "w8u4c2": dict(warps=8, u=4, cluster=2),
-    "nt2w8u2c2": dict(nt=2, warps=8, u=2, cluster=2), "w16u2-late": dict(warps=16, u=2, early_trigger=False),
-    "w32u2-late": dict(warps=32, u=2, early_trigger=False),
-    "w16u2-nopdl": dict(warps=16, u=2, pdl=False), "w32u2-nopdl": dict(warps=32, u=2, pdl=False),
-    "w8u2c2-nopdl": dict(warps=8, u=2, cluster=2, pdl=False)}
+    "w16u1": dict(warps=16, u=1), "w32u1": dict(warps=32, u=1), "w16u1c2": dict(warps=16, u=1, cluster=2),
+    "w16u2-late": dict(warps=16, u=2, early_trigger=False), "w16u2-nopdl": dict(warps=16, u=2, pdl=False)}
 INTMM_CHUNKS = (None,)  # output-channel chunks measured slower at 2048-8192 (NOTES.md)
 
 

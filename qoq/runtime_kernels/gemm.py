@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,7 @@ class WgmmaConfig:
     min_blocks: int = 2
 
 
+PDL_ENABLED = os.environ.get("QOQ_PDL", "1") != "0"  # QOQ_PDL=0: never use programmatic dependent launch
 GEMV_MAX_M = 32  # 17-32 tokens: 2-3x faster than the tiled kernel on Llama-3-8B shapes (NOTES.md)
 GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-64 tokens: 1.1-1.7x)
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
@@ -95,29 +97,37 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
 
 
 def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig:
-    """Many groups per SM (several CTAs per SM anyway): 8 warps x 2 k-tiles; long K, or on sm_90 (PDL) no more
-    groups than SMs: 32 warps per CTA (M <= 8); long K: a 2-CTA cluster split-K (M > 8); M > 8 with more groups than SMs: a 2-CTA cluster balances the SMs;
-    otherwise 16 warps x 2 k-tiles. M = 17-32 (3-4 token blocks, twice the registers per warp): 8 warps x 2
-    k-tiles, or with >= 4 groups per SM 4 warps x 1 k-tile x 2 n-tiles (the activations, re-read by every CTA,
-    serve twice the channels). M = 33-64: 4 warps x 2-CTA cluster split-K (sm_90) on long K or with more groups
-    than SMs, else 8 warps x 2 k-tiles."""
+    """GEMV shape by token blocks (tb = ceil(M/8)), 32-channel groups per SM and K; measured on H100
+    (`python -m qoq.bench.gemm --tune-gemv`, NOTES.md). sm_90 (programmatic dependent launch, M <= 16):
+    M <= 8: 8 warps x 2 k-tiles with >= 4 groups per SM, 32 warps x 1 k-tile on long K or with no more groups
+    than SMs, else 16 warps x 2; M = 9-16: 16 warps x 1 k-tile (a 2-CTA cluster split-K on long K), or 16 x 2
+    with no more groups than SMs. Without sm_90: 8 warps x 2 with >= 4 groups per SM, 32 warps (M <= 8) or
+    8 warps x 4 (M > 8) on long K, else 16 x 2 (8 x 4 for M > 8 with more groups than SMs). M = 17-32: 8 warps
+    x 2 k-tiles, or with >= 4 groups per SM 4 warps x 1 k-tile x 2 n-tiles (the activations, re-read by every
+    CTA, serve twice the channels). M = 33-64: 4 warps x 2-CTA cluster split-K (sm_90) on long K or with more
+    groups than SMs, else 8 warps x 2 k-tiles. PDL is off above M = 16 (measured neutral to 30 % slower there)."""
     tb = (m + 7) // 8
-    hopper = cc >= 90
     if tb > 4:
-        if hopper and (kt >= 256 or ngroups > sms):
-            return GemvConfig(tb, warps=4, u=2 if kt >= 256 else 1, cluster=2)
-        return GemvConfig(tb, warps=8, u=2)
+        if cc >= 90 and (kt >= 256 or ngroups > sms):
+            return GemvConfig(tb, warps=4, u=2 if kt >= 256 else 1, cluster=2, pdl=False)
+        return GemvConfig(tb, warps=8, u=2, pdl=False)
     if tb > 2:
-        return GemvConfig(tb, nt=2, warps=4, u=1) if ngroups >= 4 * sms else GemvConfig(tb, warps=8, u=2)
-    if ngroups >= 4 * sms:
-        return GemvConfig(tb, warps=8, u=2)
-    if kt >= 256 or (tb == 1 and ngroups <= sms and hopper):
+        return (GemvConfig(tb, nt=2, warps=4, u=1, pdl=False) if ngroups >= 4 * sms
+                else GemvConfig(tb, warps=8, u=2, pdl=False))
+    long_k, many = kt >= 256, ngroups >= 4 * sms
+    if cc >= 90:
         if tb == 1:
-            return GemvConfig(tb, warps=32, u=2)
-        return GemvConfig(tb, warps=8, u=4, cluster=2) if hopper else GemvConfig(tb, warps=8, u=4)
-    if tb == 2 and ngroups > sms:
-        return GemvConfig(tb, warps=8, u=2, cluster=2) if hopper else GemvConfig(tb, warps=8, u=4)
-    return GemvConfig(tb, warps=16, u=2)
+            if many:
+                return GemvConfig(1, warps=8, u=2)
+            return GemvConfig(1, warps=32, u=1) if long_k or ngroups <= sms else GemvConfig(1, warps=16, u=2)
+        if long_k and not many:
+            return GemvConfig(2, warps=16, u=1, cluster=2)
+        return GemvConfig(2, warps=16, u=1) if ngroups > sms else GemvConfig(2, warps=16, u=2)
+    if many:
+        return GemvConfig(tb, warps=8, u=2)
+    if long_k:
+        return GemvConfig(tb, warps=32, u=2) if tb == 1 else GemvConfig(tb, warps=8, u=4)
+    return GemvConfig(tb, warps=8, u=4) if tb == 2 and ngroups > sms else GemvConfig(tb, warps=16, u=2)
 
 
 def gemv_slices_fit(cfg: GemvConfig) -> bool:
@@ -264,7 +274,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     args = (B.ptr(q), B.ptr(scale), B.ptr(qsum), B.ptr(qw), B.ptr(s2), B.ptr(z2), B.ptr(s1), B.ptr(szeros),
             B.ptr(bias), B.i32(bias_dt), B.ptr(out), B.i32(DTYPE_CODES[out_dtype]), B.ptr(ws), B.ptr(counters),
             B.i32(m), B.i32(n), B.i32(np_), B.i32(kp), B.i32(log2g), B.i32(splits), B.i32(tps))
-    pdl = isinstance(cfg, GemvConfig) and cfg.pdl and info["cc"] >= 90
+    pdl = isinstance(cfg, GemvConfig) and cfg.pdl and info["cc"] >= 90 and PDL_ENABLED
     B.launch(variant, device, grid, block, args, smem, pdl=pdl)
     return out
 
@@ -335,7 +345,8 @@ def _intmm_rows(cfg, q, w8, s1, szeros, bias, bias_dt, scale, qsum, out, out_dty
 
 
 DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2)
-                        for w, u, cl in ((16, 2, 1), (8, 2, 1), (32, 2, 1), (8, 4, 1), (8, 4, 2), (8, 2, 2))) + tuple(
+                        for w, u, cl in ((16, 2, 1), (8, 2, 1), (32, 2, 1), (8, 4, 1), (8, 4, 2), (8, 2, 2),
+                                         (32, 1, 1), (16, 1, 1), (16, 1, 2))) + tuple(
     GemvConfig(tb, nt=nt, warps=w, u=u) for tb in (3, 4) for nt, w, u in ((1, 8, 2), (2, 4, 1))) + tuple(
     GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8) for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
