@@ -158,9 +158,15 @@ QOQ_DEV void gemv_load_w(GemvBatch<TB, NT, GROUPED, U>& bt, const u8* __restrict
       const bool ok = kv && (nt0 + t < NTILES);
       bt.w[u][t] = ok ? ldg_stream16(W + ((i64)(nt0 + t) * KT + kt) * 512 + lane * 16) : make_uint4(0, 0, 0, 0);
       if (GROUPED) {
-        const i64 gi = (i64)((kt << 5) >> log2g) * Np + (nt0 + t) * 32 + 4 * c;
-        bt.s[u][t] = ok ? ldg_nc32(s2 + gi) : 0u;
-        bt.z[u][t] = ok ? ldg_nc32(z2 + gi) : 0u;
+        const int grp = (kt << 5) >> log2g;
+        if (u > 0 && grp == (((kt - 1) << 5) >> log2g)) {  // same group as the previous k-tile: no second load
+          bt.s[u][t] = ok ? bt.s[u - 1][t] : 0u;
+          bt.z[u][t] = ok ? bt.z[u - 1][t] : 0u;
+        } else {
+          const i64 gi = (i64)grp * Np + (nt0 + t) * 32 + 4 * c;
+          bt.s[u][t] = ok ? ldg_nc32(s2 + gi) : 0u;
+          bt.z[u][t] = ok ? ldg_nc32(z2 + gi) : 0u;
+        }
       }
     }
   }
