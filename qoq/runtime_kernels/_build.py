@@ -226,17 +226,17 @@ def launch(v: Variant, device: int, grid, block, args, smem: int = 0, pdl: bool 
         _smem_set.add((device, v))
     import cupy
 
-    if pdl:
-        if cupy.cuda.runtime.getDevice() != device:
-            with cupy.cuda.Device(device):
-                _launch_pdl(fn, device, grid, block, args, smem)
-        else:
+    def go():
+        if pdl:
             _launch_pdl(fn, device, grid, block, args, smem)
-    elif cupy.cuda.runtime.getDevice() != device:
-        with cupy.cuda.Device(device):
+        else:
             fn(tuple(grid), tuple(block), tuple(args), shared_mem=smem, stream=_stream(device))
+
+    if cupy.cuda.runtime.getDevice() != device:
+        with cupy.cuda.Device(device):
+            go()
     else:
-        fn(tuple(grid), tuple(block), tuple(args), shared_mem=smem, stream=_stream(device))
+        go()
 
 
 class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, pad to 8, 64-byte value union

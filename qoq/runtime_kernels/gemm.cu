@@ -62,11 +62,36 @@ QOQ_DEV float epi_math(int acc, float sa, float qs, float s1, float sz, bool per
   if (per_channel) return __fmul_rn(sa, __fsub_rn(__fmul_rn(__int2float_rn(acc), s1), __fmul_rn(sz, qs)));
   return __fmul_rn(__fmul_rn(__int2float_rn(acc), sa), s1);
 }
-QOQ_DEV float epi_value(const EpiArgs& e, int acc, int m, int n) {
-  const bool pc = e.szeros != nullptr;
-  float y = epi_math(acc, e.sa[m], pc ? __int2float_rn(e.qsum[m]) : 0.f, h2f(e.s1[n]), pc ? h2f(e.szeros[n]) : 0.f, pc);
-  if (e.bias) y = __fadd_rn(y, ld_any(e.bias, n, e.bias_dt));
+// The epilogue's inputs of output (m, n). The GEMV loads them into registers before its main loop (their
+// global-memory latency is then off the kernel's tail); the other paths load them where they store.
+struct EpiIn {
+  float s1, sz, bias, sa, qs;
+};
+QOQ_DEV void epi_load_channel(const EpiArgs& e, EpiIn& p, int n) {
+  p.s1 = h2f(e.s1[n]);
+  p.sz = e.szeros ? h2f(e.szeros[n]) : 0.f;
+  p.bias = e.bias ? ld_any(e.bias, n, e.bias_dt) : 0.f;
+}
+QOQ_DEV void epi_load_row(const EpiArgs& e, EpiIn& p, int m) {
+  p.sa = e.sa[m];
+  p.qs = e.szeros && e.qsum ? __int2float_rn(e.qsum[m]) : 0.f;  // (no qsum: int32 output, the value is unused)
+}
+QOQ_DEV float epi_apply(const EpiArgs& e, const EpiIn& p, int acc) {
+  float y = epi_math(acc, p.sa, p.qs, p.s1, p.sz, e.szeros != nullptr);
+  if (e.bias) y = __fadd_rn(y, p.bias);
   return y;
+}
+QOQ_DEV float epi_value(const EpiArgs& e, int acc, int m, int n) {
+  EpiIn p;
+  epi_load_channel(e, p, n);
+  epi_load_row(e, p, m);
+  return epi_apply(e, p, acc);
+}
+// epi_store1 with the inputs already loaded
+QOQ_DEV void epi_store_in(const EpiArgs& e, const EpiIn& p, int acc, int m, int n) {
+  const i64 idx = (i64)m * e.N + n;
+  if (e.out_dt == DT_I32) { ((int*)e.out)[idx] = acc; return; }
+  st_any(e.out, idx, e.out_dt, epi_apply(e, p, acc));
 }
 QOQ_DEV void epi_store1(const EpiArgs& e, int acc, int m, int n) {
   const i64 idx = (i64)m * e.N + n;
@@ -86,34 +111,6 @@ QOQ_DEV void epi_store2(const EpiArgs& e, int a0, int a1, int m, int n) {
     if (n < e.N) epi_store1(e, a0, m, n);
     if (n + 1 < e.N) epi_store1(e, a1, m, n + 1);
   }
-}
-
-// The epilogue's parameters of one output, loaded early (the GEMV prefetches them into registers so that their
-// global-memory latency is off the kernel's tail); epi_store_pre is epi_store1 on them, op for op.
-struct EpiPre {
-  bool ok;
-  float s1, sz, bias, sa, qs;
-};
-QOQ_DEV EpiPre epi_prefetch_channel(const u16* s1, const u16* szeros, const void* bias, int bias_dt, int N, bool ok,
-                                    int n) {
-  EpiPre p{ok && n < N, 0.f, 0.f, 0.f, 0.f, 0.f};
-  if (p.ok) {
-    p.s1 = h2f(s1[n]);
-    if (szeros) p.sz = h2f(szeros[n]);
-    if (bias) p.bias = ld_any(bias, n, bias_dt);
-  }
-  return p;
-}
-QOQ_DEV void epi_prefetch_row(EpiPre& p, const float* sa, const int* qsum, int m) {
-  p.sa = sa[m];
-  if (qsum) p.qs = __int2float_rn(qsum[m]);
-}
-QOQ_DEV void epi_store_pre(const EpiArgs& e, const EpiPre& p, int acc, int m, int n, bool per_channel) {
-  const i64 idx = (i64)m * e.N + n;
-  if (e.out_dt == DT_I32) { ((int*)e.out)[idx] = acc; return; }
-  float y = epi_math(acc, p.sa, per_channel ? p.qs : 0.f, p.s1, p.sz, per_channel);
-  if (e.bias) y = __fadd_rn(y, p.bias);
-  st_any(e.out, idx, e.out_dt, y);
 }
 
 #define GEMM_PARAMS                                                                                        \
@@ -258,16 +255,18 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
   // the first two batches of weights and the epilogue's channel parameters are read before pdl_wait (they
   // overlap the previous kernel's tail when launched with programmatic dependent launch), the rest after it
   const int total = NT * 32 * M;
-  const bool pc = szeros != nullptr;
+  const EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
   constexpr int STRIDE = WARPS * U;
   int kb = k0 + warp * U;
   GemvBatch<TB, NT, GROUPED, U> b0, b1;
   if (kb < k1) gemv_load_w(b0, W, s2, z2, kb, k1, nt0, NTILES, KT, Np, log2g, lane);
   if (kb + STRIDE < k1) gemv_load_w(b1, W, s2, z2, kb + STRIDE, k1, nt0, NTILES, KT, Np, log2g, lane);
-  EpiPre pre = epi_prefetch_channel(s1, szeros, bias, bias_dt, N, total <= WARPS * 32 && tid < total,
-                                    nt0 * 32 + tid % (NT * 32));
+  // output i = tok * NT*32 + ch; with at most one output per thread, thread tid's inputs are loaded now
+  const bool pre_ok = total <= WARPS * 32 && tid < total && nt0 * 32 + tid % (NT * 32) < N;
+  EpiIn pre;
+  if (pre_ok) epi_load_channel(e, pre, nt0 * 32 + tid % (NT * 32));
   pdl_wait();
-  if (pre.ok) epi_prefetch_row(pre, sa, qsum, tid / (NT * 32));
+  if (pre_ok) epi_load_row(e, pre, tid / (NT * 32));
   if (kb < k1) gemv_load_a(b0, A, kb, k1, Kp, M, lane);
   if (kb + STRIDE < k1) gemv_load_a(b1, A, kb + STRIDE, k1, Kp, M, lane);
   for (; kb < k1; kb += 2 * STRIDE) {
@@ -321,10 +320,8 @@ QOQ_DEV void gemv_body(GEMM_PARAMS) {
   __syncthreads();
 #define GEMV_RED(ch, tok) (PARTIALS ? red[(tok) * R::PITCH + (ch)] : red[(ch) * (TB * 8) + (tok)])
 
-  EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
-  // output i = tok * NT*32 + ch; the prefetched parameters belong to i == tid
   auto store = [&](int v, int i, int tok, int n) {
-    if (pre.ok && i == tid) epi_store_pre(e, pre, v, tok, n, pc);
+    if (pre_ok && i == tid) epi_store_in(e, pre, v, tok, n);
     else epi_store1(e, v, tok, n);
   };
   if (CL > 1) {
