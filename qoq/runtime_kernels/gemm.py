@@ -101,7 +101,8 @@ def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig
     (`python -m qoq.bench.gemm --tune-gemv`, NOTES.md). sm_90 (programmatic dependent launch, M <= 16):
     M <= 8: 8 warps x 2 k-tiles with >= 4 groups per SM, 32 warps x 1 k-tile on long K or with no more groups
     than SMs, else 16 warps x 2; M = 9-16: 16 warps x 1 k-tile (a 2-CTA cluster split-K on long K), or 16 x 2
-    with no more groups than SMs. Without sm_90: 8 warps x 2 with >= 4 groups per SM, 32 warps (M <= 8) or
+    with no more groups than SMs; PDL off with >= 4 groups per SM (several small CTAs per SM: the next call's
+    CTAs landed unevenly, 28672x4096 M=1 24-41 us). Without sm_90: 8 warps x 2 with >= 4 groups per SM, 32 warps (M <= 8) or
     8 warps x 4 (M > 8) on long K, else 16 x 2 (8 x 4 for M > 8 with more groups than SMs). M = 17-32: 8 warps
     x 2 k-tiles, or with >= 4 groups per SM 4 warps x 1 k-tile x 2 n-tiles (the activations, re-read by every
     CTA, serve twice the channels). M = 33-64: 4 warps x 2-CTA cluster split-K (sm_90) on long K or with more
@@ -117,12 +118,12 @@ def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig
     long_k, many = kt >= 256, ngroups >= 4 * sms
     if cc >= 90:
         if tb == 1:
-            if many:
-                return GemvConfig(1, warps=8, u=2)
+            if many:  # (several 8-warp CTAs per SM: PDL landed the next call's CTAs unevenly, 24-41 µs on 28672)
+                return GemvConfig(1, warps=8, u=2, pdl=False)
             return GemvConfig(1, warps=32, u=1) if long_k or ngroups <= sms else GemvConfig(1, warps=16, u=2)
         if long_k and not many:
             return GemvConfig(2, warps=16, u=1, cluster=2)
-        return GemvConfig(2, warps=16, u=1) if ngroups > sms else GemvConfig(2, warps=16, u=2)
+        return GemvConfig(2, warps=16, u=1, pdl=not many) if ngroups > sms else GemvConfig(2, warps=16, u=2)
     if many:
         return GemvConfig(tb, warps=8, u=2)
     if long_k:
