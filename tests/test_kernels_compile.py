@@ -82,6 +82,7 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
     assert gemm.choose_config(16, 6144, 4096, 132, cc=90) == gemm.GemvConfig(2, warps=16, u=1)
     assert gemm.choose_config(16, 4096, 14336, 132, cc=90) == gemm.GemvConfig(2, warps=16, u=1, cluster=2)
     assert gemm.choose_config(1, 4096, 4096, 132, cc=90) == gemm.GemvConfig(1, warps=32, u=1)
+    assert gemm.choose_config(16, 28672, 4096, 132, cc=90) == gemm.GemvConfig(2, nt=2, warps=4, u=1, pdl=False)
 
 
 def test_choose_config_large_m_paths():

@@ -100,9 +100,9 @@ def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig
     """GEMV shape by token blocks (tb = ceil(M/8)), 32-channel groups per SM and K; measured on H100
     (`python -m qoq.bench.gemm --tune-gemv`, NOTES.md). sm_90 (programmatic dependent launch, M <= 16):
     M <= 8: 8 warps x 2 k-tiles with >= 4 groups per SM, 32 warps x 1 k-tile on long K or with no more groups
-    than SMs, else 16 warps x 2; M = 9-16: 16 warps x 1 k-tile (a 2-CTA cluster split-K on long K), or 16 x 2
-    with no more groups than SMs; PDL off with >= 4 groups per SM (several small CTAs per SM: the next call's
-    CTAs landed unevenly, 28672x4096 M=1 24-41 us). Without sm_90: 8 warps x 2 with >= 4 groups per SM, 32 warps (M <= 8) or
+    than SMs, else 16 warps x 2; M = 9-16: 4 warps x 1 k-tile x 2 n-tiles with >= 4 groups per SM, else 16
+    warps x 1 k-tile (a 2-CTA cluster split-K on long K), or 16 x 2 with no more groups than SMs; PDL off with
+    >= 4 groups per SM (several small CTAs per SM: the next call's CTAs landed unevenly, 28672x4096 M=1 24-41 us). Without sm_90: 8 warps x 2 with >= 4 groups per SM, 32 warps (M <= 8) or
     8 warps x 4 (M > 8) on long K, else 16 x 2 (8 x 4 for M > 8 with more groups than SMs). M = 17-32: 8 warps
     x 2 k-tiles, or with >= 4 groups per SM 4 warps x 1 k-tile x 2 n-tiles (the activations, re-read by every
     CTA, serve twice the channels). M = 33-64: 4 warps x 2-CTA cluster split-K (sm_90) on long K or with more
@@ -121,9 +121,11 @@ def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig
             if many:  # (several 8-warp CTAs per SM: PDL landed the next call's CTAs unevenly, 24-41 µs on 28672)
                 return GemvConfig(1, warps=8, u=2, pdl=False)
             return GemvConfig(1, warps=32, u=1) if long_k or ngroups <= sms else GemvConfig(1, warps=16, u=2)
-        if long_k and not many:
+        if many:  # (as at M = 17-32: the activations serve twice the channels, 4-way instead of 16-way partials)
+            return GemvConfig(2, nt=2, warps=4, u=1, pdl=False)
+        if long_k:
             return GemvConfig(2, warps=16, u=1, cluster=2)
-        return GemvConfig(2, warps=16, u=1, pdl=not many) if ngroups > sms else GemvConfig(2, warps=16, u=2)
+        return GemvConfig(2, warps=16, u=1) if ngroups > sms else GemvConfig(2, warps=16, u=2)
     if many:
         return GemvConfig(tb, warps=8, u=2)
     if long_k:
@@ -348,7 +350,7 @@ def _intmm_rows(cfg, q, w8, s1, szeros, bias, bias_dt, scale, qsum, out, out_dty
 DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2)
                         for w, u, cl in ((16, 2, 1), (8, 2, 1), (32, 2, 1), (8, 4, 1), (8, 4, 2), (8, 2, 2),
                                          (32, 1, 1), (16, 1, 1), (16, 1, 2))) + tuple(
-    GemvConfig(tb, nt=nt, warps=w, u=u) for tb in (3, 4) for nt, w, u in ((1, 8, 2), (2, 4, 1))) + tuple(
+    GemvConfig(tb, nt=nt, warps=w, u=u) for tb in (2, 3, 4) for nt, w, u in ((1, 8, 2), (2, 4, 1))) + tuple(
     GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8) for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
     WgmmaConfig())
