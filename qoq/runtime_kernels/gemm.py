@@ -80,8 +80,9 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
     the weight-streaming GEMV, its shape by how many 32-channel groups there are per SM and by K. On sm_90 above
     that: the wgmma kernel when its 128 x 128 tiles give at least half the SMs a CTA (it has no split-K).
     Otherwise from M = 256 the dequant + `_int_mm` path, below it the largest tiled-kernel tile that still gives
-    every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound). `cc`: compute capability (90 enables the thread-block-cluster split-K and the
-    sm_90a wgmma kernel). `intmm=False`: the tiled mma.sync kernel only (benchmark baseline)."""
+    every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound). `cc`: compute
+    capability (90 enables the thread-block-cluster split-K and the sm_90a wgmma kernel). `intmm=False`: the
+    tiled mma.sync kernel only (benchmark baseline)."""
     if m <= GEMV_MAX_M or (m <= GEMV_MID_M and np_ // 32 < 4 * sms):
         return _choose_gemv(m, np_ // 32, kp // 32, sms, cc)
     if intmm and cc == 90 and m >= WGMMA_MIN_M and 2 * math.ceil(m / 128) * math.ceil(np_ / 128) >= sms:
@@ -102,11 +103,12 @@ def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig
     M <= 8: 8 warps x 2 k-tiles with >= 4 groups per SM, 32 warps x 1 k-tile on long K or with no more groups
     than SMs, else 16 warps x 2; M = 9-16: 4 warps x 1 k-tile x 2 n-tiles with >= 4 groups per SM, else 16
     warps x 1 k-tile (a 2-CTA cluster split-K on long K), or 16 x 2 with no more groups than SMs; PDL off with
-    >= 4 groups per SM (several small CTAs per SM: the next call's CTAs landed unevenly, 28672x4096 M=1 24-41 us). Without sm_90: 8 warps x 2 with >= 4 groups per SM, 32 warps (M <= 8) or
-    8 warps x 4 (M > 8) on long K, else 16 x 2 (8 x 4 for M > 8 with more groups than SMs). M = 17-32: 8 warps
-    x 2 k-tiles, or with >= 4 groups per SM 4 warps x 1 k-tile x 2 n-tiles (the activations, re-read by every
-    CTA, serve twice the channels). M = 33-64: 4 warps x 2-CTA cluster split-K (sm_90) on long K or with more
-    groups than SMs, else 8 warps x 2 k-tiles. PDL is off above M = 16 (measured neutral to 30 % slower there)."""
+    >= 4 groups per SM (several small CTAs per SM: the next call's CTAs landed unevenly, 28672x4096 M=1
+    24-41 us). Without sm_90: 8 warps x 2 with >= 4 groups per SM, 32 warps (M <= 8) or 8 warps x 4 (M > 8) on
+    long K, else 16 x 2 (8 x 4 for M > 8 with more groups than SMs). M = 17-32: 8 warps x 2 k-tiles, or with
+    >= 4 groups per SM 4 warps x 1 k-tile x 2 n-tiles (the activations, re-read by every CTA, serve twice the
+    channels). M = 33-64: 4 warps x 2-CTA cluster split-K (sm_90) on long K or with more groups than SMs, else
+    8 warps x 2 k-tiles. PDL is off above M = 16 (measured neutral to 30 % slower there)."""
     tb = (m + 7) // 8
     if tb > 4:
         if cc >= 90 and (kt >= 256 or ngroups > sms):
