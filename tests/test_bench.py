@@ -96,7 +96,7 @@ def test_parse_helpers():
     assert suite.parse_max_batch("256") == 256
     assert suite.parse_max_batch("none") == "none"
     o = suite.validate_options(suite.BenchOptions(skip_hf=True))
-    assert o.engines == ("qoq-w4a8kv4", "fp16-engine")
+    assert o.engines == ("qoq-w4a8kv4", "fp16-engine", "fp8-engine")
     with pytest.raises(QoqError, match="both must run"):
         suite.validate_options(suite.BenchOptions(engines=("qoq-w4a8kv4",), min_speedup=1.5))
 
@@ -194,6 +194,7 @@ ROWS = [fake_row("qoq-w4a8kv4", 900, 6000.0, True), fake_row("qoq-w4a8kv4", 1, 1
         fake_row("qoq-w4a8kv4", 64, 3000.0),
         fake_row("fp16-engine", 300, 3000.0, True), fake_row("fp16-engine", 1, 60.0),
         fake_row("fp16-engine", 64, 2000.0),
+        fake_row("fp8-engine", 400, 4000.0, True), fake_row("fp8-engine", 1, 100.0),
         fake_row("hf-fp16", 150, 1500.0, True), fake_row("hf-fp16", 1, 30.0),
         {"engine": "hf-fp16", "batch": 64, "is_max_batch": False, "input_len": 1024, "output_len": 512,
          "error": "out of memory"}]
@@ -210,9 +211,9 @@ def test_report_conforms_to_schema_and_round_trips(tmp_path):
     for key in ("qoq", "python", "torch", "cuda", "transformers", "cupy"):
         assert key in back["versions"]
     assert back["device"]["name"] == H100.name and back["profile"]["name"] == "h100"
-    assert back["speedups"]["max_batch"] == {"vs_fp16_engine": 2.0, "vs_hf_fp16": 4.0}
-    assert back["speedups"]["by_batch"]["1"] == {"vs_fp16_engine": 2.5, "vs_hf_fp16": 5.0}
-    assert back["speedups"]["by_batch"]["64"] == {"vs_fp16_engine": 1.5, "vs_hf_fp16": None}
+    assert back["speedups"]["max_batch"] == {"vs_fp16_engine": 2.0, "vs_fp8_engine": 1.5, "vs_hf_fp16": 4.0}
+    assert back["speedups"]["by_batch"]["1"] == {"vs_fp16_engine": 2.5, "vs_fp8_engine": 1.5, "vs_hf_fp16": 5.0}
+    assert back["speedups"]["by_batch"]["64"] == {"vs_fp16_engine": 1.5, "vs_fp8_engine": None, "vs_hf_fp16": None}
     assert back["check"] == {"min_speedup": 1.5, "passed": True}
 
 
@@ -401,9 +402,11 @@ def test_whole_bench_on_cpu_produces_a_valid_report(tiny_shapes, tmp_path):
     o = suite.BenchOptions(shape="tiny", gpu="l40s", input_len=8, output_len=3, batches=(1, 2), max_batch="none",
                            skip_kernels=True, group_size=32, backend="reference", json_path=tmp_path / "c.json")
     rep = suite.run_bench(o, device_override=(cpu, torch.device("cpu")))
-    checkpoint = json.loads((tmp_path / "c.json").read_text())  # written after the FP16 engine
+    checkpoint = json.loads((tmp_path / "c.json").read_text())  # written after the FP8 engine
     assert report.validate_report(checkpoint) == [] and {r["engine"] for r in checkpoint["e2e"]} == {
-        "qoq-w4a8kv4", "fp16-engine"}
+        "qoq-w4a8kv4", "fp16-engine", "fp8-engine"}
+    assert set(rep["engine_backends"]) == set(e2e.ENGINES)
+    assert "FP8" in rep["engine_backends"]["fp8-engine"] and "SDPA" in rep["engine_backends"]["fp16-engine"]
     assert report.validate_report(rep) == [], report.validate_report(rep)
     assert rep["engine_errors"] == {}
     assert {(r["engine"], r["batch"]) for r in rep["e2e"]} == {(e, b) for e in e2e.ENGINES for b in (1, 2)}

@@ -11,7 +11,9 @@ tokens and generates exactly `output_len` tokens greedily (no EOS), no in-flight
   the tensors each engine holds (KV cache for input_len + output_len tokens per sequence).
 
 Engines: `qoq-w4a8kv4` (qoq.runtime.engine.Engine in fast mode, kernel backend), `fp16-engine` (the same decoder in
-FP16: qoq.bench.fp16_engine) and `hf-fp16` (transformers `generate`, static cache, no torch.compile).
+FP16: qoq.bench.fp16_engine), `fp8-engine` (that decoder with FP8 W8A8 GEMMs: qoq.bench.fp8_engine) and `hf-fp16`
+(transformers `generate`, static cache, no torch.compile). The three engines of this project all decode through
+one CUDA graph per step on CUDA.
 
 Max batch (QServe's protocol: the largest batch that fits): each engine is probed at two small batches
 (cache allocated for the full length, one prefill chunk, one decode step); peak = fixed + per_seq * batch
@@ -31,7 +33,7 @@ from qoq.bench.profiles import GIB, GpuProfile
 from qoq.bench.synthetic import ModelDims
 from qoq.errors import QoqError
 
-ENGINES = ("qoq-w4a8kv4", "fp16-engine", "hf-fp16")
+ENGINES = ("qoq-w4a8kv4", "fp16-engine", "fp8-engine", "hf-fp16")
 TOKENS_PER_S_DEFINITION = ("batch * output_len / (prefill + all decode steps) in seconds; TTFT = prefill of the "
                            "whole batch; decode_ms_per_token = one decode step of the whole batch")
 DEFAULT_PREFILL_CHUNK_TOKENS = 16384
@@ -179,7 +181,7 @@ class Runner:
     """One engine under test: `reset`, `probe`, `timed` and memory accounting."""
 
     engine = ""
-    weights_kind = "fp16"  # fp16 | w4a8: which tensor-core peak bounds its GEMMs
+    weights_kind = "fp16"  # fp16 | fp8 | w4a8: which tensor-core peak bounds its GEMMs
     kv_bits = 16
 
     def __init__(self, dims: ModelDims, device: torch.device, prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS):
@@ -316,43 +318,69 @@ class QoqRunner(EngineRunner):
 
 
 class FP16EngineRunner(EngineRunner):
+    """The FP16 baseline engine (qoq.bench.fp16_engine): cuBLAS GEMMs, FP16 KV, CUDA-graph decode on CUDA."""
+
     engine = "fp16-engine"
     weights_kind = "fp16"
     kv_bits = 16
 
     def __init__(self, config: dict, weights: dict, dims: ModelDims, device: torch.device,
-                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS):
+                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS, cuda_graph: bool | None = None):
         super().__init__(dims, device, prefill_chunk_tokens)
+        self.eng = self._build(config, weights, device, cuda_graph)
+        self._backend_desc = self.eng.describe()
+
+    @staticmethod
+    def _build(config, weights, device, cuda_graph):
         from qoq.bench.fp16_engine import FP16Engine
 
-        self.eng = FP16Engine(config, weights, device)
-        self.backend = "torch (cuBLAS FP16, SDPA)"
+        return FP16Engine(config, weights, device, cuda_graph=cuda_graph)
+
+    @property
+    def backend(self) -> str:
+        if self.eng is not None:
+            self._backend_desc = self.eng.describe()  # says whether graphs and flash decode were used
+        return self._backend_desc
 
     def weights_bytes(self) -> int:
         e = self.eng
         return tensor_bytes(e.layers, e.embed, e.lm_head, e.norm)
 
     def release(self) -> None:
-        self.eng.release()
+        if self.eng is not None:
+            self.eng.release()
         free_memory()
 
     def close(self) -> None:
+        self.backend  # noqa: B018 - keep its description for the report
         self.release()
         self.eng = None
 
     def _reset(self, batch: int, total_len: int) -> None:
-        if self.eng.k and (self.eng.k[0].shape[0] != batch or self.eng.capacity < total_len):
-            self.release()
-        self.eng.reset(batch, total_len)
+        self.eng.reset(batch, total_len)  # keeps a cache of the same shape, else frees it before allocating
 
-    def _prefill_rows(self, ids: torch.Tensor, rows: slice) -> None:
-        self.eng._forward(ids, rows)  # at position 0; the length stays where it was
+    def _prefill_rows(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
+        return self.eng.prefill(ids, rows=rows)
 
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         return self.eng.prefill(ids, chunk_rows=self.chunk_rows(ids.shape[1]))
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.eng.decode_step(tokens)
+
+
+class FP8EngineRunner(FP16EngineRunner):
+    """The FP8 W8A8 baseline (qoq.bench.fp8_engine): FP8 weights and per-token activations, 16-bit KV."""
+
+    engine = "fp8-engine"
+    weights_kind = "fp8"
+    kv_bits = 16
+
+    @staticmethod
+    def _build(config, weights, device, cuda_graph):
+        from qoq.bench.fp8_engine import FP8Engine
+
+        return FP8Engine(config, weights, device, cuda_graph=cuda_graph)
 
 
 class HFRunner(Runner):
@@ -492,6 +520,8 @@ def weight_bytes_streamed(dims: ModelDims, weights_kind: str, group_size: int = 
     if weights_kind == "w4a8":
         per_group = 0 if group_size == -1 else 2 / group_size  # int8 s2 + int8 zero per group
         lin_bytes = lin * (0.5 + per_group)
+    elif weights_kind == "fp8":
+        lin_bytes = lin
     else:
         lin_bytes = 2 * lin
     return lin_bytes + 2 * dims.vocab * dims.hidden
@@ -501,9 +531,10 @@ def roofline_seconds(dims: ModelDims, weights_kind: str, kv_bits: int, batch: in
                      profile: GpuProfile, group_size: int = 128) -> float:
     """Lower bound on the run's time on `profile`: per phase max(math / peak, bytes / bandwidth).
 
-    GEMMs run at the INT8 peak for W4A8 and the FP16 peak otherwise; attention and lm_head at the FP16
-    peak. Bytes: the weights once per forward pass, the KV cache read (decode) and written."""
-    peak_gemm = (profile.int8_tops if weights_kind == "w4a8" else profile.fp16_tflops) * 1e12
+    GEMMs run at the INT8 peak for W4A8, the FP8 peak for FP8 and the FP16 peak otherwise; attention and
+    lm_head at the FP16 peak. Bytes: the weights once per forward pass, the KV cache read (decode) and written."""
+    peak_gemm = {"w4a8": profile.int8_tops, "fp8": profile.fp8_tflops or profile.fp16_tflops}.get(
+        weights_kind, profile.fp16_tflops) * 1e12
     peak_fp16 = profile.fp16_tflops * 1e12
     bw = profile.mem_bw_gbs * 1e9
     lin, lm = dims.linear_params, dims.vocab * dims.hidden

@@ -24,14 +24,16 @@ JSON schema ("qoq-bench/1"); every figure the run measured, with the device, ver
                  "profile_max_batch": {engine: int}},      the same plan on the profile's memory size
       "kernels": [ {...}, ... ] | null,                    rows of qoq.bench.gemm (null: skipped/unavailable)
       "kernels_note": str|null,
-      "e2e": [ {"engine": "qoq-w4a8kv4"|"fp16-engine"|"hf-fp16", "batch": int, "is_max_batch": bool,
+      "e2e": [ {"engine": "qoq-w4a8kv4"|"fp16-engine"|"fp8-engine"|"hf-fp16", "batch": int, "is_max_batch": bool,
                 "input_len": int, "output_len": int, "tokens_per_s": float, "ttft_ms": float,
                 "decode_ms_per_token": float, "total_s": float, "peak_mem_gb": float|null,
                 "weights_gb": float, "kv_cache_gb": float, "roofline_fraction": float}
                | {"engine", "batch", "is_max_batch", "input_len", "output_len", "error": str} ],
       "engine_errors": {engine: str},                      engines that could not be built or run
-      "speedups": {"max_batch": {"vs_fp16_engine": float|null, "vs_hf_fp16": float|null},
-                   "by_batch": {"<batch>": {"vs_fp16_engine": float|null, "vs_hf_fp16": float|null}}},
+      "engine_backends": {engine: str},                    what each engine ran (GEMMs, graphs, attention)
+      "speedups": {"max_batch": {"vs_fp16_engine": float|null, "vs_fp8_engine": float|null,
+                                 "vs_hf_fp16": float|null},
+                   "by_batch": {"<batch>": {"vs_fp16_engine", "vs_fp8_engine", "vs_hf_fp16": float|null}}},
       "check": {"min_speedup": float|null, "passed": bool|null}
     }
 
@@ -50,7 +52,7 @@ from qoq.errors import QoqError
 
 SCHEMA = "qoq-bench/1"
 QOQ = "qoq-w4a8kv4"
-BASELINES = {"fp16-engine": "vs_fp16_engine", "hf-fp16": "vs_hf_fp16"}
+BASELINES = {"fp16-engine": "vs_fp16_engine", "fp8-engine": "vs_fp8_engine", "hf-fp16": "vs_hf_fp16"}
 ROW_NUMBERS = ("tokens_per_s", "ttft_ms", "decode_ms_per_token", "total_s", "weights_gb", "kv_cache_gb",
                "roofline_fraction")
 PAPER_TOKENS_PER_S = {("l40s", "llama-3-8b"): 3656, ("a100", "llama-3-8b"): 3005}  # QServe README, W4A8KV4
@@ -113,7 +115,7 @@ def check_min_speedup(report: dict, min_speedup: float | None) -> tuple[bool | N
 
 def build_report(*, device: dict, profile: dict, profile_matches_device: bool, settings: dict, model: dict,
                  memory: dict, kernels: list | None, kernels_note: str | None, rows: list[dict],
-                 engine_errors: dict, min_speedup: float | None) -> dict:
+                 engine_errors: dict, min_speedup: float | None, engine_backends: dict | None = None) -> dict:
     report = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -128,6 +130,7 @@ def build_report(*, device: dict, profile: dict, profile_matches_device: bool, s
         "kernels_note": kernels_note,
         "e2e": rows,
         "engine_errors": engine_errors,
+        "engine_backends": engine_backends or {},
         "speedups": speedups(rows),
     }
     passed, _ = check_min_speedup(report, min_speedup)

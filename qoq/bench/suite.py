@@ -3,7 +3,7 @@
 
 Order, so each engine has the GPU to itself: build the quantized model (artifact on the device, or a
 synthetic shape quantized there) -> kernels -> qoq engine rows -> free it, build the FP16 twin ->
-FP16-engine rows -> free it -> transformers rows. Each engine: max batch first (plan + confirm), then
+FP16-engine rows -> free it, build the twin again -> FP8-engine rows -> free it -> transformers rows. Each engine: max batch first (plan + confirm), then
 its row at the max batch, then the other batches.
 """
 from __future__ import annotations
@@ -233,6 +233,7 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
     memory = {"capacity_gb": 0.0, "max_batch": {}, "plans": {}, "kv4_vs_fp16_kv": None, "profile_max_batch": {}}
     rows: list[dict] = []
     errors: dict[str, str] = {}
+    backends: dict[str, str] = {}
     backend = o.backend
 
     def run_engine(name, build):
@@ -264,6 +265,7 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
         finally:
             if runner is not None:
                 runner.close()
+                backends[name] = str(runner.backend)
             del runner
             e2e.free_memory()
 
@@ -277,7 +279,7 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
         return build_report(device=device_info.as_dict(), profile=profile.as_dict(),
                             profile_matches_device=detected is profile, settings=settings, model=dims.as_dict(),
                             memory=memory, kernels=kernels, kernels_note=kernels_note, rows=rows,
-                            engine_errors=errors, min_speedup=o.min_speedup)
+                            engine_errors=errors, min_speedup=o.min_speedup, engine_backends=backends)
 
     def checkpoint() -> None:
         """--json is rewritten after each engine: a run cut short keeps what it measured."""
@@ -287,15 +289,18 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
     if "qoq-w4a8kv4" in o.engines:
         run_engine("qoq-w4a8kv4", lambda: e2e.QoqRunner(artifact, dims, device, o.backend, o.prefill_chunk_tokens))
         checkpoint()
-    twin = None
-    if "fp16-engine" in o.engines:
-        with reporter.status("building the FP16 twin (dequantized weights)"):
-            twin = fp16_twin(artifact, device)
-    artifact.tensors.clear()  # the quantized weights are no longer needed on the device
-    if twin is not None:
-        run_engine("fp16-engine", lambda: e2e.FP16EngineRunner(config, twin, dims, device, o.prefill_chunk_tokens))
+    baselines = [(name, runner) for name, runner in (("fp16-engine", e2e.FP16EngineRunner),
+                                                     ("fp8-engine", e2e.FP8EngineRunner)) if name in o.engines]
+    if baselines:  # host copy: the twins are rebuilt from it, and the engines get the whole device
+        artifact.tensors.update({k: v.cpu() for k, v in artifact.tensors.items()})
+        e2e.free_memory()
+    for name, runner_cls in baselines:
+        with reporter.status(f"{name}: building the FP16 twin (dequantized weights)"):
+            twin = fp16_twin(artifact, device)  # the engine takes (and frees) the twin's tensors as it builds
+        run_engine(name, lambda: runner_cls(config, twin, dims, device, o.prefill_chunk_tokens))
         twin.clear()
         checkpoint()
+    artifact.tensors.clear()  # the quantized weights are no longer needed on the device
     if "hf-fp16" in o.engines:
         run_engine("hf-fp16", lambda: e2e.HFRunner(config, dims, device))
     return report()
