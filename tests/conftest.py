@@ -144,6 +144,28 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_gpu)
 
 
+_GPU_TESTS = {"passed": 0, "skipped": 0}
+
+
+def pytest_runtest_logreport(report):
+    if "gpu" in report.keywords and (report.when == "call" or report.skipped):
+        if report.passed:
+            _GPU_TESTS["passed"] += 1
+        elif report.skipped:
+            _GPU_TESTS["skipped"] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # QOQ_REQUIRE_GPU=1 (`make gpu-test`): a run where no GPU test ran, or one skipped, fails instead of passing
+    if os.environ.get("QOQ_REQUIRE_GPU") == "1" and exitstatus == 0 and (
+            _GPU_TESTS["passed"] == 0 or _GPU_TESTS["skipped"]):
+        session.exitstatus = 1
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"QOQ_REQUIRE_GPU=1: {_GPU_TESTS['passed']} GPU tests passed and "
+                                f"{_GPU_TESTS['skipped']} skipped (needs CUDA torch and the [gpu] extra: CuPy)", red=True)
+
+
 def assert_one_line_error(result, *fragments):
     """A CLI failure the way users must see it: non-zero exit, one line, no traceback, naming the fix."""
     assert result.exit_code != 0

@@ -39,6 +39,7 @@ def _variants(arch):
     return [v for v in allv if v.unit != "gemm.cu" or v in keep]
 
 
+@pytest.mark.slow  # minutes of nvcc for three architectures: `make test-slow` (CI) runs it
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_kernel_sources_compile(tmp_path):
     jobs = []
