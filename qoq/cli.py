@@ -1,6 +1,7 @@
 """The `qoq` command line: a thin Typer layer over the Python API, rendering with rich."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -85,6 +86,8 @@ def quantize(
     """Calibrate and quantize a model to a QoQ W4A8KV4 artifact."""
     from qoq.pipeline import QuantizeOptions, quantize as run_quantize
 
+    _require_positive("--batch-size", batch_size)
+
     opts = QuantizeOptions(model=model, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                            group_size=group, recipe_name=recipe, rotation=rotation, smooth_linear=smooth_linear,
                            reorder=reorder, gptq=gptq, clip_search=clip_search, smooth_attn_search=smooth_attn_search,
@@ -92,7 +95,7 @@ def quantize(
                            output=output, overwrite=overwrite, batch_size=batch_size)
     result = run_quantize(opts, RichReporter(err))
     sizes, timings = result.report["sizes"], result.report["timings"]
-    worst = max(result.report["layers"], key=lambda r: r["block_output_rel_error"])
+    worst = max(result.report["layers"], key=lambda r: _nan_as_inf(r["block_output_rel_error"]))
     out.print(f"wrote [bold]{result.path}[/]: {_mb(sizes['artifact_bytes'])} vs {_mb(sizes['fp16_bytes'])} FP16 "
               f"({sizes['compression']:.2f}x smaller), recipe {result.report['recipe']['name']}, "
               f"quantized in {timings['quantize_s']:.1f} s; "
@@ -126,6 +129,19 @@ def inspect(
     out.print(f"FP16 size {_mb(fp16)}, artifact {_mb(total_bytes)}: compression {fp16 / total_bytes:.2f}x; "
               f"recipe {qc.get('recipe', {}).get('name', '?')}; source {art.report.get('source', {}).get('model', '?')}",
               highlight=False)
+    source, calib = art.report.get("source", {}), art.report.get("calibration", {})
+    out.print(f"source sha256 {source.get('sha256') or '?'}; calibration {calib.get('description') or '?'}, "
+              f"sha256 {calib.get('sha256') or '?'}", highlight=False, soft_wrap=True)
+
+
+def _require_positive(option: str, value: Optional[int]) -> None:
+    """Checked before anything is loaded, so a typo costs no model or artifact load."""
+    if value is not None and value < 1:
+        raise QoqError(f"{option} must be >= 1, got {value}")
+
+
+def _nan_as_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
 
 
 def _inspect_rows(art, by_linear: bool) -> list[tuple[str, int, int]]:
@@ -190,10 +206,11 @@ def verify(
                                               "exceeds this"),
 ):
     """Perplexity of an artifact on WikiText-2 against its FP16 source model (and kernel numerics)."""
-    import json
-
+    from qoq.checks import strict_json
     from qoq.state import resolve_artifact
     from qoq.verify.perplexity import DATASETS, VerifyOptions, verify as run_verify
+
+    _require_positive("--batch-size", batch_size)
 
     if ppl not in DATASETS:
         raise QoqError(f"--ppl {ppl!r} is not supported; use --ppl wikitext2")
@@ -206,7 +223,7 @@ def verify(
                          batch_size=batch_size)
     result = run_verify(opts, reporter)
     if as_json:
-        print(json.dumps(result.as_dict(), indent=2))
+        print(strict_json(result.as_dict(), indent=2))
     else:
         out.print(_verify_table(result))
         if result.kernel_check:
@@ -261,6 +278,11 @@ def generate(
     from qoq.runtime.engine import generate_text
     from qoq.state import resolve_artifact
 
+    _require_positive("--max-new-tokens", max_new_tokens)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise QoqError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise QoqError(f"--top-p must be in (0, 1], got {top_p}")
     path = resolve_artifact(artifact, RichReporter(err))
     stats = generate_text(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, chat_template=not no_chat_template, backend=backend, device=device,

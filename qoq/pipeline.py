@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from qoq import recipe as recipe_mod
+from qoq.checks import require_finite_source
 from qoq.errors import QoqError
 from qoq.formats.artifact import quantization_config, write_artifact
 from qoq.progress import Reporter
@@ -49,6 +50,8 @@ class QuantizeOptions:
             raise QoqError(f"--group {self.group_size} is not supported; use 32, 64, 128 or -1 (per-channel)")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
             raise QoqError("--calib-samples must be >= 1 and --calib-seqlen >= 8")
+        if self.batch_size < 1:
+            raise QoqError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.recipe_name not in RECIPES:
             raise QoqError(f"--recipe {self.recipe_name!r} is not one of {', '.join(RECIPES)}")
         if self.smooth_attn_alpha is not None and not 0.0 <= self.smooth_attn_alpha <= 1.0:
@@ -101,11 +104,12 @@ def default_output(name: str, group_size: int) -> Path:
 
 def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> QuantizeResult:
     """Quantize a model to a QoQ W4A8KV4 artifact and return where it was written."""
-    from qoq.calibration.data import load_calibration
+    from qoq.calibration.data import check_calibration_path, load_calibration
     from qoq.models.sources import load_model
 
     reporter = reporter or Reporter()
     opts.validate()
+    check_calibration_path(opts.calib)
     device = resolve_device(opts.device)
     timings: dict[str, float] = {}
 
@@ -115,6 +119,7 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
     output = Path(opts.output) if opts.output is not None else default_output(loaded.name, opts.group_size)
     if output.exists() and not opts.overwrite:
         raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+    require_finite_source(loaded.model)
     reporter.info(f"model: {loaded.source} ({loaded.architecture}, {sum(p.numel() for p in loaded.model.parameters())/1e6:.0f}M parameters)")
     timings["load_model_s"] = time.perf_counter() - t0
 

@@ -33,6 +33,7 @@ from qoq.algorithm.rotation import rotate_embeddings, rotate_layer, rotation_mat
 from qoq.algorithm.smooth_attention import (fuse_smooth_attention, search_smooth_attention, smooth_attention_grid,
                                             smooth_attention_scales)
 from qoq.algorithm.smooth_linear import DEFAULT_ALPHAS, apply_down_smoothing, search_down_smoothing
+from qoq.checks import require_finite_activations
 from qoq.models.arch import block_linears, head_dims
 from qoq.runtime.ops import apply_rope
 
@@ -112,7 +113,7 @@ class BlockResult:
 
 @torch.no_grad()
 def quantize_block(layer, runner, ropts: RecipeOptions, group_size: int, rotation=None,
-                   compute_dtype: torch.dtype = torch.float32) -> BlockResult:
+                   compute_dtype: torch.dtype = torch.float32, index: int = 0) -> BlockResult:
     """Transform and quantize one block (already on the device, fp32) over `runner`'s cached inputs.
 
     `compute_dtype` bfloat16 runs the two calibration passes under autocast (the CPU default: its
@@ -134,6 +135,8 @@ def quantize_block(layer, runner, ropts: RecipeOptions, group_size: int, rotatio
                    attn_tokens=ropts.attn_search_tokens)
     with cap.hooks(layer), _autocast(runner.device, compute_dtype):
         fp_out, stats = runner.forward_with_stats(layer)
+    # NaN/Inf here would reach GPTQ as a non-positive-definite Hessian: stop with the block's name instead
+    require_finite_activations(index, "the calibration outputs before quantization", fp_out)
     t_capture = time.perf_counter()
 
     gate, up, down = linears["mlp.gate_proj"], linears["mlp.up_proj"], linears["mlp.down_proj"]
@@ -198,6 +201,7 @@ def quantize_block(layer, runner, ropts: RecipeOptions, group_size: int, rotatio
         else:
             q_out = runner.forward(layer, limit=ERROR_SAMPLES)
             next_inputs = fp_out
+    require_finite_activations(index, "the quantized block's outputs", q_out)
     n = min(ERROR_SAMPLES, fp_out.shape[0])
     report["block_output_rel_error"] = _relative_error(q_out[:n], fp_out[:n])
     report["weight_rel_error"] = weight_errors
@@ -334,7 +338,7 @@ def quantize_model(model, input_ids: torch.Tensor, group_size: int, ropts: Recip
     for i, layer in enumerate(track(runner.layers, "quantizing blocks")):
         started = time.perf_counter()
         layer.to(device=device, dtype=torch.float32)
-        result = quantize_block(layer, runner, ropts, group_size, rotation, compute_dtype)
+        result = quantize_block(layer, runner, ropts, group_size, rotation, compute_dtype, index=i)
         prefix = f"model.layers.{i}"
         for name, qw in result.weights.items():
             linear = layer.get_submodule(name)

@@ -12,6 +12,7 @@ there are >= n_samples documents and >= n_samples*seqlen tokens, concatenate and
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import itertools
 import json
@@ -37,6 +38,11 @@ JSONL_SUFFIXES = (".jsonl",)
 _DOC_TAG = re.compile(r"<doc\b[^>]*>|</doc\s*>")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _TOKENIZE_BATCH = 64
+# Local text is read up to max(64 MiB, 256 bytes per requested token): English needs about 4 bytes a
+# token, so this leaves room for shuffling and cropping while a huge file or a device cannot stall the run.
+READ_MIN_BYTES = 64 << 20
+READ_BYTES_PER_TOKEN = 256
+_SNIFF_BYTES = 64 << 10  # checked for NUL bytes and invalid UTF-8 before the file is used as text
 _DATA_FREE_MAX_BATCH = 64
 _DATA_FREE_KV_BUDGET = 2 << 30  # bytes of KV cache per generate() batch
 
@@ -65,7 +71,12 @@ def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log) -> C
         raise QoqError(f"--calib-samples must be >= 1, got {n_samples}")
     if not isinstance(seqlen, int) or seqlen < 8:
         raise QoqError(f"--calib-seqlen must be >= 8, got {seqlen}")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and seqlen > max_pos:
+        raise QoqError(f"--calib-seqlen {seqlen} is longer than the model's context ({max_pos} tokens, "
+                       "max_position_embeddings); lower --calib-seqlen")
     log = log or (lambda _msg: None)
+    budget = read_budget(n_samples, seqlen)
     s = "auto" if spec is None or not str(spec).strip() else str(spec).strip()
     shape = f"{n_samples} x {seqlen} tokens"
 
@@ -76,7 +87,7 @@ def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log) -> C
             return _result(ids, f"auto: {what}, {shape}")
         local = _auto_local_path()
         if local is not None:
-            docs, what = _local_docs(local)
+            docs, what = _local_docs(local, budget)
             ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
             return _result(ids, f"auto: hub unreachable → {what}, {shape}")
         ids = _data_free(model, tokenizer, n_samples, seqlen, seed, log)
@@ -96,9 +107,23 @@ def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log) -> C
     if not path.exists():
         raise QoqError(f"calibration path '{s}' does not exist; pass a text/jsonl file or folder, "
                        f"or one of: {', '.join(SPECS)}")
-    docs, what = _local_docs(path)
+    docs, what = _local_docs(path, budget)
     ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
     return _result(ids, f"{what}, {shape}")
+
+
+def check_calibration_path(spec: str | None) -> None:
+    """Refuse a local calibration file that is missing, not a regular file or not text, before the model
+    is loaded (a folder's files are checked as they are read)."""
+    s = "" if spec is None else str(spec).strip()
+    if not s or s.lower() in SPECS or s.lower() in HUB_DATASETS:
+        return
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise QoqError(f"calibration path '{s}' does not exist; pass a text/jsonl file or folder, "
+                       f"or one of: {', '.join(SPECS)}")
+    if not path.is_dir():
+        _require_text_file(path.resolve())
 
 
 def _result(ids: torch.Tensor, description: str) -> CalibrationSet:
@@ -152,16 +177,27 @@ def _hub_docs(name: str) -> tuple[Sequence[str], str]:
     return _Column(ds, "text"), f"{name} ({path}, {split})"
 
 
-def _local_docs(path: Path) -> tuple[list[str], str]:
+def read_budget(n_samples: int, seqlen: int) -> int:
+    """Most bytes of local calibration text read for `n_samples` x `seqlen` tokens."""
+    return max(READ_MIN_BYTES, READ_BYTES_PER_TOKEN * n_samples * seqlen)
+
+
+def _local_docs(path: Path, budget: int) -> tuple[list[str], str]:
     path = path.resolve()
     if path.is_dir():
         files = _folder_files(path)
         if not files:
             raise QoqError(f"calibration folder '{path}' has no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
-        docs = [d for f in files for d in _file_docs(f)]
+        docs, used = [], 0
+        for f in files:
+            if used >= budget:
+                break
+            text, nbytes = _read_text(f, budget - used)
+            used += nbytes
+            docs += _split_docs(f, text)
         what = f"local text {path} ({len(files)} file{'s' if len(files) != 1 else ''}, {len(docs)} documents)"
     else:
-        docs = _file_docs(path)
+        docs = _split_docs(path, _read_text(path, budget)[0])
         what = f"local text {path} ({len(docs)} documents)"
     return docs, what
 
@@ -173,11 +209,45 @@ def _folder_files(folder: Path) -> list[Path]:
                   key=lambda f: f.relative_to(folder).as_posix())
 
 
-def _file_docs(path: Path) -> list[str]:
+def _read_text(path: Path, limit: int) -> tuple[str, int]:
+    """At most `limit` bytes of a regular UTF-8 text file (cut at a line end when the limit is hit), and
+    how many bytes that was."""
+    _require_text_file(path)
+    data = _read_bytes(path, limit + 1)
+    if len(data) > limit:
+        data = data[:limit]
+        data = data[:data.rfind(b"\n") + 1] or data  # no half line (a jsonl record) at the cut
+    return data.decode("utf-8", errors="replace"), len(data)
+
+
+def _require_text_file(path: Path) -> None:
+    if not path.is_file():
+        raise QoqError(f"calibration path '{path}' is not a regular file or folder (a device or pipe?); "
+                       "pass a text/jsonl file or folder")
+    if not _looks_like_text(_read_bytes(path, _SNIFF_BYTES)):
+        raise QoqError(f"calibration file '{path}' is not UTF-8 text (NUL bytes or invalid UTF-8 in its first "
+                       "bytes); pass a text/jsonl file or folder")
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as f:
+            return f.read(limit)
     except OSError as e:
         raise QoqError(_oneline(f"cannot read calibration file '{path}': {e}")) from e
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a sequence cut at the end is fine
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _split_docs(path: Path, text: str) -> list[str]:
     if path.suffix.lower() in JSONL_SUFFIXES:
         docs = []
         for lineno, line in enumerate(text.splitlines(), 1):

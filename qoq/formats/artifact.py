@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qoq.algorithm.progressive import PROTECTIVE_RANGE, QuantizedWeight, padded_dims
+from qoq.checks import first_non_finite, require_finite_tensors, strict_json
 from qoq.errors import QoqError
 from qoq.formats.layout import LAYOUT_NAME, pack_group_params, pack_weight, unpack_group_params, unpack_weight
 
@@ -99,6 +100,7 @@ def write_artifact(output: Path, config: dict, tensors: dict[str, torch.Tensor],
     output = Path(output).resolve()
     if output.exists() and not overwrite:
         raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+    require_finite_tensors(tensors)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
@@ -106,7 +108,7 @@ def write_artifact(output: Path, config: dict, tensors: dict[str, torch.Tensor],
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / REPORT_FILE).write_text(strict_json(report, indent=2) + "\n")
         _replace_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,8 +128,11 @@ def read_artifact(path: str | Path) -> Artifact:
     if qc.get("format_version") != FORMAT_VERSION or qc.get("layout") != LAYOUT_NAME:
         raise QoqError(f"{path} has artifact format {qc.get('format_version')}/{qc.get('layout')}, this qoq reads "
                        f"{FORMAT_VERSION}/{LAYOUT_NAME}; re-run qoq quantize with this version")
+    _validate_modules(path, qc)
     tensors = _read_weights(path)
     _validate_tensors(path, qc, tensors)
+    _validate_model_tensors(path, config, tensors)
+    _validate_finite(path, tensors)
     report_file = path / REPORT_FILE
     report = _read_json(report_file, path) if report_file.exists() else {}
     return Artifact(path=path, config=config, tensors=tensors, report=report)
@@ -194,7 +199,7 @@ def _read_json(file: Path, artifact: Path) -> dict:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / INDEX_FILE).exists():
-        files = sorted(set(_read_json(path / INDEX_FILE, path).get("weight_map", {}).values()))
+        files = _index_files(path)
     else:
         files = [WEIGHTS_FILE]
     tensors: dict[str, torch.Tensor] = {}
@@ -211,13 +216,64 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _validate_tensors(path: Path, qc: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _index_files(path: Path) -> list[str]:
+    """The shard files an index names; each must be a plain file name inside the artifact folder."""
+    weight_map = _read_json(path / INDEX_FILE, path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise QoqError(f"corrupt artifact {path}: {INDEX_FILE} has no weight_map; re-run qoq quantize")
+    files = sorted(set(weight_map.values()), key=str)
+    for fname in files:
+        if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
+            raise QoqError(f"corrupt artifact {path}: {INDEX_FILE} names shard {fname!r}, outside the artifact "
+                           "folder (shards are plain file names inside it); re-run qoq quantize")
+    return files
+
+
+def _validate_modules(path: Path, qc: dict) -> None:
     group_size = qc.get("group_size")
     if group_size not in (32, 64, 128, -1):
         raise QoqError(f"{path} is corrupt: group_size {group_size!r} is not 32/64/128/-1; re-run qoq quantize")
     modules = qc.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise QoqError(f"{path} is corrupt: quantization_config lists no modules; re-run qoq quantize")
+    for name, shape in modules.items():
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(type(d) is int and d > 0 for d in shape)):  # type(): bool is an int subclass
+            raise QoqError(f"corrupt artifact {path}: modules[{name!r}] is {shape!r}, expected [N, K] of "
+                           "positive integers; re-run qoq quantize")
+
+
+def _validate_model_tensors(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Embedding, lm_head and norms must match the config's vocabulary and hidden sizes."""
+    vocab, hidden = config.get("vocab_size"), config.get("hidden_size")
+    if not all(type(v) is int and v > 0 for v in (vocab, hidden)):
+        raise QoqError(f"corrupt artifact {path}: config.json has no positive vocab_size/hidden_size; "
+                       "re-run qoq quantize")
+    expected = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not config.get("tie_word_embeddings", False) or "lm_head.weight" in tensors:
+        expected["lm_head.weight"] = (vocab, hidden)
+    for name, t in tensors.items():
+        if name.endswith("layernorm.weight"):
+            expected[name] = (hidden,)
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            raise QoqError(f"corrupt artifact {path}: tensor {name} is missing; re-run qoq quantize")
+        if tuple(t.shape) != shape or not t.is_floating_point():
+            raise QoqError(f"corrupt artifact {path}: {name} is {t.dtype} {tuple(t.shape)}, expected a float "
+                           f"tensor of shape {shape}; re-run qoq quantize")
+
+
+def _validate_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    found = first_non_finite(tensors.items())
+    if found is not None:
+        name, bad = found
+        raise QoqError(f"corrupt artifact {path}: {name} has {bad} NaN/Inf value{'s' if bad != 1 else ''}; "
+                       "re-run qoq quantize")
+
+
+def _validate_tensors(path: Path, qc: dict, tensors: dict[str, torch.Tensor]) -> None:
+    group_size, modules = qc["group_size"], qc["modules"]
     for name, (n, k) in modules.items():
         for tname, (shape, dtype) in expected_shapes(name, n, k, group_size).items():
             t = tensors.get(tname)

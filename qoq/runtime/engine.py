@@ -373,7 +373,7 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
 
     if max_new_tokens < 1:
         raise QoqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
+    if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:  # NaN fails both
         raise QoqError("--temperature must be >= 0 and --top-p in (0, 1]")
     art = read_artifact(artifact)
     try:
