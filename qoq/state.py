@@ -19,7 +19,7 @@ def _state_file() -> Path:
 def remember_last_artifact(path: Path) -> None:
     file = _state_file()
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")  # concurrent runs must not share it
     tmp.write_text(json.dumps({"path": str(Path(path).resolve())}))
     os.replace(tmp, file)
 
