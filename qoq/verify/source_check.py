@@ -18,7 +18,11 @@ _CACHE_ENTRIES = 256
 
 
 def _signature(files: list[Path]) -> list:
-    return [[str(f), st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]
+    signature = []
+    for f in files:
+        st = f.stat()
+        signature.append([str(f), st.st_size, st.st_mtime_ns])
+    return signature
 
 
 def _cache_file() -> Path:
