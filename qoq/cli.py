@@ -15,6 +15,7 @@ from rich.table import Table
 
 from qoq.errors import QoqError
 from qoq.progress import RichReporter
+from qoq.signals import Terminated, sigterm_as_interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench.")
@@ -23,17 +24,19 @@ err = Console(stderr=True)
 
 
 def user_errors(fn):
-    """Turn QoqError (and Ctrl-C) into one line on stderr and a non-zero exit, never a traceback."""
+    """Turn QoqError (and Ctrl-C or SIGTERM) into one line on stderr and a non-zero exit, never a traceback."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except QoqError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]; nothing was written")
-            raise typer.Exit(130)
+        except KeyboardInterrupt as e:
+            err.print(f"[bold red]{'terminated' if isinstance(e, Terminated) else 'interrupted'}[/]; "
+                      "nothing was written")
+            raise typer.Exit(getattr(e, "exit_code", 130))
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # a bug: still one line, with the way to get the traceback
@@ -80,7 +83,8 @@ def quantize(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact folder "
                                           "(default ./<model>-qoq-w4a8kv4-g<group>)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder if it "
+                                   "is a qoq artifact (never the source model or the current directory)"),
     batch_size: int = typer.Option(4, "--batch-size", help="calibration samples per forward pass"),
 ):
     """Calibrate and quantize a model to a QoQ W4A8KV4 artifact."""

@@ -13,6 +13,7 @@ from qoq import recipe as recipe_mod
 from qoq.checks import require_finite_source
 from qoq.errors import QoqError
 from qoq.formats.artifact import quantization_config, write_artifact
+from qoq.output import PartialFolder, check_output, create_partial, remove_stale_partials
 from qoq.progress import Reporter
 from qoq.recipe import RECIPES, RecipeOptions
 from qoq.state import remember_last_artifact
@@ -64,8 +65,6 @@ class QuantizeOptions:
             raise QoqError(f"--device {self.device!r} is not one of auto, cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise QoqError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        if self.output is not None and Path(self.output).exists() and not self.overwrite:
-            raise QoqError(f"output folder {self.output} already exists; pass --overwrite or choose another --output")
 
     def recipe_options(self) -> RecipeOptions:
         search = self.smooth_attn_search
@@ -103,22 +102,36 @@ def default_output(name: str, group_size: int) -> Path:
 
 
 def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> QuantizeResult:
-    """Quantize a model to a QoQ W4A8KV4 artifact and return where it was written."""
-    from qoq.calibration.data import check_calibration_path, load_calibration
-    from qoq.models.sources import load_model
+    """Quantize a model to a QoQ W4A8KV4 artifact and return where it was written.
+
+    The output is checked and its hidden partial folder created before the model is loaded."""
+    from qoq.calibration.data import check_calibration_path
+    from qoq.models.sources import model_name
 
     reporter = reporter or Reporter()
     opts.validate()
     check_calibration_path(opts.calib)
     device = resolve_device(opts.device)
-    timings: dict[str, float] = {}
+    output = Path(opts.output) if opts.output is not None else default_output(model_name(opts.model), opts.group_size)
+    output = check_output(output, opts.model, opts.overwrite)
+    remove_stale_partials(output, reporter)
+    partial = create_partial(output)  # an unwritable output fails now, not after the whole run
+    try:
+        return _quantize_into(partial, output, opts, device, reporter)
+    except BaseException:
+        partial.discard()
+        raise
 
+
+def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, device: torch.device,
+                   reporter: Reporter) -> QuantizeResult:
+    from qoq.calibration.data import load_calibration
+    from qoq.models.sources import load_model
+
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with reporter.status("loading the model"):
         loaded = load_model(opts.model, dtype=torch.float32 if device.type == "cpu" else torch.float16)
-    output = Path(opts.output) if opts.output is not None else default_output(loaded.name, opts.group_size)
-    if output.exists() and not opts.overwrite:
-        raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
     require_finite_source(loaded.model)
     reporter.info(f"model: {loaded.source} ({loaded.architecture}, {sum(p.numel() for p in loaded.model.parameters())/1e6:.0f}M parameters)")
     timings["load_model_s"] = time.perf_counter() - t0
@@ -153,7 +166,8 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
     }
     t0 = time.perf_counter()
     with reporter.status(f"writing {output}"):
-        path = write_artifact(output, config, tensors, report, tokenizer=loaded.tokenizer, overwrite=opts.overwrite)
+        path = write_artifact(output, config, tensors, report, tokenizer=loaded.tokenizer, overwrite=opts.overwrite,
+                              partial=partial)
     timings["write_s"] = time.perf_counter() - t0
     remember_last_artifact(path)
     return QuantizeResult(path=path, report=report, model=loaded.model)

@@ -19,7 +19,7 @@ def _state_file() -> Path:
 def remember_last_artifact(path: Path) -> None:
     file = _state_file()
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")  # concurrent runs must not share it
     tmp.write_text(json.dumps({"path": str(Path(path).resolve())}))
     os.replace(tmp, file)
 
@@ -36,11 +36,28 @@ def last_artifact() -> Path:
     return path
 
 
+def newest_artifact_in(folder: Path) -> Path | None:
+    """The qoq artifact among `folder`'s subfolders whose config.json was written last."""
+    from qoq.output import is_qoq_artifact
+
+    try:
+        candidates = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir() and is_qoq_artifact(p)]
+    except OSError:
+        return None
+    return max(candidates, key=lambda p: (p / "config.json").stat().st_mtime_ns, default=None)
+
+
 def resolve_artifact(path: str | Path | None, reporter=None) -> Path:
-    """The given artifact, or the last one `qoq quantize` wrote (and say which)."""
+    """The given artifact; else the newest one in the current directory (the shared last-artifact record
+    may be another, concurrent run's); else the last one `qoq quantize` wrote. Says which it took and why."""
     if path is not None:
         return Path(path)
-    found = last_artifact()
+    found = newest_artifact_in(Path.cwd())
+    if found is not None:
+        why = "the newest qoq artifact in the current directory"
+    else:
+        found = last_artifact()
+        why = "written by the last `qoq quantize`; the current directory holds no qoq artifact"
     if reporter is not None:
-        reporter.info(f"artifact: {found} (written by the last `qoq quantize`)")
+        reporter.info(f"artifact: {found} ({why})")
     return found

@@ -96,7 +96,8 @@ def test_verify_defaults_to_the_last_quantized_artifact(tiny_artifact, wikitext_
                             "--max-windows", "1", "--no-baseline", "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     said = " ".join(r.stderr.split())  # the console wraps long lines
-    assert f"artifact: {tiny_artifact} (written by the last `qoq quantize`)" in said
+    assert f"artifact: {tiny_artifact} (written by the last `qoq quantize`; the current directory holds no qoq " \
+           "artifact)" in said
     assert json.loads(r.stdout)["artifact"] == str(tiny_artifact)
 
 

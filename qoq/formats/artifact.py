@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from qoq.algorithm.progressive import PROTECTIVE_RANGE, QuantizedWeight, padded_
 from qoq.checks import first_non_finite, require_finite_tensors, strict_json
 from qoq.errors import QoqError
 from qoq.formats.layout import LAYOUT_NAME, pack_group_params, pack_weight, unpack_group_params, unpack_weight
+from qoq.output import PartialFolder, check_output, create_partial, drop_owner_record, finish_partial
+from qoq.signals import interrupts_deferred
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "qoq"
@@ -95,23 +96,25 @@ def quantization_config(group_size: int, modules: dict[str, tuple[int, int]], re
 
 
 def write_artifact(output: Path, config: dict, tensors: dict[str, torch.Tensor], report: dict,
-                   tokenizer=None, overwrite: bool = False) -> Path:
-    """Write everything into a temporary sibling folder, then rename it to `output`."""
-    output = Path(output).resolve()
-    if output.exists() and not overwrite:
-        raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
-    require_finite_tensors(tensors)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+                   tokenizer=None, overwrite: bool = False, partial: PartialFolder | None = None) -> Path:
+    """Write everything into the hidden partial sibling folder (`partial`, else a new one), then rename it
+    to `output`. What `overwrite` may replace: see qoq/output.py."""
+    output = check_output(output, None, overwrite)
+    require_finite_tensors(tensors)  # before anything is created
+    partial = partial or create_partial(output)
+    tmp = partial.path
     try:
         _write_weights(tmp, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(strict_json(report, indent=2) + "\n")
-        _replace_folder(tmp, output)
+        finish_partial(tmp)
+        with interrupts_deferred():
+            _replace_folder(tmp, output)
+            drop_owner_record(output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        partial.discard()
         raise
     return output
 

@@ -72,6 +72,24 @@ def load_reference_model(reload_spec: str, dtype: torch.dtype = torch.float16) -
     return load_model(reload_spec, dtype)
 
 
+def model_name(spec: str | None) -> str:
+    """The short name `load_model(spec)` will give the model (for the default output folder), without loading it."""
+    if spec is None or str(spec).strip() in ("", DEFAULT_ALIAS):
+        return smollm2.MODEL_NAME
+    s = str(spec).strip()
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return p.resolve().name
+    if p.is_file():
+        return gguf_model_name(p.resolve())
+    return s.split("/")[-1]
+
+
+def gguf_model_name(path: Path) -> str:
+    """The file name without its quantization suffix (`model.Q4_K_M.gguf` -> `model`)."""
+    return re.sub(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", "", path.stem, flags=re.I) or path.stem
+
+
 # --------------------------------------------------------------------------------------------- dispatch
 
 def _load(spec: str | None, dtype: torch.dtype) -> LoadedModel:
@@ -310,7 +328,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
         raise QoqError(f"unsupported architecture '{garch}' in GGUF '{path.name}'; {_SUPPORTED_TEXT}")
     arch_cls = _GGUF_ARCHS[garch]
     sha = smollm2.sha256_file(path)
-    name = re.sub(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", "", path.stem, flags=re.I) or path.stem
+    name = gguf_model_name(path)
     common = dict(source=source, name=name, source_sha256=sha, reload_spec=str(path))
     use_cache = os.environ.get("QOQ_NO_GGUF_CACHE", "").strip().lower() not in ("1", "true", "yes", "on")
     cache = _gguf_cache_dir(sha)

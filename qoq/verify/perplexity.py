@@ -272,6 +272,7 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
     from qoq.formats.artifact import read_artifact
     from qoq.runtime.backend import cupy_available, get_backend, reference_backend, resolve_device
     from qoq.runtime.engine import Engine
+    from qoq.verify.source_check import check_source_before_loading, check_source_hash
 
     reporter = reporter or Reporter()
     opts.validate()
@@ -293,6 +294,13 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
     reload_spec = art.report.get("source", {}).get("reload") if opts.baseline else None
     if opts.baseline and not reload_spec:
         raise QoqError(f"{art.path} records no source model to compare with (qoq_report.json); pass --no-baseline")
+    recorded_sha = art.report.get("source", {}).get("sha256")
+    source_checked = False
+    if opts.baseline:
+        with reporter.status(f"checking the source model {reload_spec} against its recorded sha256"):
+            source_checked = check_source_before_loading(art.path, reload_spec, recorded_sha)
+        if not recorded_sha:
+            notes.append("the artifact records no source sha256, so the FP16 baseline is not checked to be its source")
     text, source = load_wikitext2(opts.data)
     tokenizer = artifact_tokenizer(art)
     with reporter.status("tokenizing WikiText-2"):
@@ -314,7 +322,11 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         baseline_dtype = str(dtype).removeprefix("torch.")
         with reporter.status(f"loading the source model {reload_spec}"), _quiet_transformers():
-            model = load_model(reload_spec, dtype).model.to(device)
+            loaded = load_model(reload_spec, dtype)
+        if not source_checked:
+            check_source_hash(art.path, reload_spec, recorded_sha, loaded.source_sha256)
+        model = loaded.model.to(device)
+        del loaded
         baseline = hf_perplexity(model, windows, device, reporter, batch, f"FP16 baseline ({baseline_dtype})")
         del model
 

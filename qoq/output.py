@@ -1,0 +1,207 @@
+"""Where `qoq quantize` may write, checked before any work: what `--overwrite` may replace, the hidden
+partial folder the artifact is written into (created up front, so an unwritable output fails at once),
+and partial folders that killed runs left behind.
+
+A folder counts as a qoq artifact when its config.json carries `quantization_config.quant_method: qoq`,
+the same test `read_artifact` applies. Only such a folder may be replaced, and never the current
+directory (or one above it) or the source model's folder (or one containing it or inside it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qoq.errors import QoqError
+from qoq.progress import Reporter
+
+PARTIAL_SUFFIX = ".partial"
+OWNER_FILE = ".qoq-partial-owner.json"  # inside a partial folder: which process is writing it
+
+
+def is_qoq_artifact(path: Path) -> bool:
+    from qoq.formats.artifact import QUANT_METHOD
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def local_model_path(spec: str | None) -> Path | None:
+    """The resolved file or folder of a local `--model`; None for the default model and hub ids."""
+    if spec is None or not str(spec).strip():
+        return None
+    p = Path(str(spec).strip()).expanduser()
+    return p.resolve() if p.exists() else None
+
+
+def check_output(output: Path, model: str | None, overwrite: bool) -> Path:
+    """The resolved output path, or a one-line QoqError when writing there could destroy anything."""
+    resolved = Path(output).expanduser().resolve()
+    if not resolved.exists():
+        return resolved
+    if not overwrite:
+        raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+    if not resolved.is_dir():
+        raise QoqError(f"--output {output} is a file; --overwrite replaces only artifact folders qoq quantize wrote, "
+                       "so choose another --output")
+    if _is_within(Path.cwd().resolve(), resolved):
+        raise QoqError(f"--output {output} is the current directory or contains it; --overwrite never replaces "
+                       "that, so choose another --output")
+    source = local_model_path(model)
+    if source is not None and (_is_within(source, resolved) or _is_within(resolved, source)):
+        raise QoqError(f"--output {output} is, contains or lies inside the source model {model}; --overwrite never "
+                       "replaces it, so choose an --output outside the model folder")
+    if not is_qoq_artifact(resolved):
+        raise QoqError(f"--output {output} exists and is not a qoq artifact (no qoq quantization_config in its "
+                       "config.json); --overwrite replaces only artifacts, so choose another --output")
+    return resolved
+
+
+# ---- the partial folder -------------------------------------------------------------------------------
+
+@dataclass
+class PartialFolder:
+    """A hidden `.<name>.<random>.partial` sibling of the output, owned by this process until renamed."""
+
+    path: Path
+    created_parents: list[Path] = field(default_factory=list)  # deepest first; removed again on failure
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        _remove_if_empty(self.created_parents)
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()  # only while empty: never anything another process put there
+        except OSError:
+            break
+
+
+def _partial_name_pattern(output: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(output.name)}\.[A-Za-z0-9_]+{re.escape(PARTIAL_SUFFIX)}$")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def create_partial(output: Path) -> PartialFolder:
+    """Create the partial folder now (plain mkdir: it honours the umask) and record its owner inside."""
+    output = Path(output)
+    parent = output.parent
+    try:
+        created = _make_parents(parent)
+    except OSError as e:
+        raise QoqError(f"cannot create the folder {parent} for --output {output} ({e.strerror or e}); "
+                       "choose another --output") from None
+    for _ in range(100):
+        path = parent / f".{output.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        try:
+            os.mkdir(path)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            _remove_if_empty(created)
+            raise QoqError(f"cannot write into {parent} for --output {output} ({e.strerror or e}); choose another "
+                           "--output or fix the folder's permissions") from None
+    else:
+        raise QoqError(f"cannot create a partial folder in {parent}; remove its .{output.name}.*.partial folders")
+    partial = PartialFolder(path, created)
+    try:
+        (path / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    except OSError as e:
+        partial.discard()
+        raise QoqError(f"cannot write into {parent} for --output {output} ({e.strerror or e}); choose another "
+                       "--output") from None
+    return partial
+
+
+def finish_partial(folder: Path) -> None:
+    """The files a library created private (mkstemp-style 0600) get the modes a plain write would give."""
+    mask = _umask()
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, 0o666 & ~mask)
+        elif p.is_dir() and not p.is_symlink():
+            os.chmod(p, 0o777 & ~mask)
+
+
+def drop_owner_record(folder: Path) -> None:
+    (Path(folder) / OWNER_FILE).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+# ---- leftovers of killed runs -------------------------------------------------------------------------
+
+def _owner(partial: Path) -> dict | None:
+    try:
+        owner = json.loads((partial / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(output: Path, reporter: Reporter | None = None) -> list[Path]:
+    """Remove partial folders of `output` whose writing process is gone (same host); say so for each.
+
+    A partial folder whose owner is alive, on another host, or unrecorded is left alone.
+    """
+    reporter = reporter or Reporter()
+    output = Path(output)
+    pattern = _partial_name_pattern(output)
+    try:
+        siblings = list(output.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for p in siblings:
+        if not pattern.match(p.name) or p.is_symlink() or not p.is_dir():
+            continue
+        owner = _owner(p)
+        if owner is None:
+            reporter.info(f"note: {p} looks like an interrupted qoq write but records no owner; "
+                          "delete it if no qoq run is writing it")
+            continue
+        if owner.get("host") != socket.gethostname() or _process_alive(owner["pid"]):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+        reporter.info(f"removed {p}: a partial artifact left by a qoq run that was killed (pid {owner['pid']})")
+    return removed
