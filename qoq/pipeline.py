@@ -1,7 +1,6 @@
 """`qoq.quantize(...)`: model source -> calibration -> per-block transforms and quantization -> artifact."""
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,6 @@ from qoq.recipe import RECIPES, RecipeOptions
 from qoq.state import remember_last_artifact
 
 DEFAULT_GROUP = 128
-ERROR_SAMPLES = recipe_mod.ERROR_SAMPLES
 CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -204,6 +202,3 @@ def versions() -> dict:
     return {"qoq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
-
-def sha256_of_tensor(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()

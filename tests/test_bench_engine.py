@@ -1,5 +1,4 @@
-"""The engine's fast (serving) mode, which `qoq bench` measures (qoq.bench.serving.ServingEngine =
-Engine(fast=True)): the same integers as the plain path (fused q|k|v and gate|up GEMMs, row-chunked
+"""The engine's fast (serving) mode, which `qoq bench` measures (Engine(fast=True)): the same integers as the plain path (fused q|k|v and gate|up GEMMs, row-chunked
 prefill, host-mirrored lengths), and its FP16 prefill attention equals the plain path's attention over
 unquantized K/V."""
 from __future__ import annotations
@@ -10,7 +9,6 @@ import torch
 from qoq.bench import synthetic
 from qoq.runtime import backend as B
 from qoq.runtime import ops
-from qoq.bench.serving import ServingEngine
 from qoq.runtime.engine import Engine
 from qoq.runtime.fast import prefill_attention_fp16
 
@@ -32,7 +30,7 @@ def shape(monkeypatch, request):
 def test_serving_mode_gives_the_same_integers(shape):
     group = shape
     ref = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference")
-    fast = ServingEngine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference")
+    fast = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference", fast=True)
     fast.prefill_fp16 = False  # attend over KV4 like the default path
     layer = fast.layers[0]
     qkv = layer.qkv
@@ -68,7 +66,7 @@ def test_fp16_prefill_attention_is_attention_over_unquantized_kv(monkeypatch):
                  backend=B.Backend("reference", {**ref_backend.fns, "kv4_append": append}))
     ref._prefill_attention = lambda q, cache, start, t, total: prefill_attention_fp16(
         q, *raw[cache.k.data_ptr()], ref.sm_scale, ref.act_dtype)
-    fast = ServingEngine(synthetic.build_synthetic_artifact("tiny", "cpu", 32), device="cpu", backend="reference")
+    fast = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", 32), device="cpu", backend="reference", fast=True)
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     ref.reset(2, 12)
     fast.reset(2, 12)
@@ -85,8 +83,8 @@ def test_serving_mode_on_gpu():
         pytest.skip(cupy_available()[1])
     art = synthetic.build_synthetic_artifact("smollm2-135m", "cuda", 128)
     default = Engine(art, device="cuda", backend="cupy", fast=False)
-    fast = ServingEngine(art, device="cuda", backend="cupy")
-    eager = ServingEngine(art, device="cuda", backend="cupy", cuda_graph=False)
+    fast = Engine(art, device="cuda", backend="cupy", fast=True)
+    eager = Engine(art, device="cuda", backend="cupy", fast=True, cuda_graph=False)
     fast.prefill_fp16 = eager.prefill_fp16 = False
     ids = torch.randint(0, 49152, (4, 100), device="cuda")
     for e in (default, fast, eager):

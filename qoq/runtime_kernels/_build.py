@@ -188,15 +188,6 @@ def get_function(v: Variant, device: int):
     return fn
 
 
-def function_attributes(v: Variant, device: int) -> dict:
-    """Registers, local (spill) bytes, static shared memory of a compiled variant."""
-    from cupy.cuda import driver
-
-    fn = get_function(v, device)
-    attrs = {"num_regs": 4, "local_bytes": 3, "static_smem": 1, "max_threads": 0}
-    return {k: driver.funcGetAttribute(a, fn.ptr) for k, a in attrs.items()}
-
-
 def _stream(device: int):
     import torch
 
