@@ -16,7 +16,7 @@ from qoq.errors import QoqError
 from qoq.progress import RichReporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench.")
+                  help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench, export.")
 out = Console()
 err = Console(stderr=True)
 
@@ -242,6 +242,33 @@ def _kernel_table(kc: dict) -> Table:
                       f"{e['int_mismatches']}/{e['int_values']}" if e["int_values"] else "-",
                       str(e["max_int_diff"]) if e["int_values"] else "-")
     return table
+
+
+EXPORT_FORMATS = ("sglang",)
+
+
+@app.command()
+@user_errors
+def export(
+    artifact: Optional[Path] = ARTIFACT_ARG,
+    fmt: str = typer.Option("sglang", "--format", "-f", help="sglang: a checkpoint sglang's qoq quantization "
+                            "method loads as it is (group size 128 or per-channel)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="checkpoint folder "
+                                          "(default: <artifact>-<format> beside the artifact)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+):
+    """Write an artifact as a serving engine's checkpoint (sglang: W4A8 with an FP16 KV cache)."""
+    from qoq.formats.export_sglang import export_sglang
+    from qoq.state import resolve_artifact
+
+    if fmt not in EXPORT_FORMATS:
+        raise QoqError(f"--format {fmt!r} is not supported; use --format {' | '.join(EXPORT_FORMATS)}")
+    path = resolve_artifact(artifact, RichReporter(err))
+    target = output or path.with_name(f"{path.name}-{fmt}")
+    written = export_sglang(path, target, overwrite=overwrite)
+    out.print(f"wrote [bold]{written}[/] (sglang checkpoint: W4A8 weights as they are, FP16 KV cache in sglang); "
+              f"serve it with: python -m sglang.launch_server --model-path {written} --quantization qoq "
+              "--dtype float16", highlight=False, soft_wrap=True)
 
 
 @app.command()
