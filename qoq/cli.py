@@ -185,6 +185,8 @@ def verify(
                                                  help="compare cupy kernels with the reference, op by op "
                                                  "(default: on when the cupy backend is available)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward (default 1 CPU, 4 CUDA)"),
+    semantics: str = typer.Option("qoq", "--semantics", help="qoq: this runtime (W4A8KV4); sglang: as sglang's qoq "
+                                  "method runs it (FP16 KV cache, its per-channel activation sum)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout instead of the table"),
     max_delta: Optional[float] = typer.Option(None, "--max-delta", help="exit 1 when PPL quantized - PPL FP16 "
                                               "exceeds this"),
@@ -203,7 +205,7 @@ def verify(
     path = resolve_artifact(artifact, reporter)
     opts = VerifyOptions(artifact=path, ppl=ppl, data=data, seq_len=seq_len, max_windows=max_windows,
                          baseline=not no_baseline, backend=backend, device=device, check_kernels=check_kernels,
-                         batch_size=batch_size)
+                         batch_size=batch_size, semantics=semantics)
     result = run_verify(opts, reporter)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
@@ -221,7 +223,8 @@ def verify(
 def _verify_table(result) -> Table:
     table = Table(title=f"{result.artifact}: WikiText-2, {result.windows} x {result.seq_len} tokens "
                         f"({result.backend} on {result.device})")
-    for col in ("PPL FP16", "PPL W4A8KV4", "delta", "tokens", "time FP16", "time W4A8KV4"):
+    quant = "W4A8 (sglang)" if result.semantics == "sglang" else "W4A8KV4"
+    for col in ("PPL FP16", f"PPL {quant}", "delta", "tokens", "time FP16", f"time {quant}"):
         table.add_column(col, justify="right")
     b, q = result.baseline, result.quantized
     table.add_row("-" if b is None else f"{b.ppl:.4f}", f"{q.ppl:.4f}",
