@@ -247,7 +247,7 @@ def _kernel_table(kc: dict) -> Table:
     return table
 
 
-EXPORT_FORMATS = ("sglang",)
+EXPORT_FORMATS = ("sglang", "compressed-tensors")
 
 
 @app.command()
@@ -255,12 +255,14 @@ EXPORT_FORMATS = ("sglang",)
 def export(
     artifact: Optional[Path] = ARTIFACT_ARG,
     fmt: str = typer.Option("sglang", "--format", "-f", help="sglang: a checkpoint sglang's qoq quantization "
-                            "method loads as it is (group size 128 or per-channel)"),
+                            "method loads as it is (group size 128 or per-channel); compressed-tensors: per-channel "
+                            "artifacts as asymmetric W4A16 pack-quantized (vLLM)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="checkpoint folder "
                                           "(default: <artifact>-<format> beside the artifact)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
 ):
     """Write an artifact as a serving engine's checkpoint (sglang: W4A8 with an FP16 KV cache)."""
+    from qoq.formats.export_compressed_tensors import export_compressed_tensors
     from qoq.formats.export_sglang import export_sglang
     from qoq.state import resolve_artifact
 
@@ -268,10 +270,16 @@ def export(
         raise QoqError(f"--format {fmt!r} is not supported; use --format {' | '.join(EXPORT_FORMATS)}")
     path = resolve_artifact(artifact, RichReporter(err))
     target = output or path.with_name(f"{path.name}-{fmt}")
-    written = export_sglang(path, target, overwrite=overwrite)
-    out.print(f"wrote [bold]{written}[/] (sglang checkpoint: W4A8 weights as they are, FP16 KV cache in sglang); "
-              f"serve it with: python -m sglang.launch_server --model-path {written} --quantization qoq "
-              "--dtype float16", highlight=False, soft_wrap=True)
+    if fmt == "sglang":
+        written = export_sglang(path, target, overwrite=overwrite)
+        out.print(f"wrote [bold]{written}[/] (sglang checkpoint: W4A8 weights as they are, FP16 KV cache in sglang); "
+                  f"serve it with: python -m sglang.launch_server --model-path {written} --quantization qoq "
+                  "--dtype float16 --tp 1", highlight=False, soft_wrap=True)
+    else:
+        written = export_compressed_tensors(path, target, overwrite=overwrite)
+        out.print(f"wrote [bold]{written}[/] (compressed-tensors pack-quantized: the same 4-bit weights, run as W4A16 "
+                  f"with an FP16 KV cache); serve it with: vllm serve {written} --dtype float16",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

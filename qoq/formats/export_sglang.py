@@ -32,7 +32,7 @@ from qoq.formats.artifact import (INDEX_FILE, REPORT_FILE, WEIGHTS_FILE, Artifac
                                   read_artifact)
 
 SGLANG_GROUP_SIZES = (128, -1)
-SGLANG_MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 K_MULTIPLE = 128
 PART_N_MULTIPLE = 32
 FUSED_N_MULTIPLE = {128: 64, -1: 128}
@@ -96,8 +96,8 @@ def export_sglang(artifact: str | Path | Artifact, output: str | Path, overwrite
     if output.exists() and not overwrite:
         raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
     model_type = art.config.get("model_type")
-    if model_type not in SGLANG_MODEL_TYPES:
-        raise QoqError(f"model_type {model_type!r} is not one qoq exports for sglang ({', '.join(SGLANG_MODEL_TYPES)})")
+    if model_type not in MODEL_TYPES:
+        raise QoqError(f"model_type {model_type!r} is not one qoq exports for sglang ({', '.join(MODEL_TYPES)})")
     problem = sglang_shape_problem(art.qconfig["modules"], art.group_size)
     if problem:
         raise QoqError(problem)
@@ -105,7 +105,7 @@ def export_sglang(artifact: str | Path | Artifact, output: str | Path, overwrite
     config = {k: v for k, v in art.config.items() if k != "quantization_config"}
     config["torch_dtype"] = "float16"  # sglang's qoq kernels take fp16 activations only
     config["quantization_config"] = sglang_quantization_config(art.group_size)
-    return _write_checkpoint(output, config, tensors, art.path, overwrite)
+    return write_checkpoint(output, config, tensors, art.path, overwrite)
 
 
 def sglang_tensors(art: Artifact) -> dict[str, torch.Tensor]:
@@ -117,7 +117,7 @@ def sglang_tensors(art: Artifact) -> dict[str, torch.Tensor]:
     return {name: t.contiguous() for name, t in art.tensors.items()}
 
 
-def _write_checkpoint(output: Path, config: dict, tensors: dict[str, torch.Tensor], source: Path,
+def write_checkpoint(output: Path, config: dict, tensors: dict[str, torch.Tensor], source: Path,
                       overwrite: bool) -> Path:
     """Weights, config.json and the tokenizer files into a hidden sibling folder, renamed into place."""
     output.parent.mkdir(parents=True, exist_ok=True)
