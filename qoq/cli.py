@@ -261,7 +261,7 @@ def export(
                                           "(default: <artifact>-<format> beside the artifact)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
 ):
-    """Write an artifact as a serving engine's checkpoint (sglang: W4A8 with an FP16 KV cache)."""
+    """Write an artifact as a serving engine's checkpoint (sglang W4A8, or compressed-tensors W4A16 for vLLM)."""
     from qoq.formats.export_compressed_tensors import export_compressed_tensors
     from qoq.formats.export_sglang import export_sglang
     from qoq.state import resolve_artifact

@@ -85,7 +85,8 @@ def shard_sizes(config: dict) -> dict[str, list[int]]:
 
 def load_like_sglang(tensors: dict[str, torch.Tensor], config: dict, group: int) -> dict[str, torch.Tensor]:
     """Block 0's fused parameters filled from the checkpoint the way sglang's weight loaders do it."""
-    params = {name: torch.full(shape, 99, dtype=dtype) for name, (dtype, shape) in sglang_parameters(config, group).items()}
+    params = {name: torch.full(shape, 99, dtype=dtype)
+              for name, (dtype, shape) in sglang_parameters(config, group).items()}
     written = {name: torch.zeros(p.shape, dtype=torch.bool) for name, p in params.items()}
     sizes = shard_sizes(config)
     for tname, t in tensors.items():
@@ -115,7 +116,8 @@ def fused_dequantized(params: dict[str, torch.Tensor], name: str, group: int) ->
     q = unpack_weight(t["qweight"])
     n, k = q.shape
     if group == -1:
-        qw = QuantizedWeight(q=q, s1=t["s1_scales"], group_size=-1, out_features=n, in_features=k, szeros=t["s1_szeros"])
+        qw = QuantizedWeight(q=q, s1=t["s1_scales"], group_size=-1, out_features=n, in_features=k,
+                             szeros=t["s1_szeros"])
     else:
         qw = QuantizedWeight(q=q, s1=t["s1_scales"], group_size=group, out_features=n, in_features=k,
                              s2=unpack_group_params(t["s2_scales"]), z=-unpack_group_params(t["s2_zeros"]))
@@ -212,7 +214,8 @@ def test_export_refuses_shapes_sglang_cannot_run(artifacts, tmp_path):
     assert "group size 128 or -1" in sglang_shape_problem(linears(128, 256, 128, 64), 64)
     # q+k+v = 192: enough for the group-128 kernel's 64-wide tiles, not for per-channel's 128-wide ones
     assert sglang_shape_problem(linears(128, 256, 128, 32), 128) is None
-    assert "(num_heads + 2 * num_key_value_heads) * head_dim = 192" in sglang_shape_problem(linears(128, 256, 128, 32), -1)
+    qkv_192 = sglang_shape_problem(linears(128, 256, 128, 32), -1)
+    assert "(num_heads + 2 * num_key_value_heads) * head_dim = 192" in qkv_192
     assert "intermediate_size = 320" in sglang_shape_problem(linears(128, 320, 128, 64), 128)
     assert "k_proj: its output width 16" in sglang_shape_problem(linears(128, 256, 224, 16), 128)
     assert sglang_shape_problem(linears(4096, 14336, 4096, 1024), -1) is None  # Llama-3-8B
@@ -226,8 +229,9 @@ def test_export_output_folder_rules(artifacts, tmp_path):
     r = runner.invoke(app, ["export", str(path), "--output", str(out)])
     assert_one_line_error(r, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    r = runner.invoke(app, ["export", str(path), "--output", str(path), "--overwrite"])
-    assert_one_line_error(r, "is the artifact itself")
+    for inside in (path, path.parent):
+        r = runner.invoke(app, ["export", str(path), "--output", str(inside), "--overwrite"])
+        assert_one_line_error(r, "is or contains the artifact")
     assert read_artifact(path).group_size == -1
     r = runner.invoke(app, ["export", str(path), "--output", str(out), "--overwrite"])
     assert r.exit_code == 0, r.output

@@ -76,7 +76,8 @@ def lockstep_errors(art, ids: torch.Tensor, sglang: bool, twin_fp16_kv: bool, tw
             j = QUANT_OF_LINEAR[name]
 
             def pre(_m, args, i=i, j=j):
-                errs["quantizer inputs"] = max(errs["quantizer inputs"], rel_err(args[0], rec.pre[(i, j)].view_as(args[0])))
+                err = rel_err(args[0], rec.pre[(i, j)].view_as(args[0]))
+                errs["quantizer inputs"] = max(errs["quantizer inputs"], err)
                 return (rec.deq[(i, j)].view_as(args[0]),)
 
             def post(_m, _args, y, i=i, j=j, k=k, szeros=szeros):

@@ -18,7 +18,7 @@ import torch
 
 from qoq.errors import QoqError
 from qoq.formats.artifact import Artifact, read_artifact
-from qoq.formats.export_sglang import MODEL_TYPES, write_checkpoint
+from qoq.formats.export_sglang import MODEL_TYPES, checked_output, write_checkpoint
 
 PACK = 8  # 4-bit codes per int32
 
@@ -38,11 +38,7 @@ def compressed_tensors_config() -> dict:
 def export_compressed_tensors(artifact: str | Path | Artifact, output: str | Path, overwrite: bool = False) -> Path:
     """Write the compressed-tensors checkpoint of a per-channel `artifact` to `output` atomically."""
     art = artifact if isinstance(artifact, Artifact) else read_artifact(artifact)
-    output = Path(output).resolve()
-    if output == art.path.resolve():
-        raise QoqError(f"--output {output} is the artifact itself; choose another folder")
-    if output.exists() and not overwrite:
-        raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+    output = checked_output(art, output, overwrite)
     if art.group_size != -1:
         raise QoqError(f"compressed-tensors has no exact form of group size {art.group_size} QoQ weights (their "
                        "per-group zero z/s2 is fractional); export a per-channel artifact (qoq quantize --group -1) "

@@ -90,11 +90,7 @@ def sglang_shape_problem(modules: dict[str, tuple[int, int] | list[int]], group_
 def export_sglang(artifact: str | Path | Artifact, output: str | Path, overwrite: bool = False) -> Path:
     """Write the sglang checkpoint of `artifact` to `output` atomically; QoqError when it cannot run there."""
     art = artifact if isinstance(artifact, Artifact) else read_artifact(artifact)
-    output = Path(output).resolve()
-    if output == art.path.resolve():
-        raise QoqError(f"--output {output} is the artifact itself; choose another folder")
-    if output.exists() and not overwrite:
-        raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+    output = checked_output(art, output, overwrite)
     model_type = art.config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise QoqError(f"model_type {model_type!r} is not one qoq exports for sglang ({', '.join(MODEL_TYPES)})")
@@ -117,8 +113,18 @@ def sglang_tensors(art: Artifact) -> dict[str, torch.Tensor]:
     return {name: t.contiguous() for name, t in art.tensors.items()}
 
 
+def checked_output(art: Artifact, output: str | Path, overwrite: bool) -> Path:
+    """The resolved output folder; QoqError when it exists (without --overwrite) or holds the artifact."""
+    output, source = Path(output).resolve(), art.path.resolve()
+    if output == source or output in source.parents:
+        raise QoqError(f"--output {output} is or contains the artifact {source}; choose another folder")
+    if output.exists() and not overwrite:
+        raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+    return output
+
+
 def write_checkpoint(output: Path, config: dict, tensors: dict[str, torch.Tensor], source: Path,
-                      overwrite: bool) -> Path:
+                     overwrite: bool) -> Path:
     """Weights, config.json and the tokenizer files into a hidden sibling folder, renamed into place."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
