@@ -18,7 +18,7 @@ from qoq.progress import RichReporter
 from qoq.signals import Terminated, sigterm_as_interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench.")
+                  help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench, export.")
 out = Console()
 err = Console(stderr=True)
 
@@ -205,6 +205,8 @@ def verify(
                                                  help="compare cupy kernels with the reference, op by op "
                                                  "(default: on when the cupy backend is available)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward (default 1 CPU, 4 CUDA)"),
+    semantics: str = typer.Option("qoq", "--semantics", help="qoq: this runtime (W4A8KV4); sglang: as sglang's qoq "
+                                  "method runs it (FP16 KV cache, its per-channel activation sum)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout instead of the table"),
     max_delta: Optional[float] = typer.Option(None, "--max-delta", help="exit 1 when PPL quantized - PPL FP16 "
                                               "exceeds this"),
@@ -224,7 +226,7 @@ def verify(
     path = resolve_artifact(artifact, reporter)
     opts = VerifyOptions(artifact=path, ppl=ppl, data=data, seq_len=seq_len, max_windows=max_windows,
                          baseline=not no_baseline, backend=backend, device=device, check_kernels=check_kernels,
-                         batch_size=batch_size)
+                         batch_size=batch_size, semantics=semantics)
     result = run_verify(opts, reporter)
     if as_json:
         print(strict_json(result.as_dict(), indent=2))
@@ -242,7 +244,8 @@ def verify(
 def _verify_table(result) -> Table:
     table = Table(title=f"{result.artifact}: WikiText-2, {result.windows} x {result.seq_len} tokens "
                         f"({result.backend} on {result.device})")
-    for col in ("PPL FP16", "PPL W4A8KV4", "delta", "tokens", "time FP16", "time W4A8KV4"):
+    quant = "W4A8 (sglang)" if result.semantics == "sglang" else "W4A8KV4"
+    for col in ("PPL FP16", f"PPL {quant}", "delta", "tokens", "time FP16", f"time {quant}"):
         table.add_column(col, justify="right")
     b, q = result.baseline, result.quantized
     table.add_row("-" if b is None else f"{b.ppl:.4f}", f"{q.ppl:.4f}",
@@ -263,6 +266,41 @@ def _kernel_table(kc: dict) -> Table:
                       f"{e['int_mismatches']}/{e['int_values']}" if e["int_values"] else "-",
                       str(e["max_int_diff"]) if e["int_values"] else "-")
     return table
+
+
+EXPORT_FORMATS = ("sglang", "compressed-tensors")
+
+
+@app.command()
+@user_errors
+def export(
+    artifact: Optional[Path] = ARTIFACT_ARG,
+    fmt: str = typer.Option("sglang", "--format", "-f", help="sglang: a checkpoint sglang's qoq quantization "
+                            "method loads as it is (group size 128 or per-channel); compressed-tensors: per-channel "
+                            "artifacts as asymmetric W4A16 pack-quantized (vLLM)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="checkpoint folder "
+                                          "(default: <artifact>-<format> beside the artifact)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+):
+    """Write an artifact as a serving engine's checkpoint (sglang W4A8, or compressed-tensors W4A16 for vLLM)."""
+    from qoq.formats.export_compressed_tensors import export_compressed_tensors
+    from qoq.formats.export_sglang import export_sglang
+    from qoq.state import resolve_artifact
+
+    if fmt not in EXPORT_FORMATS:
+        raise QoqError(f"--format {fmt!r} is not supported; use --format {' | '.join(EXPORT_FORMATS)}")
+    path = resolve_artifact(artifact, RichReporter(err))
+    target = output or path.with_name(f"{path.name}-{fmt}")
+    if fmt == "sglang":
+        written = export_sglang(path, target, overwrite=overwrite)
+        out.print(f"wrote [bold]{written}[/] (sglang checkpoint: W4A8 weights as they are, FP16 KV cache in sglang); "
+                  f"serve it with: python -m sglang.launch_server --model-path {written} --quantization qoq "
+                  "--dtype float16 --tp 1", highlight=False, soft_wrap=True)
+    else:
+        written = export_compressed_tensors(path, target, overwrite=overwrite)
+        out.print(f"wrote [bold]{written}[/] (compressed-tensors pack-quantized: the same 4-bit weights, run as W4A16 "
+                  f"with an FP16 KV cache); serve it with: vllm serve {written} --dtype float16",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -4,7 +4,8 @@ Protocol (GPTQ/AWQ/QServe): the test split's rows joined with "\\n\\n", tokenize
 windows of `seq_len` tokens (the tail is dropped); each window's loss is over its tokens 1..T-1;
 PPL = exp(mean NLL over every predicted token). The quantized model runs the engine's prefill path (fast
 mode on CUDA, with `prefill_fp16` off): each window's K/V go through the KV4 cache and attention reads them
-dequantized, as decode does.
+dequantized, as decode does. With `semantics="sglang"` the artifact runs the way sglang's qoq method runs
+it (qoq.runtime.sglang_semantics: per-channel activation sum over unquantized activations, FP16 KV cache).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from qoq.errors import QoqError
 from qoq.progress import Reporter
 
 DATASETS = ("wikitext2",)
+SEMANTICS = ("qoq", "sglang")
 WIKITEXT2_FILE = "wiki.test.raw"
 WIKITEXT2_DIR = "wikitext-2-raw-v1"
 LOGIT_CHUNK = 512  # tokens per lm_head chunk when computing the loss
@@ -38,6 +40,7 @@ class VerifyOptions:
     device: str = "auto"
     check_kernels: bool | None = None  # None: on when the cupy backend is available
     batch_size: int | None = None  # windows per forward; default 1 on CPU, 4 on CUDA
+    semantics: str = "qoq"  # "sglang": the conventions sglang's qoq method runs the artifact with
 
     def validate(self) -> None:
         if self.ppl not in DATASETS:
@@ -48,6 +51,8 @@ class VerifyOptions:
             raise QoqError(f"--max-windows must be >= 1, got {self.max_windows}")
         if self.batch_size is not None and self.batch_size < 1:
             raise QoqError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.semantics not in SEMANTICS:
+            raise QoqError(f"--semantics {self.semantics!r} is not one of {', '.join(SEMANTICS)}")
 
 
 @dataclass
@@ -76,6 +81,7 @@ class VerifyResult:
     kernel_check: dict | None = None
     notes: list[str] = field(default_factory=list)
     quantization: dict = field(default_factory=dict)  # group size and recipe of the artifact
+    semantics: str = "qoq"
 
     @property
     def delta(self) -> float | None:
@@ -93,6 +99,7 @@ class VerifyResult:
             "quantized": self.quantized.as_dict(),
             "baseline": None if self.baseline is None else self.baseline.as_dict(),
             "kernel_check": self.kernel_check, "notes": self.notes, "quantization": self.quantization,
+            "semantics": self.semantics,
         }
 
 
@@ -197,13 +204,14 @@ def _batches(windows: torch.Tensor, batch: int):
 
 @torch.no_grad()
 def engine_perplexity(engine, windows: torch.Tensor, reporter: Reporter | None = None, batch: int = 1,
-                      description: str = "quantized") -> PplResult:
+                      description: str = "quantized", fp16_kv: bool = False) -> PplResult:
     """Perplexity through `engine` with attention over the KV4 cache: a fast engine's FP16 prefill
-    attention is turned off for the run (perplexity must see the KV4 path that decode sees)."""
+    attention is turned off for the run (perplexity must see the KV4 path that decode sees). `fp16_kv`:
+    attention reads each window's unquantized K/V instead, which is what an FP16 KV cache holds."""
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
     nll, count = 0.0, 0
-    fp16_attention, engine.prefill_fp16 = getattr(engine, "prefill_fp16", False), False
+    fp16_attention, engine.prefill_fp16 = getattr(engine, "prefill_fp16", False), fp16_kv
     try:
         for ids in reporter.track(_batches(windows, batch), description):
             ids = ids.to(engine.device)
@@ -273,6 +281,7 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
     from qoq.runtime.backend import cupy_available, get_backend, reference_backend, resolve_device
     from qoq.runtime.engine import Engine
     from qoq.verify.source_check import check_source_before_loading, check_source_hash
+    from qoq.runtime.sglang_semantics import sglang_backend
 
     reporter = reporter or Reporter()
     opts.validate()
@@ -308,11 +317,16 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
     reporter.info(f"WikiText-2 test from {source}: {windows.shape[0]} windows x {opts.seq_len} tokens")
     batch = opts.batch_size or (4 if device.type == "cuda" else 1)
 
+    sglang = opts.semantics == "sglang"
     with reporter.status("loading the engine"):
         # fast mode on CUDA (fused GEMMs: the same integers as the plain mode), plain on the CPU;
-        # engine_perplexity keeps attention on the KV4 cache either way
-        engine = Engine(art, device=device, backend=backend)
-    quant = engine_perplexity(engine, windows, reporter, batch, f"W4A8KV4 ({backend.describe()})")
+        # engine_perplexity keeps attention on the KV4 cache either way (on FP16 K/V for sglang)
+        engine = Engine(art, device=device, backend=sglang_backend(backend) if sglang else backend)
+    label = f"W4A8, FP16 KV, sglang semantics ({backend.describe()})" if sglang else f"W4A8KV4 ({backend.describe()})"
+    quant = engine_perplexity(engine, windows, reporter, batch, label, fp16_kv=sglang)
+    if sglang:
+        notes.append("sglang semantics: FP16 KV cache" + (", per-channel zero point applied to the sum of the "
+                                                          "unquantized activations" if art.group_size == -1 else ""))
     del engine
 
     baseline, baseline_dtype = None, None
@@ -343,4 +357,5 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
                         quantized=quant, baseline=baseline, baseline_dtype=baseline_dtype,
                         kernel_check=kernel_check, notes=notes,
                         quantization={"group_size": art.group_size, "recipe": art.qconfig.get("recipe", {}),
-                                      "source": art.report.get("source", {}).get("model")})
+                                      "source": art.report.get("source", {}).get("model")},
+                        semantics=opts.semantics)
