@@ -343,7 +343,7 @@ def bench(
                                         "llama-2-7b | mistral-7b | qwen2-7b | smollm2-135m (random weights, RTN)"),
     input_len: int = typer.Option(1024, "--input-len", help="prompt tokens per sequence"),
     output_len: int = typer.Option(512, "--output-len", help="generated tokens per sequence"),
-    batches: str = typer.Option("1,8,32,64", "--batches", help="batch sizes measured besides the max batch"),
+    batches: str = typer.Option("1,16,64,256", "--batches", help="batch sizes measured besides the max batch"),
     max_batch: str = typer.Option("auto", "--max-batch", help="auto (largest that fits), N (at most N) or none"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write every figure as JSON here"),
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="exit 1 when qoq's end-to-end speedup "

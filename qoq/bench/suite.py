@@ -21,7 +21,7 @@ from qoq.bench.synthetic import SHAPE_CHOICES, ModelDims, build_synthetic_artifa
 from qoq.errors import QoqError
 from qoq.progress import Reporter
 
-DEFAULT_BATCHES = (1, 8, 32, 64)
+DEFAULT_BATCHES = (1, 16, 64, 256)
 # the kernels the serving engine calls (kv4_quantize/kv4_dequantize/apply_rope are not on its fast path)
 SERVING_KERNELS = ("quantize_act", "rmsnorm_quantize", "silu_mul_quantize", "w4a8_linear", "kv4_append",
                    "decode_attention_kv4")
