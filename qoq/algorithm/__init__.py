@@ -1,0 +1,1 @@
+"""Pure tensor math of the QoQ recipe: rotation, smoothing, SmoothAttention, reordering, GPTQ, progressive quantization."""
