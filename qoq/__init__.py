@@ -1,5 +1,5 @@
 """qoq: QoQ W4A8KV4 quantization of Llama-family models, with a runtime that executes the artifacts."""
-__version__ = "0.1.0"
+from qoq.version import __version__  # noqa: F401 - the package version
 
 
 def quantize(**options):

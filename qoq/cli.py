@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
-from functools import wraps
 from pathlib import Path
 from typing import Optional
 
@@ -15,40 +13,10 @@ from rich.table import Table
 
 from qoq.errors import QoqError
 from qoq.progress import RichReporter
-from qoq.signals import Terminated, sigterm_as_interrupt
+from qoq.console import err, out, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench, export.")
-out = Console()
-err = Console(stderr=True)
-
-
-def user_errors(fn):
-    """Turn QoqError (and Ctrl-C or SIGTERM) into one line on stderr and a non-zero exit, never a traceback."""
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            with sigterm_as_interrupt():
-                return fn(*args, **kwargs)
-        except QoqError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-        except KeyboardInterrupt as e:
-            err.print(f"[bold red]{'terminated' if isinstance(e, Terminated) else 'interrupted'}[/]; "
-                      "nothing was written")
-            raise typer.Exit(getattr(e, "exit_code", 130))
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as e:  # a bug: still one line, with the way to get the traceback
-            if os.environ.get("QOQ_DEBUG"):
-                raise
-            msg = " ".join(str(e).split())[:300]
-            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {msg} (set QOQ_DEBUG=1 for the traceback)",
-                      highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-    return wrapper
-
-
 ARTIFACT_ARG = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote")
 
 

@@ -19,14 +19,14 @@ from pathlib import Path
 
 from qoq.errors import QoqError
 from qoq.progress import Reporter
+from qoq.scheme.schema import QUANT_METHOD
 
 PARTIAL_SUFFIX = ".partial"
 OWNER_FILE = ".qoq-partial-owner.json"  # inside a partial folder: which process is writing it
 
 
 def is_qoq_artifact(path: Path) -> bool:
-    from qoq.formats.artifact import QUANT_METHOD
-
+    """A folder whose config.json says `quant_method: qoq`: the only kind `--overwrite` may replace."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):

@@ -198,7 +198,7 @@ def artifact_sizes(model, tensors: dict, fp16_bytes: int | None = None) -> dict:
 def versions() -> dict:
     import transformers
 
-    from qoq import __version__
+    from qoq.version import __version__
     return {"qoq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 

@@ -27,7 +27,7 @@ import torch
 
 from qoq.algorithm.clip import DEFAULT_RATIOS, quantize_per_channel, search_clip_ratios
 from qoq.algorithm.gptq import BLOCK as GPTQ_BLOCK, DAMP as GPTQ_DAMP, HessianAccumulator, gptq_quantize_many
-from qoq.algorithm.progressive import QuantizedWeight, dequantize, quantize_weight
+from qoq.scheme.progressive import QuantizedWeight, dequantize, quantize_weight
 from qoq.algorithm.reorder import apply_down_reorder, channel_order, permute_hessian
 from qoq.algorithm.rotation import rotate_embeddings, rotate_layer, rotation_matrices, rotation_record
 from qoq.algorithm.smooth_attention import (fuse_smooth_attention, search_smooth_attention, smooth_attention_grid,
@@ -35,7 +35,7 @@ from qoq.algorithm.smooth_attention import (fuse_smooth_attention, search_smooth
 from qoq.algorithm.smooth_linear import DEFAULT_ALPHAS, apply_down_smoothing, search_down_smoothing
 from qoq.checks import require_finite_activations
 from qoq.models.arch import block_linears, head_dims
-from qoq.runtime.ops import apply_rope
+from qoq.scheme.ops import apply_rope
 
 RECIPES = ("qoq", "rtn")
 ERROR_SAMPLES = 4  # calibration samples used to measure each block's output error

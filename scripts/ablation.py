@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qoq.algorithm.fakequant import fake_act8  # noqa: E402
+from qoq.scheme.fakequant import fake_act8  # noqa: E402
 from qoq.models.arch import BLOCK_LINEARS, decoder_layers  # noqa: E402
 
 QOQ_STEPS = dict(smooth_linear=False, reorder=False, gptq=False, smooth_attn_search=False, smooth_attn_alpha=0.5)

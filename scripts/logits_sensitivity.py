@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         print("error: this check compares the cupy kernels with the reference: it needs a CUDA GPU", file=sys.stderr)
         return 1
     from qoq.formats.artifact import read_artifact
-    from qoq.runtime import ops
+    from qoq.scheme import ops
     from qoq.runtime.backend import Backend, cupy_backend, reference_backend
     from qoq.verify.compare import load_windows
     from qoq.verify.numerics import compare_backends

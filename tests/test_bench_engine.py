@@ -8,7 +8,7 @@ import torch
 
 from qoq.bench import synthetic
 from qoq.runtime import backend as B
-from qoq.runtime import ops
+from qoq.scheme import ops
 from qoq.runtime.engine import Engine
 from qoq.runtime.fast import prefill_attention_fp16
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from qoq.algorithm.progressive import dequantize
+from qoq.scheme.progressive import dequantize
 from qoq.cli import app
 from qoq.formats.artifact import read_artifact
 from qoq.formats.export_compressed_tensors import pack_int32

@@ -17,11 +17,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qoq.algorithm.progressive import QuantizedWeight, dequantize
+from qoq.scheme.progressive import QuantizedWeight, dequantize
 from qoq.cli import app
 from qoq.formats.artifact import read_artifact
 from qoq.formats.export_sglang import export_sglang, sglang_shape_problem
-from qoq.formats.layout import pack_group_params, pack_weight, unpack_group_params, unpack_weight
+from qoq.scheme.layout import pack_group_params, pack_weight, unpack_group_params, unpack_weight
 from qoq.pipeline import QuantizeOptions, quantize
 
 from conftest import TINY_CORPUS, assert_one_line_error, build_tiny_model  # noqa: E402

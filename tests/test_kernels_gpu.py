@@ -1,14 +1,14 @@
-"""Every CUDA kernel of qoq.runtime_kernels against its torch reference twin in qoq.runtime.ops (GPU only)."""
+"""Every CUDA kernel of qoq.runtime_kernels against its torch reference twin in qoq.scheme.ops (GPU only)."""
 import functools
 import math
 
 import pytest
 import torch
 
-from qoq.algorithm.progressive import quantize_weight
+from qoq.scheme.progressive import quantize_weight
 from qoq.formats.artifact import quantized_tensors
-from qoq.runtime import ops
-from qoq.runtime.ops import KV4Cache, QLinear
+from qoq.scheme import ops
+from qoq.scheme.ops import KV4Cache, QLinear
 
 try:
     import qoq.runtime_kernels as K

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from qoq.algorithm.progressive import dequantize, quantize_weight
-from qoq.formats.layout import pack_group_params, pack_weight, unpack_group_params, unpack_weight
+from qoq.scheme.progressive import dequantize, quantize_weight
+from qoq.scheme.layout import pack_group_params, pack_weight, unpack_group_params, unpack_weight
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (64, 128), (96, 576), (160, 1536)])

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from qoq.algorithm.progressive import dequantize, quantize_weight
+from qoq.scheme.progressive import dequantize, quantize_weight
 from qoq.formats.artifact import quantized_tensors
-from qoq.runtime.ops import (
+from qoq.scheme.ops import (
     KV4Cache, QLinear, decode_attention_kv4, kv4_append, kv4_dequantize, kv4_quantize, quantize_act, w4a8_linear,
 )
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qoq.algorithm.progressive import (
+from qoq.scheme.progressive import (
     PROTECTIVE_RANGE, dequantize, level2_params_from_range, padded_dims, quantize_weight,
 )
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qoq.algorithm.progressive import dequantize
+from qoq.scheme.progressive import dequantize
 from qoq.cli import app
 from qoq.formats.artifact import read_artifact
 from qoq.pipeline import QuantizeOptions, quantize

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qoq.recipe as recipe
-from qoq.algorithm.progressive import PROTECTIVE_RANGE
+from qoq.scheme.progressive import PROTECTIVE_RANGE
 from qoq.recipe import RecipeOptions, quantize_model
 from recipe_tiny import ARCHS, VOCAB, logits, one_thread, rel, tiny_model
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from qoq.algorithm.clip import quantize_per_channel, search_clip_ratios
-from qoq.algorithm.fakequant import fake_kv4
+from qoq.scheme.fakequant import fake_kv4
 from qoq.algorithm.gptq import HessianAccumulator, gptq_quantize
-from qoq.algorithm.progressive import PROTECTIVE_RANGE, dequantize, level1_scales, quantize_weight
+from qoq.scheme.progressive import PROTECTIVE_RANGE, dequantize, level1_scales, quantize_weight
 from qoq.algorithm.smooth_attention import search_smooth_attention, smooth_attention_grid
 from qoq.algorithm.smooth_linear import search_down_smoothing
 from recipe_tiny import one_thread
@@ -102,7 +102,7 @@ def test_smooth_attention_search_beats_no_smoothing_with_key_outliers():
 
 
 def test_fake_kv4_matches_the_runtime_cache_rule():
-    from qoq.algorithm.fakequant import fake_kv4_packed
+    from qoq.scheme.fakequant import fake_kv4_packed
     x = torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(4)) * 3
     x[0, 0, 0] = 1.5  # a constant row
     assert torch.equal(fake_kv4(x), fake_kv4_packed(x))

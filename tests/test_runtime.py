@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qoq.algorithm.progressive import quantize_weight
+from qoq.scheme.progressive import quantize_weight
 from qoq.errors import QoqError
 from qoq.formats.artifact import quantization_config, quantized_tensors, read_artifact, write_artifact
 from qoq.models.arch import BLOCK_LINEARS
-from qoq.runtime import ops
+from qoq.scheme import ops
 from qoq.runtime.backend import Backend, cached_w4a8_linear, get_backend, reference_backend
 from qoq.runtime.engine import Engine, sample
 from qoq.verify.numerics import rel_err

@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qoq.algorithm.progressive import quantize_weight
+from qoq.scheme.progressive import quantize_weight
 from qoq.cli import app
 from qoq.formats.artifact import quantized_tensors, read_artifact
-from qoq.runtime import ops
+from qoq.scheme import ops
 from qoq.runtime.backend import reference_backend
 from qoq.runtime.engine import Engine
 from qoq.runtime.sglang_semantics import sglang_backend

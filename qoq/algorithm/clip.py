@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qoq.algorithm.progressive import QuantizedWeight, pad_weight, per_channel_params
+from qoq.scheme.progressive import QuantizedWeight, pad_weight, per_channel_params
 
 DEFAULT_RATIOS = tuple(round(1.0 - 0.01 * i, 2) for i in range(21))  # 1.00, 0.99, ..., 0.80
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from qoq.algorithm.progressive import (
+from qoq.scheme.progressive import (
     PROTECTIVE_RANGE,
     TILE,
     QuantizedWeight,

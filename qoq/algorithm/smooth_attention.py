@@ -74,7 +74,7 @@ def search_smooth_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n
     stride-th query position only (each still attends to all its keys), to make the search cheaper.
     Returns (alpha, beta, lambda, {candidate: relative error}).
     """
-    from qoq.algorithm.fakequant import fake_kv4
+    from qoq.scheme.fakequant import fake_kv4
 
     b, h, t, d = q.shape
     rep = num_heads // num_kv_heads

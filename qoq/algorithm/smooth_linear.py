@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qoq.algorithm.fakequant import fake_act8, fake_weight
+from qoq.scheme.fakequant import fake_act8, fake_weight
 
 DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(11))  # 0, 0.05, ..., 0.5
 

@@ -81,9 +81,9 @@ def time_calls(fns, min_graph_us: float = 2000.0, replays: int = 7) -> dict:
 
 
 def _quantized_weights(n: int, k: int, group: int, copies: int, device):
-    from qoq.algorithm.progressive import quantize_weight
+    from qoq.scheme.progressive import quantize_weight
     from qoq.formats.artifact import quantized_tensors
-    from qoq.runtime.ops import QLinear
+    from qoq.scheme.ops import QLinear
 
     w = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
     base = QLinear.from_tensors(quantized_tensors("l", quantize_weight(w, group)), "l", n, k, group, device=device)
@@ -98,7 +98,7 @@ def _quantized_weights(n: int, k: int, group: int, copies: int, device):
 
 def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = True, log=print) -> list[dict]:
     import qoq.runtime_kernels as K
-    from qoq.runtime import ops
+    from qoq.scheme import ops
     from qoq.runtime_kernels.gemm import GemvConfig, IntMMConfig, WgmmaConfig, choose_config
 
     dev = torch.device("cuda")
@@ -192,7 +192,7 @@ def _gemm_line(n, k, m, res):
 def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8, d: int = 128, log=print,
                     tune: bool = False) -> list[dict]:
     import qoq.runtime_kernels as K
-    from qoq.runtime import ops
+    from qoq.scheme import ops
 
     dev = torch.device("cuda")
     lengths = torch.full((batch,), ctx, device=dev, dtype=torch.long)
@@ -251,7 +251,7 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 4, 16), large_ms=(1024,
     """Sweep the W4A8 kernel's configurations (for choosing `choose_config`'s defaults): GEMV shapes at small M;
     at large M the output-channel chunk of the dequant + `_int_mm` path, with each stage timed alone."""
     import qoq.runtime_kernels as K
-    from qoq.runtime import ops
+    from qoq.scheme import ops
     from qoq.runtime_kernels import gemm as G
 
     dev = torch.device("cuda")
@@ -344,7 +344,7 @@ def summary(rows: list[dict]) -> str:
 
 def _one(kind: str) -> None:
     import qoq.runtime_kernels as K
-    from qoq.runtime import ops
+    from qoq.scheme import ops
 
     dev = torch.device("cuda")
     if kind == "attention":

@@ -62,11 +62,9 @@ def versions() -> dict:
     import torch
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import qoq
-        out["qoq"] = qoq.__version__
-    except Exception:  # noqa: BLE001
-        out["qoq"] = None
+    from qoq.version import __version__
+
+    out["qoq"] = __version__
     for mod in ("transformers", "cupy"):
         try:
             out[mod] = __import__(mod).__version__

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from qoq.algorithm.progressive import dequantize, quantize_weight
+from qoq.scheme.progressive import dequantize, quantize_weight
 from qoq.errors import QoqError
 from qoq.formats.artifact import Artifact, quantization_config, quantized_tensors
 

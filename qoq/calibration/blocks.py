@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from qoq.models.arch import decoder_layers, head_dims, rotary_cos_sin
-from qoq.runtime.ops import apply_rope
+from qoq.scheme.ops import apply_rope
 
 
 @dataclass

@@ -15,15 +15,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qoq.algorithm.progressive import PROTECTIVE_RANGE, QuantizedWeight, padded_dims
+from qoq.scheme.progressive import PROTECTIVE_RANGE, QuantizedWeight, padded_dims
 from qoq.checks import first_non_finite, require_finite_tensors, strict_json
 from qoq.errors import QoqError
-from qoq.formats.layout import LAYOUT_NAME, pack_group_params, pack_weight, unpack_group_params, unpack_weight
+from qoq.scheme.schema import FORMAT_VERSION, QUANT_METHOD
+from qoq.scheme.layout import LAYOUT_NAME, pack_group_params, pack_weight, unpack_group_params, unpack_weight
 from qoq.output import PartialFolder, check_output, create_partial, drop_owner_record, finish_partial
 from qoq.signals import interrupts_deferred
 
-FORMAT_VERSION = 1
-QUANT_METHOD = "qoq"
 REPORT_FILE = "qoq_report.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

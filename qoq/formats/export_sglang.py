@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from qoq.algorithm.progressive import padded_dims
+from qoq.scheme.progressive import padded_dims
 from qoq.errors import QoqError
 from qoq.formats.artifact import (INDEX_FILE, REPORT_FILE, WEIGHTS_FILE, Artifact, _replace_folder, _write_weights,
                                   read_artifact)

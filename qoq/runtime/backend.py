@@ -1,7 +1,7 @@
-"""Backend selection: which implementation of the kernel-level ops (qoq.runtime.ops) the engine calls.
+"""Backend selection: which implementation of the kernel-level ops (qoq.scheme.ops) the engine calls.
 
-A backend is one function per kernel, with exactly the names and signatures of `qoq.runtime.ops`:
-- `reference`: the torch reference twins in `qoq.runtime.ops` (CPU or GPU). Its `w4a8_linear` keeps
+A backend is one function per kernel, with exactly the names and signatures of `qoq.scheme.ops`:
+- `reference`: the torch reference twins in `qoq.scheme.ops` (CPU or GPU). Its `w4a8_linear` keeps
   each linear's unpacked int8 weight operand (and, on CPU, an exact fp32 copy of it) after the first
   call, which changes no result and saves the unpacking on every token.
 - `cupy`: the GPU kernels of `qoq.runtime_kernels` (needs CUDA and `qoq.runtime_kernels.available()`).
@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from qoq.errors import QoqError
-from qoq.runtime import ops
+from qoq.scheme import ops
 
 # One function per GPU kernel; `rmsnorm` (final norm, fp32) is optional for a kernel backend.
 KERNELS = ("quantize_act", "rmsnorm_quantize", "silu_mul_quantize", "w4a8_linear", "kv4_append",

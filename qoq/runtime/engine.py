@@ -28,7 +28,7 @@ import torch
 from qoq.errors import QoqError
 from qoq.formats.artifact import Artifact, read_artifact
 from qoq.runtime import fast as fast_mode
-from qoq.runtime import ops
+from qoq.scheme import ops
 from qoq.runtime.backend import Backend, get_backend, resolve_device
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from qoq.errors import QoqError
-from qoq.runtime import ops
+from qoq.scheme import ops
 
 
 def fuse_qlinears(parts: list[ops.QLinear]) -> ops.QLinear | None:

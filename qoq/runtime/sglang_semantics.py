@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.runtime import ops
+from qoq.scheme import ops
 from qoq.runtime.backend import Backend
 
 

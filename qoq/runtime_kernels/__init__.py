@@ -1,6 +1,6 @@
-"""CUDA kernels of the qoq runtime (the `cupy` backend): one launcher per op of `qoq.runtime.ops`.
+"""CUDA kernels of the qoq runtime (the `cupy` backend): one launcher per op of `qoq.scheme.ops`.
 
-Same names, arguments and integer semantics as the torch reference twins in `qoq.runtime.ops`; tensors are torch
+Same names, arguments and integer semantics as the torch reference twins in `qoq.scheme.ops`; tensors are torch
 CUDA tensors, kernels run on torch's current stream, nothing synchronises with the host. Kernels are compiled with
 NVRTC on first use (once per process and device arch, cached on disk) and loaded through CuPy, which is imported
 lazily: this package imports on a machine without CUDA or CuPy, where `available()` is False.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from qoq.runtime.ops import KV4Cache, QLinear, QuantAct
+from qoq.scheme.ops import KV4Cache, QLinear, QuantAct
 
 __all__ = ["available", "quantize_act", "rmsnorm_quantize", "silu_mul_quantize", "w4a8_linear", "kv4_append",
            "rope_kv4_append", "decode_attention_kv4", "KV4Cache", "QLinear", "QuantAct"]

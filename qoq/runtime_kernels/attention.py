@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from qoq.runtime import ops
-from qoq.runtime.ops import KV4Cache
+from qoq.scheme import ops
+from qoq.scheme.ops import KV4Cache
 
 from . import _build as B
 from .gemm import _workspace

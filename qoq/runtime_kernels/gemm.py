@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.runtime.ops import QLinear, QuantAct
+from qoq.scheme.ops import QLinear, QuantAct
 
 from . import _build as B
 

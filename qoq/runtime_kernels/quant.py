@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from qoq.runtime.ops import QuantAct
+from qoq.scheme.ops import QuantAct
 
 from . import _build as B
 

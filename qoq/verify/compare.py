@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qoq.cli import err, out, user_errors
+from qoq.console import err, out, user_errors
 from qoq.errors import QoqError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qoq.algorithm.progressive import dequantize
+from qoq.scheme.progressive import dequantize
 from qoq.formats.artifact import Artifact
-from qoq.runtime import ops
+from qoq.scheme import ops
 from qoq.runtime.backend import KERNELS, Backend
 
 FAKE_KV4_ATTENTION = "qoq_fake_kv4"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qoq.formats.layout import unpack_group_params, unpack_weight
+from qoq.scheme.layout import unpack_group_params, unpack_weight
 
 INT8_MAX = 127
 

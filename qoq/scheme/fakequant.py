@@ -1,14 +1,14 @@
 """Simulated ("fake") quantization with exactly the runtime's integer semantics, for searches and tests.
 
 Weights go through the real progressive quantizer and its dequantization; activations through the
-per-token INT8 rule of `qoq.runtime.ops.quantize_act`; K/V through `ops.kv4_quantize`.
+per-token INT8 rule of `qoq.scheme.ops.quantize_act`; K/V through `ops.kv4_quantize`.
 """
 from __future__ import annotations
 
 import torch
 
-from qoq.algorithm.progressive import dequantize, quantize_weight
-from qoq.runtime.ops import INT8_MAX, kv4_dequantize, kv4_quantize
+from qoq.scheme.progressive import dequantize, quantize_weight
+from qoq.scheme.ops import INT8_MAX, kv4_dequantize, kv4_quantize
 
 
 def fake_weight(weight: torch.Tensor, group_size: int) -> torch.Tensor:
