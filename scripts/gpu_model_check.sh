@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Whole-model check of the cupy backend against the reference on SmolLM2-135M (issue 4's "done means"):
+# Whole-model check of the cupy backend against the reference on SmolLM2-135M:
 #   1. quantize SmolLM2 with the default (qoq) recipe on the GPU;
 #   2. full WikiText-2 test PPL (seq 2048) through the reference backend (with the FP16 baseline) and the cupy
 #      backend (with the op-by-op kernel check);

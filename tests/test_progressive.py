@@ -1,4 +1,4 @@
-"""The integer scheme of progressive group quantization (DESIGN.md §3)."""
+"""The integer scheme of progressive group quantization (ARCHITECTURE.md, "The integer scheme")."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Weight-clip search for per-channel (g = -1) quantization (QoQ recipe §3.4).
+"""Weight-clip search for per-channel (g = -1) quantization (ARCHITECTURE.md, "The QoQ recipe").
 
 For each output channel n, the quantization range [min, max] of the row is shrunk by a ratio r from
 a grid over [0.8, 1.0]; the ratio kept is the one with the smallest output error on the calibration

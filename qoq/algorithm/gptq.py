@@ -1,4 +1,4 @@
-"""GPTQ on the 4-bit level of progressive quantization (QoQ recipe §1.2, §3), pure tensor math.
+"""GPTQ on the 4-bit level of progressive quantization (ARCHITECTURE.md, "The QoQ recipe"), pure tensor math.
 
 Per-group (g = 32/64/128): level 1 is fixed first from the original weights, s1[n] = max|W[n]| / 119
 (exactly as round-to-nearest). GPTQ then runs on the level-1 values x = W / s1 (a per-row scaling,

@@ -1,4 +1,4 @@
-"""Activation-aware channel reordering of down_proj's inputs (QoQ recipe §3.3; per-group only).
+"""Activation-aware channel reordering of down_proj's inputs (per-group only; ARCHITECTURE.md, "The QoQ recipe").
 
 Input channels are sorted by their calibration max |X| so that each quantization group of g
 consecutive channels holds channels of similar salience. The permutation is folded offline into

@@ -1,4 +1,4 @@
-"""SmoothAttention (DESIGN.md §3): move key outliers into the (unquantized) queries before KV4.
+"""SmoothAttention (ARCHITECTURE.md, "The integer scheme"): move key outliers into the (unquantized) queries before KV4.
 
 lambda_i = max_t |K[t, i]|^alpha over post-RoPE calibration keys, with RoPE pairs (i, i + D/2) sharing
 one value so the scaling commutes with rotate-half RoPE; q_proj rows are multiplied by lambda (repeated

@@ -1,4 +1,4 @@
-"""SmoothQuant-style smoothing of down_proj's inputs, folded into up_proj's rows (QoQ recipe §3.2).
+"""SmoothQuant-style smoothing of down_proj's inputs, folded into up_proj's rows (ARCHITECTURE.md, "The QoQ recipe").
 
 Per input channel c of down_proj:  s_c = max_t |X[t,c]|^alpha / max_n |W[n,c]|^(1-alpha).
 down_proj columns are multiplied by s and up_proj rows divided by it: since the down_proj input is

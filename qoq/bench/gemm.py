@@ -327,7 +327,7 @@ def run(quick: bool = False, log=print, tune_attention: bool = False) -> list[di
 
 
 def summary(rows: list[dict]) -> str:
-    """Targets of issue 4: >=3x cuBLAS FP16 at M<=16, >=0.8x _int_mm at M>=1024, KV4 attention >=2x SDPA."""
+    """The kernel targets: >=3x cuBLAS FP16 at M<=16, >=0.8x _int_mm at M>=1024, KV4 attention >=2x SDPA."""
     out = []
     for impl in ("w4a8_g128", "w4a8_pc"):
         small = [r["vs_fp16"] for r in rows if r.get("impl") == impl and r["bench"] == "gemm" and r["m"] <= 16]

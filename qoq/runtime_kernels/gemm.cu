@@ -7,11 +7,12 @@
 // fragment of n8 sub-tile 0, {1,3} of sub-tile 1, the high nibbles sub-tiles 2 and 3; read as an A fragment
 // (weights as the M dimension) the low nibbles of words 0..3 are rows 0-15 and the high nibbles rows 16-31.
 //
-// Per-group dequant (DESIGN.md s3): w8 = q*s2 - z. The s2 and -z bytes of channels c, c+8, c+16, c+24 are one
-// 32-bit word each (interleaved storage). Four weights at once: (nib * s2 + (128 - z)) ^ 0x80808080; each byte
-// q*s2 + 128 - z lies in [0, 255] (the protective range keeps q*s2 - z in int8), so the 32-bit multiply-add never
-// carries between bytes and the xor turns the biased byte into the signed int8 q*s2 - z. One IMAD + one LOP per
-// 4 weights (the byte-wise add of -z is folded into the multiply-add as a biased constant).
+// Per-group dequant (ARCHITECTURE.md, "The integer scheme"): w8 = q*s2 - z. The s2 and -z bytes of channels c, c+8,
+// c+16, c+24 are one 32-bit word each (interleaved storage). Four weights at once:
+// (nib * s2 + (128 - z)) ^ 0x80808080; each byte q*s2 + 128 - z lies in [0, 255] (the protective range keeps
+// q*s2 - z in int8), so the 32-bit multiply-add never carries between bytes and the xor turns the biased byte into
+// the signed int8 q*s2 - z. One IMAD + one LOP per 4 weights (the byte-wise add of -z is folded into the
+// multiply-add as a biased constant).
 // Per-channel: the nibbles 0..15 go straight into the MMA; the zero point is applied in the epilogue.
 
 QOQ_DEV void deq_params(u32 s2w, u32 zw, u32 s[4], u32 zb[4]) {

@@ -11,7 +11,8 @@ Conventions
   zero-padded to the layer's padded K. `qsum[m] = sum_k q[m,k]` (int32) is produced for per-channel
   weights, whose zero point is applied in the epilogue.
 - W4A8 GEMM: `acc[m,n] = sum_k qa[m,k] * w8[n,k]` in int32, where for per-group weights
-  `w8 = q*s2 - z` (int8, DESIGN.md §3) and for per-channel weights `w8 = q` (0..15). Epilogue in fp32:
+  `w8 = q*s2 - z` (int8; ARCHITECTURE.md, "The integer scheme") and for per-channel weights `w8 = q` (0..15).
+  Epilogue in fp32:
       per-group:   y = (acc * s_a[m]) * s1[n]
       per-channel: y = s_a[m] * (acc * s1[n] - szeros[n] * qsum[m])
   then `+ bias[n]`, cast to the output dtype, sliced to the true N.
@@ -141,7 +142,8 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16)
 
 
 # ---- KV4 cache ----------------------------------------------------------------------------------------
-# Per token, per KV head, asymmetric UINT4 after RoPE (DESIGN.md §3), scale and zero stored in fp16:
+# Per token, per KV head, asymmetric UINT4 after RoPE (ARCHITECTURE.md, "The integer scheme"), scale and zero
+# stored in fp16:
 #   scale = (max - min) * (1/15) (1 when max == min), zero = -min / scale, both rounded to fp16;
 #   q = clamp(round_half_even(x / scale16 + zero16), 0, 15);  x_hat = (q - zero16) * scale16.
 # Two values per byte: element 2i in the low nibble, 2i+1 in the high nibble.

@@ -1,4 +1,4 @@
-"""Progressive group quantization of one weight matrix (DESIGN.md §3). Pure tensor math.
+"""Progressive group quantization of one weight matrix (ARCHITECTURE.md, "The integer scheme"). Pure tensor math.
 
 Per-group (g = 32/64/128): level 1 is per-output-channel symmetric INT8 inside the protective range
 [-119, 119]; level 2 quantizes those real-valued INT8-domain values per group of g input channels to
