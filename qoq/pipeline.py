@@ -11,6 +11,7 @@ import torch
 from qoq import recipe as recipe_mod
 from qoq.checks import require_finite_source
 from qoq.errors import QoqError
+from qoq.scheme.progressive import group_label, group_size_problem
 from qoq.formats.artifact import quantization_config, write_artifact
 from qoq.output import PartialFolder, check_output, create_partial, remove_stale_partials
 from qoq.progress import Reporter
@@ -45,8 +46,8 @@ class QuantizeOptions:
     seed: int = 42
 
     def validate(self) -> None:
-        if self.group_size not in (32, 64, 128, -1):
-            raise QoqError(f"--group {self.group_size} is not supported; use 32, 64, 128 or -1 (per-channel)")
+        if group_size_problem(self.group_size):
+            raise QoqError(f"--group {self.group_size} {group_size_problem(self.group_size)}")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
             raise QoqError("--calib-samples must be >= 1 and --calib-seqlen >= 8")
         if self.batch_size < 1:
@@ -96,7 +97,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def default_output(name: str, group_size: int) -> Path:
-    return Path(f"{name}-qoq-w4a8kv4-{'gchn' if group_size == -1 else f'g{group_size}'}")
+    return Path(f"{name}-qoq-w4a8kv4-{group_label(group_size)}")
 
 
 def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> QuantizeResult:

@@ -23,6 +23,7 @@ from qoq.scheme.progressive import (
     TILE,
     QuantizedWeight,
     check_group_size,
+    is_per_channel,
     level1_scales,
     level2_params_from_range,
     pad_weight,
@@ -90,7 +91,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     s2 = torch.zeros(np_, ng, dtype=torch.int8, device=dev)
     z = torch.zeros(np_, ng, dtype=torch.int8, device=dev)
     s1f = s1.float()
-    szf = szeros.float() if group_size == -1 else None
+    szf = szeros.float() if is_per_channel(group_size) else None
 
     for i1 in range(0, kp, block):
         i2 = min(i1 + block, kp)

@@ -32,6 +32,7 @@ import torch
 from qoq.bench.profiles import GIB, GpuProfile
 from qoq.bench.synthetic import ModelDims
 from qoq.errors import QoqError
+from qoq.scheme.progressive import is_per_channel
 
 ENGINES = ("qoq-w4a8kv4", "fp16-engine", "fp8-engine", "hf-fp16")
 TOKENS_PER_S_DEFINITION = ("batch * output_len / (prefill + all decode steps) in seconds; TTFT = prefill of the "
@@ -518,7 +519,7 @@ def weight_bytes_streamed(dims: ModelDims, weights_kind: str, group_size: int = 
     """Bytes a forward pass must read for the weights: quantized linears + the fp16 lm_head."""
     lin = dims.linear_params
     if weights_kind == "w4a8":
-        per_group = 0 if group_size == -1 else 2 / group_size  # int8 s2 + int8 zero per group
+        per_group = 0 if is_per_channel(group_size) else 2 / group_size  # int8 s2 + int8 zero per group
         lin_bytes = lin * (0.5 + per_group)
     elif weights_kind == "fp8":
         lin_bytes = lin

@@ -22,6 +22,8 @@ from dataclasses import replace
 
 import torch
 
+from qoq.scheme.progressive import is_per_channel
+
 LLAMA3_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate_up, down
 MS = [1, 4, 16, 32, 64, 256, 512, 1024, 2048, 4096]
 L2_BYTES = 50 * 2**20
@@ -133,8 +135,8 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                 except Exception:
                     pass
             for g, lins in q4.items():
-                a = ops.quantize_act(x, lins[0].padded_in, with_qsum=(g == -1))
-                name = "w4a8_g128" if g == 128 else ("w4a8_pc" if g == -1 else f"w4a8_g{g}")
+                a = ops.quantize_act(x, lins[0].padded_in, with_qsum=is_per_channel(g))
+                name = "w4a8_g128" if g == 128 else ("w4a8_pc" if is_per_channel(g) else f"w4a8_g{g}")
                 # every large-M path (tiled mma.sync kernel; dequant + _int_mm + epilogue; sm_90a wgmma kernel);
                 # the plain row is the one choose_config dispatches to
                 paths = {}
@@ -275,7 +277,7 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 4, 16), large_ms=(1024,
             lins = _quantized_weights(n, k, g, _copies(n * k // 2), dev)
             for m in gemv_ms:
                 a = ops.quantize_act(torch.randn(m, k, device=dev, dtype=torch.float16), lins[0].padded_in,
-                                     with_qsum=(g == -1))
+                                     with_qsum=is_per_channel(g))
                 res = {}
                 for name, kw in cands.items():
                     cfg = G.GemvConfig((m + 7) // 8, **kw)
@@ -284,7 +286,7 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 4, 16), large_ms=(1024,
                 note(n, k, m, g, res)
             for m in large_ms:
                 a = ops.quantize_act(torch.randn(m, k, device=dev, dtype=torch.float16), lins[0].padded_in,
-                                     with_qsum=(g == -1))
+                                     with_qsum=is_per_channel(g))
                 res = {}
                 for ch in INTMM_CHUNKS:
                     cfg = G.IntMMConfig(n_chunk=ch)
@@ -296,7 +298,7 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 4, 16), large_ms=(1024,
                 np_, kp = lins[0].qweight.shape[0], lins[0].padded_in
                 w8s = [torch.empty(np_, kp, dtype=torch.int8, device=dev) for _ in range(_copies(np_ * kp))]
                 res["stage_dequant"] = time_calls([lambda lin=lin, w8=w8: G._dequant(
-                    lin.qweight, lin.s2_scales, lin.s2_zeros, 7, g != -1, w8, kp, 0) for lin, w8 in zip(lins * 8, w8s)])["us"]
+                    lin.qweight, lin.s2_scales, lin.s2_zeros, 7, not is_per_channel(g), w8, kp, 0) for lin, w8 in zip(lins * 8, w8s)])["us"]
                 res["stage_int_mm"] = time_calls([lambda w8=w8: torch._int_mm(a.q, w8.t()) for w8 in w8s])["us"]
                 del w8s
                 note(n, k, m, g, res)
@@ -359,7 +361,7 @@ def _one(kind: str) -> None:
         m = {"gemm": 4096, "gemv16": 16}.get(kind, 1)
         group = -1 if kind == "gemv-pc" else 128
         lin = _quantized_weights(4096, 4096, group, 1, dev)[0]
-        a = ops.quantize_act(torch.randn(m, 4096, device=dev, dtype=torch.float16), 4096, with_qsum=group == -1)
+        a = ops.quantize_act(torch.randn(m, 4096, device=dev, dtype=torch.float16), 4096, with_qsum=is_per_channel(group))
         fn = lambda: K.w4a8_linear(a, lin)  # noqa: E731
     for _ in range(4):
         fn()

@@ -19,6 +19,7 @@ from qoq.bench.profiles import GPU_CHOICES, detect_device, resolve_profile
 from qoq.bench.report import build_report, check_min_speedup, require_matplotlib, write_json
 from qoq.bench.synthetic import SHAPE_CHOICES, ModelDims, build_synthetic_artifact, fp16_twin
 from qoq.errors import QoqError
+from qoq.scheme.progressive import group_size_problem
 from qoq.progress import Reporter
 
 DEFAULT_BATCHES = (1, 16, 64, 256)
@@ -83,8 +84,8 @@ def validate_options(o: BenchOptions) -> BenchOptions:
         raise QoqError("--input-len must be >= 1 and --output-len >= 2")
     if o.min_speedup is not None and o.min_speedup <= 0:
         raise QoqError(f"--min-speedup {o.min_speedup:g} must be positive")
-    if o.group_size not in (32, 64, 128, -1):
-        raise QoqError(f"--group {o.group_size} is not one of 32, 64, 128, -1")
+    if group_size_problem(o.group_size):
+        raise QoqError(f"--group {o.group_size} {group_size_problem(o.group_size)}")
     if o.backend not in ("auto", "cupy", "reference"):
         raise QoqError(f"--backend {o.backend!r} is not one of auto, cupy, reference")
     if o.prefill_chunk_tokens < 1:

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qoq.scheme.progressive import PROTECTIVE_RANGE, QuantizedWeight, padded_dims
+from qoq.scheme.progressive import PROTECTIVE_RANGE, QuantizedWeight, group_size_problem, is_per_channel, padded_dims
 from qoq.checks import first_non_finite, require_finite_tensors, strict_json
 from qoq.errors import QoqError
 from qoq.scheme.schema import FORMAT_VERSION, QUANT_METHOD
@@ -56,7 +56,7 @@ class Artifact:
         t = self.tensors
         q = unpack_weight(t[f"{name}.qweight"])
         s1 = t[f"{name}.s1_scales"]
-        if self.group_size == -1:
+        if is_per_channel(self.group_size):
             return QuantizedWeight(q=q, s1=s1, group_size=-1, out_features=n, in_features=k,
                                    szeros=t[f"{name}.s1_szeros"])
         return QuantizedWeight(q=q, s1=s1, group_size=self.group_size, out_features=n, in_features=k,
@@ -67,7 +67,7 @@ class Artifact:
 def quantized_tensors(name: str, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The stored tensors of one linear: packed qweight, scales, zeros (negated: the kernel adds them)."""
     out = {f"{name}.qweight": pack_weight(qw.q), f"{name}.s1_scales": qw.s1.to(torch.float16).contiguous()}
-    if qw.group_size == -1:
+    if is_per_channel(qw.group_size):
         out[f"{name}.s1_szeros"] = qw.szeros.to(torch.float16).contiguous()
     else:
         out[f"{name}.s2_scales"] = pack_group_params(qw.s2)
@@ -143,7 +143,7 @@ def read_artifact(path: str | Path) -> Artifact:
 def expected_shapes(name: str, n: int, k: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     np_, kp = padded_dims(n, k, group_size)
     shapes = {f"{name}.qweight": ((np_, kp // 2), torch.int8), f"{name}.s1_scales": ((np_,), torch.float16)}
-    if group_size == -1:
+    if is_per_channel(group_size):
         shapes[f"{name}.s1_szeros"] = ((np_,), torch.float16)
     else:
         shapes[f"{name}.s2_scales"] = ((kp // group_size, np_), torch.int8)
@@ -233,8 +233,9 @@ def _index_files(path: Path) -> list[str]:
 
 def _validate_modules(path: Path, qc: dict) -> None:
     group_size = qc.get("group_size")
-    if group_size not in (32, 64, 128, -1):
-        raise QoqError(f"{path} is corrupt: group_size {group_size!r} is not 32/64/128/-1; re-run qoq quantize")
+    if group_size_problem(group_size):
+        raise QoqError(f"{path} is corrupt: group_size {group_size!r} {group_size_problem(group_size)}; "
+                       "re-run qoq quantize")
     modules = qc.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise QoqError(f"{path} is corrupt: quantization_config lists no modules; re-run qoq quantize")

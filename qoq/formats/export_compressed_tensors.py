@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qoq.errors import QoqError
+from qoq.scheme.progressive import is_per_channel
 from qoq.formats.artifact import Artifact, read_artifact
 from qoq.formats.export_sglang import MODEL_TYPES, checked_output, write_checkpoint
 
@@ -39,7 +40,7 @@ def export_compressed_tensors(artifact: str | Path | Artifact, output: str | Pat
     """Write the compressed-tensors checkpoint of a per-channel `artifact` to `output` atomically."""
     art = artifact if isinstance(artifact, Artifact) else read_artifact(artifact)
     output = checked_output(art, output, overwrite)
-    if art.group_size != -1:
+    if not is_per_channel(art.group_size):
         raise QoqError(f"compressed-tensors has no exact form of group size {art.group_size} QoQ weights (their "
                        "per-group zero z/s2 is fractional); export a per-channel artifact (qoq quantize --group -1) "
                        "or serve this one with --format sglang")

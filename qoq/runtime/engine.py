@@ -29,6 +29,7 @@ from qoq.errors import QoqError
 from qoq.formats.artifact import Artifact, read_artifact
 from qoq.runtime import fast as fast_mode
 from qoq.scheme import ops
+from qoq.scheme.progressive import is_per_channel
 from qoq.runtime.backend import Backend, get_backend, resolve_device
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -101,7 +102,7 @@ class Engine:
         self.eps = float(c.rms_norm_eps)
         self.sm_scale = self.head_dim ** -0.5
         self.group_size = art.group_size
-        self.per_channel = self.group_size == -1
+        self.per_channel = is_per_channel(self.group_size)
         self.vocab = c.vocab_size
         self.rotary = rotary_embedding(c).to(self.device)
         self._load_weights(art)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from qoq.scheme.layout import unpack_group_params, unpack_weight
+from qoq.scheme.progressive import is_per_channel
 
 INT8_MAX = 127
 
@@ -48,7 +49,7 @@ class QLinear:
 
     @property
     def per_channel(self) -> bool:
-        return self.group_size == -1
+        return is_per_channel(self.group_size)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str, n: int, k: int, group_size: int,

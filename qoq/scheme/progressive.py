@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 PROTECTIVE_RANGE = 119
-SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+PER_CHANNEL = -1  # the group size of per-channel weights: one level, no groups
+SUPPORTED_GROUP_SIZES = (32, 64, 128, PER_CHANNEL)
 TILE = 32  # the kernel layout's tile edge along both N and K
 
 
@@ -61,7 +62,7 @@ def quantize_weight(weight: torch.Tensor, group_size: int = 128) -> QuantizedWei
     check_group_size(group_size)
     n, k = weight.shape
     w = pad_weight(weight.detach().float(), group_size)
-    if group_size == -1:
+    if is_per_channel(group_size):
         return _quantize_per_channel(w, n, k)
     s1 = level1_scales(w)
     x = level1_values(w, s1)
@@ -72,16 +73,33 @@ def quantize_weight(weight: torch.Tensor, group_size: int = 128) -> QuantizedWei
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """W_hat [N, K] in fp32, exactly as the runtime reconstructs it."""
-    if qw.group_size == -1:
+    if is_per_channel(qw.group_size):
         w = qw.q.float() * qw.s1.float()[:, None] - qw.szeros.float()[:, None]
     else:
         w = qw.s1.float()[:, None] * qw.int8_weight().float()
     return w[: qw.out_features, : qw.in_features]
 
 
+def is_per_channel(group_size: int) -> bool:
+    return group_size == PER_CHANNEL
+
+
+def group_label(group_size: int) -> str:
+    """'g128', or 'gchn' for per-channel: how names and tables show a group size."""
+    return "gchn" if is_per_channel(group_size) else f"g{group_size}"
+
+
+def group_size_problem(group_size) -> str | None:
+    """What is wrong with `group_size` ("is not one of ..."), or None when the scheme supports it."""
+    if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
+        return "is not one of 32, 64, 128 or -1 (per-channel)"
+    return None
+
+
 def check_group_size(group_size: int) -> None:
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group size {group_size} is not supported; use one of 32, 64, 128 or -1 (per-channel)")
+    problem = group_size_problem(group_size)
+    if problem:
+        raise ValueError(f"group size {group_size!r} {problem}")
 
 
 def pad_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
