@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qoq.bench import e2e, profiles, report, suite, synthetic
+from qoq.bench import capacity, e2e, profiles, report, roofline, runners, suite, synthetic
 from qoq.bench.profiles import DeviceInfo
 from qoq.cli import app
 from qoq.errors import QoqError
@@ -284,7 +284,7 @@ def test_plan_max_batch_fits_and_backs_off():
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return int(fixed + per_seq * b)
 
-    plan = e2e.plan_max_batch(probe, cap, 16, 32)
+    plan = capacity.plan_max_batch(probe, cap, 16, 32)
     assert plan.batch == truth and calls == [16, 32, truth]
     assert plan.per_seq_bytes == pytest.approx(per_seq, rel=1e-6)
 
@@ -294,10 +294,10 @@ def test_plan_max_batch_fits_and_backs_off():
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return int(fixed + per_seq * b) if b <= 32 else int(fixed + 1.2 * per_seq * b)
 
-    plan = e2e.plan_max_batch(probe_tight, cap, 16, 32)
+    plan = capacity.plan_max_batch(probe_tight, cap, 16, 32)
     assert 0 < plan.batch <= (cap - fixed) / (1.2 * per_seq)
     assert any(p is None for _, p in plan.probes)
-    assert e2e.plan_max_batch(probe, cap, 16, 32, limit=100).batch == 100
+    assert capacity.plan_max_batch(probe, cap, 16, 32, limit=100).batch == 100
     assert plan.as_dict()["per_seq_mb"] == pytest.approx(50.0, rel=1e-3)
 
 
@@ -313,14 +313,14 @@ def test_roofline():
     dims = synthetic.ModelDims.from_config(synthetic.shape_config("llama-3-8b"))
     h100 = profiles.PROFILES["h100"]
     # batch 1 decode is bound by the weight bytes: W4 reads ~3.5x fewer bytes than FP16 (lm_head stays fp16)
-    w4 = e2e.roofline_tokens_per_s(dims, "w4a8", 4, 1, 1024, 512, h100)
-    f16 = e2e.roofline_tokens_per_s(dims, "fp16", 16, 1, 1024, 512, h100)
+    w4 = roofline.roofline_tokens_per_s(dims, "w4a8", 4, 1, 1024, 512, h100)
+    f16 = roofline.roofline_tokens_per_s(dims, "fp16", 16, 1, 1024, 512, h100)
     assert 2.5 < w4 / f16 < 4
-    assert f16 == pytest.approx(512 / (e2e.roofline_seconds(dims, "fp16", 16, 1, 1024, 512, h100)))
+    assert f16 == pytest.approx(512 / (roofline.roofline_seconds(dims, "fp16", 16, 1, 1024, 512, h100)))
     # decode at batch 1: about bandwidth / weight bytes per token
-    assert f16 == pytest.approx(h100.mem_bw_gbs * 1e9 / e2e.weight_bytes_streamed(dims, "fp16"), rel=0.15)
+    assert f16 == pytest.approx(h100.mem_bw_gbs * 1e9 / roofline.weight_bytes_streamed(dims, "fp16"), rel=0.15)
     # large batches approach the tensor-core peak: tokens/s grows with batch, sublinearly
-    big = e2e.roofline_tokens_per_s(dims, "w4a8", 4, 256, 1024, 512, h100)
+    big = roofline.roofline_tokens_per_s(dims, "w4a8", 4, 256, 1024, 512, h100)
     assert w4 < big < 256 * w4
 
 
@@ -363,9 +363,9 @@ def test_fp16_engine_matches_transformers(tiny_shapes, shape):
     cfg = {k: v for k, v in art.config.items() if k != "quantization_config"}
     dims = synthetic.ModelDims.from_config(cfg)
     twin = synthetic.fp16_twin(art, "cpu")
-    hf = e2e.HFRunner(cfg, dims, torch.device("cpu"))
+    hf = runners.HFRunner(cfg, dims, torch.device("cpu"))
     hf.model.load_state_dict({k: v.float() for k, v in twin.items()}, strict=False)
-    fp16 = e2e.FP16EngineRunner(cfg, dict(twin), dims, torch.device("cpu"), prefill_chunk_tokens=16)
+    fp16 = runners.FP16EngineRunner(cfg, dict(twin), dims, torch.device("cpu"), prefill_chunk_tokens=16)
     ids = torch.randint(0, TINY["vocab_size"], (3, 12))
     nxt = torch.randint(0, TINY["vocab_size"], (3,))
     with torch.no_grad():
@@ -382,7 +382,7 @@ def test_qoq_runner_chunked_prefill_matches_the_engine(tiny_shapes):
     pytest.importorskip("qoq.runtime.engine")
     art = synthetic.build_synthetic_artifact("tiny", "cpu", 32)
     dims = synthetic.ModelDims.from_config(art.config)
-    runner = e2e.QoqRunner(art, dims, torch.device("cpu"), "reference", prefill_chunk_tokens=8)
+    runner = runners.QoqRunner(art, dims, torch.device("cpu"), "reference", prefill_chunk_tokens=8)
     ids = torch.randint(0, TINY["vocab_size"], (3, 8))
     runner._reset(3, 12)
     chunked = runner._prefill(ids)  # one sequence per chunk
@@ -436,10 +436,10 @@ def test_max_batch_row_backs_off_when_the_full_run_runs_out_of_memory(monkeypatc
         def release(self):
             pass
 
-    plan = e2e.MaxBatchPlan(batch=100, fixed_bytes=1e9, per_seq_bytes=1e8, capacity_bytes=20 * 10**9,
+    plan = capacity.MaxBatchPlan(batch=100, fixed_bytes=1e9, per_seq_bytes=1e8, capacity_bytes=20 * 10**9,
                             probes=[(2, 1), (4, 2)])
-    monkeypatch.setattr(e2e, "usable_capacity", lambda device: (20 * 10**9, 21 * 10**9))
-    monkeypatch.setattr(e2e, "plan_max_batch", lambda *a, **k: plan)
+    monkeypatch.setattr(capacity, "usable_capacity", lambda device: (20 * 10**9, 21 * 10**9))
+    monkeypatch.setattr(capacity, "plan_max_batch", lambda *a, **k: plan)
     measured = []
 
     def fake_measure(runner, b, input_len, output_len, profile, clock):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qoq.bench import e2e
+from qoq.bench import capacity, e2e, runners
 from qoq.bench.profiles import GPU_CHOICES, detect_device, resolve_profile
 from qoq.bench.report import build_report, check_min_speedup, require_matplotlib, write_json
 from qoq.bench.synthetic import SHAPE_CHOICES, ModelDims, build_synthetic_artifact, fp16_twin
@@ -132,21 +132,21 @@ def run_kernels(profile, reporter: Reporter) -> tuple[list | None, str | None]:
 
 # ---- end to end -------------------------------------------------------------------------------------
 
-def _engine_rows(runner: e2e.Runner, o: BenchOptions, profile, clock: e2e.Clock, reporter: Reporter,
+def _engine_rows(runner: runners.Runner, o: BenchOptions, profile, clock: e2e.Clock, reporter: Reporter,
                  memory: dict) -> list[dict]:
     rows: list[dict] = []
     name = runner.engine
     max_b = None
     if o.max_batch != "none":
-        cap, total = e2e.usable_capacity(runner.device)
+        cap, total = capacity.usable_capacity(runner.device)
         chunk = runner.chunk_rows(o.input_len) if name != "hf-fp16" else 2
         limit = o.max_batch if isinstance(o.max_batch, int) else None
-        probe = e2e.peak_probe(runner, o.input_len, o.output_len)
+        probe = capacity.peak_probe(runner, o.input_len, o.output_len)
         with reporter.status(f"{name}: finding the largest batch that fits"):
             if isinstance(o.max_batch, int):
-                plan = e2e.plan_max_batch(probe, cap, chunk, 2 * chunk, limit=limit)
+                plan = capacity.plan_max_batch(probe, cap, chunk, 2 * chunk, limit=limit)
             else:
-                plan = e2e.plan_max_batch(probe, cap, chunk, 2 * chunk)
+                plan = capacity.plan_max_batch(probe, cap, chunk, 2 * chunk)
         max_b = plan.batch
         memory["plans"][name] = plan.as_dict()
         memory["max_batch"][name] = max_b
@@ -258,7 +258,7 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
             errors[name] = str(e)
             reporter.info(f"{name}: not measured: {e}")
         except Exception as e:  # noqa: BLE001 - one engine's failure must not lose the others' numbers
-            if e2e.is_oom(e):
+            if capacity.is_oom(e):
                 errors[name] = "out of memory"
             else:
                 errors[name] = f"{type(e).__name__}: {_line(e)}"
@@ -268,7 +268,7 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
                 runner.close()
                 backends[name] = str(runner.backend)
             del runner
-            e2e.free_memory()
+            capacity.free_memory()
 
     def report() -> dict:
         settings = {"model": model_name, "shape": o.shape,
@@ -288,13 +288,13 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
             write_json(report(), o.json_path)
 
     if "qoq-w4a8kv4" in o.engines:
-        run_engine("qoq-w4a8kv4", lambda: e2e.QoqRunner(artifact, dims, device, o.backend, o.prefill_chunk_tokens))
+        run_engine("qoq-w4a8kv4", lambda: runners.QoqRunner(artifact, dims, device, o.backend, o.prefill_chunk_tokens))
         checkpoint()
-    baselines = [(name, runner) for name, runner in (("fp16-engine", e2e.FP16EngineRunner),
-                                                     ("fp8-engine", e2e.FP8EngineRunner)) if name in o.engines]
+    baselines = [(name, runner) for name, runner in (("fp16-engine", runners.FP16EngineRunner),
+                                                     ("fp8-engine", runners.FP8EngineRunner)) if name in o.engines]
     if baselines:  # host copy: the twins are rebuilt from it, and the engines get the whole device
         artifact.tensors.update({k: v.cpu() for k, v in artifact.tensors.items()})
-        e2e.free_memory()
+        capacity.free_memory()
     for name, runner_cls in baselines:
         with reporter.status(f"{name}: building the FP16 twin (dequantized weights)"):
             twin = fp16_twin(artifact, device)  # the engine takes (and frees) the twin's tensors as it builds
@@ -303,7 +303,7 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
         checkpoint()
     artifact.tensors.clear()  # the quantized weights are no longer needed on the device
     if "hf-fp16" in o.engines:
-        run_engine("hf-fp16", lambda: e2e.HFRunner(config, dims, device))
+        run_engine("hf-fp16", lambda: runners.HFRunner(config, dims, device))
     return report()
 
 
