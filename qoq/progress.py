@@ -83,17 +83,17 @@ class RichReporter(Reporter):
     @contextmanager
     def task(self, description: str, total: float | None = None, unit: str = "") -> Iterator[Task]:
         if self.console.is_terminal:
-            with self._live_task(description, total) as task:
+            with self._live_task(description, total, unit) as task:
                 yield task
         else:
             with _PlainTask(self.console, description, total, unit, self.interval) as task:
                 yield task
 
     @contextmanager
-    def _live_task(self, description: str, total: float | None) -> Iterator[Task]:
+    def _live_task(self, description: str, total: float | None, unit: str) -> Iterator[Task]:
         progress = self._start_live()
-        task_id = progress.add_task(description, total=total)
-        task = _LiveTask(progress, task_id, total)
+        task_id = progress.add_task(description, total=total, count="", eta="")
+        task = _LiveTask(progress, task_id, total, unit)
         try:
             yield task
             progress.update(task_id, total=total or task.completed or 1, completed=total or task.completed or 1)
@@ -101,13 +101,12 @@ class RichReporter(Reporter):
             self._stop_live()
 
     def _start_live(self):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
         with self._lock:
             if self._live is None:
                 self._live = Progress(SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
-                                      BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                                      TimeRemainingColumn(), console=self.console, transient=False)
+                                      BarColumn(), TextColumn("{task.fields[count]}"), TimeElapsedColumn(),
+                                      TextColumn("{task.fields[eta]}"), console=self.console, transient=False)
                 self._live.start()
             self._active += 1
             return self._live
@@ -121,13 +120,23 @@ class RichReporter(Reporter):
 
 
 class _LiveTask(Task):
-    def __init__(self, progress, task_id, total):
+    def __init__(self, progress, task_id, total, unit: str):
         super().__init__(total)
-        self._progress, self._id = progress, task_id
+        self._progress, self._id, self._unit = progress, task_id, unit
+        self._show()
 
     def advance(self, amount: float = 1) -> None:
         super().advance(amount)
         self._progress.advance(self._id, amount)
+        self._show()
+
+    def _show(self) -> None:
+        if not self.total:
+            return
+        state = next(t for t in self._progress.tasks if t.id == self._id)
+        remaining = state.time_remaining if self.completed and self.completed < self.total else None
+        self._progress.update(self._id, count=f"{_count(self.completed, '')}/{_count(self.total, self._unit)}",
+                              eta="" if remaining is None else f"eta {format_duration(remaining)}")
 
 
 class _PlainTask(Task):

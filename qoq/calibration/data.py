@@ -325,7 +325,7 @@ def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Ca
     max_pos = getattr(cfg, "max_position_embeddings", None)
     if max_pos and seqlen + 1 > max_pos:
         raise QoqError(f"--calib-seqlen {seqlen} is longer than the model's context ({max_pos} tokens)")
-    banned = _eos_ids(tokenizer, cfg)  # every sample runs the full seqlen, as min_new_tokens would
+    banned = _eos_ids(tokenizer, cfg)  # never sampled: min_new_tokens keeps every sample seqlen long
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     reporter = reporter or Reporter()
@@ -352,34 +352,37 @@ def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Ca
     return torch.cat(out_rows, 0)
 
 
-DATA_FREE_TOP_K = 50  # sampling: top-k 50 at temperature 1.0
+class _StepCounter:
+    """A generate() streamer that only counts: one call per decoding step after the prompt."""
+
+    def __init__(self, batch: int, advance: Callable[[int], None]):
+        self.batch, self.advance, self.prompt_seen = batch, advance, False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.advance(self.batch)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 @torch.no_grad()
 def _sample_batch(model, start: int, batch: int, seqlen: int, banned: list[int], device: torch.device,
                   advance: Callable[[int], None]) -> torch.Tensor:
-    """`batch` sequences of `seqlen` tokens, top-k sampled one position at a time over the model's KV cache.
+    """`batch` sequences of `seqlen` tokens sampled together (top-k 50, T 1.0) over the model's KV cache."""
+    from transformers import GenerationConfig
 
-    An explicit loop rather than `generate()`: on CPU it runs ~2x faster (no per-step attention mask or
-    logits-processor overhead), and it reports progress per step."""
-    import inspect
-
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    tokens = torch.full((batch, 1), start, dtype=torch.long, device=device)
-    out = torch.empty(batch, seqlen, dtype=torch.long, device=device)
-    cache = None
-    for pos in range(seqlen):
-        kwargs = {cache_arg: cache} if cache is not None else {}
-        result = model(input_ids=tokens, use_cache=True, logits_to_keep=1, **kwargs)
-        cache = getattr(result, "cache", None) or getattr(result, "past_key_values", None)
-        logits = result.logits[:, -1].float()
-        if banned:
-            logits[:, banned] = float("-inf")
-        values, index = logits.topk(min(DATA_FREE_TOP_K, logits.shape[-1]), dim=-1)
-        tokens = index.gather(1, torch.multinomial(torch.softmax(values, dim=-1), 1))
-        out[:, pos] = tokens[:, 0]
-        advance(batch)
-    return out
+    pad = banned[0] if banned else start
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=seqlen,
+                           min_new_tokens=seqlen, pad_token_id=pad, eos_token_id=banned or None, bos_token_id=start,
+                           use_cache=True)
+    prompt = torch.full((batch, 1), start, dtype=torch.long, device=device)
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gen,
+                         streamer=_StepCounter(batch, advance))
+    if out.shape[1] != seqlen + 1:
+        raise QoqError(f"data-free sampling produced {out.shape[1] - 1} tokens per sequence, expected {seqlen}")
+    return out[:, 1:]
 
 
 def _eos_ids(tokenizer, cfg) -> list[int]:
