@@ -51,8 +51,8 @@ class CalibrationSet:
 
 # Calibration budgets (samples x tokens per sample); change them here.
 PAPER_BUDGET = (128, 1024)  # the QoQ paper's pileval setting, the default for real text
-# Data-free on a CPU: sampling is ~15 x slower than reading text there (each token is a forward pass); the
-# paper's budget took over an hour on 2 cores, this one a few minutes (README: quick start).
+# Data-free on a CPU: every sampled token is a decoding step of the model. For a 135M model on a 2-core CPU
+# the paper's budget took over an hour, this one about 6 minutes (README: first run).
 DATA_FREE_CPU_BUDGET = (32, 512)
 _PAPER_HOWTO = ("for the paper's setting pass --calib pileval (online) or --calib PATH (local text, offline) "
                 f"with --calib-samples {PAPER_BUDGET[0]} --calib-seqlen {PAPER_BUDGET[1]}")
@@ -109,8 +109,8 @@ def plan_calibration(spec: str | None, device: torch.device | str = "cpu", n_sam
         t = min(t, context - 1)  # sampling starts from one BOS token
     message = f"calibration: {what}, {n} x {t} tokens"
     if budget == "data-free-cpu":
-        message += (f" (a smaller CPU budget: sampling the paper's {PAPER_BUDGET[0]} x {PAPER_BUDGET[1]} "
-                    f"from the model takes over an hour on a few cores)\n  {_PAPER_HOWTO}")
+        message += (f" (a smaller budget on CPU: sampling the paper's {PAPER_BUDGET[0]} x {PAPER_BUDGET[1]} "
+                    f"takes over an hour on 2 cores even for a 135M model)\n  {_PAPER_HOWTO}")
     elif source == "data-free":
         message += f"\n  {_PAPER_HOWTO}"
     return CalibrationPlan(spec=s, source=source, n_samples=n, seqlen=t, budget=budget, message=message)
