@@ -172,7 +172,8 @@ class _PlainTask(Task):
     def line(self) -> str:
         elapsed = time.perf_counter() - self._start
         if not self.total:
-            return f"{self.description}: {format_duration(elapsed)}"
+            done = f"{_count(self.completed, self.unit)} so far, " if self.completed else ""
+            return f"{self.description}: {done}{format_duration(elapsed)}"
         done = self.completed / self.total
         eta = f", eta {format_duration(elapsed / done * (1 - done))}" if done > 0 else ""
         return (f"{self.description}: {_count(self.completed, '')}/{_count(self.total, self.unit)} "
@@ -188,6 +189,8 @@ def _count(n: float, unit: str) -> str:
 
 
 def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(int(round(seconds)), 60)

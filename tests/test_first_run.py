@@ -95,15 +95,15 @@ def test_cli_progress_lines_in_a_log_and_the_summary(tiny4, calib_text, tmp_path
     assert r.exit_code == 0, r.output
     blocks = [line for line in r.stderr.splitlines() if line.startswith("quantizing blocks")]
     assert blocks[0] == "quantizing blocks… (0/4)"
-    assert re.fullmatch(r"quantizing blocks: done \(4, [\d.]+ s\)", blocks[-1])
+    assert re.fullmatch(r"quantizing blocks: done \(4, (?:[\d.]+ m?s|\d+ min \d+ s)\)", blocks[-1])
     periodic = blocks[1:-1]
-    assert periodic and all(re.fullmatch(r"quantizing blocks: [0-4]/4 \(\d+%\), [\d.]+ s(, eta .+)?", line)
+    assert periodic and all(re.fullmatch(r"quantizing blocks: [0-4]/4 \(\d+%\), (?:[\d.]+ m?s|\d+ min \d+ s)(, eta .+)?", line)
                             for line in periodic)
     assert any(", eta " in line for line in periodic)  # once a block is done the ETA shows
     assert "\x1b[" not in r.stderr  # plain text, no live display escapes
     stdout = " ".join(r.stdout.split())
-    assert re.search(r"time: load [\d.]+ s, calibration data [\d.]+ s, block loop [\d.]+ s, write [\d.]+ s "
-                     r"\(total [\d.]+ s\)", stdout)
+    assert re.search(r"time: load (?:[\d.]+ m?s|\d+ min \d+ s), calibration data (?:[\d.]+ m?s|\d+ min \d+ s), block loop (?:[\d.]+ m?s|\d+ min \d+ s), write (?:[\d.]+ m?s|\d+ min \d+ s) "
+                     r"\(total (?:[\d.]+ m?s|\d+ min \d+ s)\)", stdout)
     assert re.search(r"peak host memory [\d.]+ (MiB|GiB), artifact [\d.]+ MiB on disk", stdout)
     assert f"next: qoq verify {out} --ppl wikitext2" in stdout
 
@@ -117,7 +117,7 @@ def test_plain_progress_is_not_a_line_per_update():
     reporter = RichReporter(Console(file=buf, width=200), interval=30)
     assert sum(1 for _ in reporter.track(range(500), "work")) == 500
     assert buf.getvalue().splitlines() == ["work… (0/500)", buf.getvalue().splitlines()[-1]]
-    assert re.fullmatch(r"work: done \(500, [\d.]+ s\)", buf.getvalue().splitlines()[-1])
+    assert re.fullmatch(r"work: done \(500, (?:[\d.]+ m?s|\d+ min \d+ s)\)", buf.getvalue().splitlines()[-1])
 
 
 def test_third_party_output_is_quiet_unless_verbose():
@@ -147,5 +147,5 @@ def test_generate_reports_load_prefill_and_decode_separately(tiny_model_dir, cal
     r = runner.invoke(app, ["generate", str(art), "-p", "The quick brown fox", "-n", "5", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     said = " ".join(r.stderr.split())
-    assert re.search(r"load [\d.]+ s, prefill \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\), "
-                     r"(decode \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\)|decode: none)", said), said
+    assert re.search(r"load (?:[\d.]+ m?s|\d+ min \d+ s), prefill \d+ tokens in (?:[\d.]+ m?s|\d+ min \d+ s) \([\d,.]+ tokens/s\), "
+                     r"(decode \d+ tokens in (?:[\d.]+ m?s|\d+ min \d+ s) \([\d,.]+ tokens/s\)|decode: none)", said), said
