@@ -1,8 +1,8 @@
 """How long steps tell the user what they are doing: silent for the Python API, rich for the CLI.
 
 On a terminal, every step is a live rich line: a bar with ETA when its size is known, a spinner with the
-elapsed time when not. Elsewhere (logs, CI, pipes) a step prints one plain line when it starts, one every
-$QOQ_PROGRESS_INTERVAL seconds (default 10) while it runs and one when it ends: never a line per update,
+elapsed time when not. Elsewhere (logs, CI, pipes) a step that runs over ~2 s prints one plain line then,
+one every $QOQ_PROGRESS_INTERVAL seconds (default 10) and one when it ends: never a line per update,
 never minutes of silence.
 """
 from __future__ import annotations
@@ -140,7 +140,10 @@ class _LiveTask(Task):
 
 
 class _PlainTask(Task):
-    """One line at the start, one per interval from a background thread, one at the end."""
+    """Lines from a background thread: the first once the step has run for a moment, then one per interval,
+    and the last when it ends. A step that ends sooner prints nothing (a bad input stays a one-line error)."""
+
+    GRACE = 2.0  # seconds before a step is worth a line
 
     def __init__(self, console, description: str, total: float | None, unit: str, interval: float):
         super().__init__(total)
@@ -148,16 +151,18 @@ class _PlainTask(Task):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._tick, name="qoq-progress", daemon=True)
         self._start = time.perf_counter()
+        self._said = False
 
     def __enter__(self) -> "_PlainTask":
         self._start = time.perf_counter()
-        self._say(f"{self.description}…" + (f" (0/{_count(self.total, self.unit)})" if self.total else ""))
         self._thread.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()
         self._thread.join()
+        if not self._said:
+            return
         elapsed = format_duration(time.perf_counter() - self._start)
         if exc_type is None:
             done = f"{_count(self.completed, self.unit)}, " if self.total else ""
@@ -166,6 +171,10 @@ class _PlainTask(Task):
             self._say(f"{self.description}: stopped after {elapsed}")
 
     def _tick(self) -> None:
+        if self._stop.wait(min(self.GRACE, self.interval)):
+            return
+        count = f" ({_count(self.completed, '')}/{_count(self.total, self.unit)})" if self.total else ""
+        self._say(f"{self.description}…{count}")
         while not self._stop.wait(self.interval):
             self._say(self.line())
 
@@ -180,6 +189,7 @@ class _PlainTask(Task):
                 f"({done:.0%}), {format_duration(elapsed)}{eta}")
 
     def _say(self, text: str) -> None:
+        self._said = True
         self.console.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
