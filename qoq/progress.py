@@ -94,9 +94,16 @@ class RichReporter(Reporter):
         progress = self._start_live()
         task_id = progress.add_task(description, total=total, count="", eta="")
         task = _LiveTask(progress, task_id, total, unit)
+        started = time.perf_counter()
         try:
             yield task
             progress.update(task_id, total=total or task.completed or 1, completed=total or task.completed or 1)
+        except BaseException:
+            progress.remove_task(task_id)  # the error says what happened
+            raise
+        else:
+            if time.perf_counter() - started < _PlainTask.GRACE:
+                progress.remove_task(task_id)  # quick steps leave no line behind
         finally:
             self._stop_live()
 
