@@ -157,3 +157,27 @@ def test_generate_reports_load_prefill_and_decode_separately(tiny_model_dir, cal
     said = " ".join(r.stderr.split())
     assert re.search(r"load (?:[\d.]+ m?s|\d+ min \d+ s), prefill \d+ tokens in (?:[\d.]+ m?s|\d+ min \d+ s) \([\d,.]+ tokens/s\), "
                      r"(decode \d+ tokens in (?:[\d.]+ m?s|\d+ min \d+ s) \([\d,.]+ tokens/s\)|decode: none)", said), said
+
+
+def test_data_free_sampling_reports_every_token(tiny_model_dir):
+    from contextlib import contextmanager
+
+    from qoq.calibration.data import load_calibration
+    from qoq.models import load_model
+    from qoq.progress import Reporter, Task
+
+    class Counting(Reporter):
+        tasks: list[Task] = []
+
+        @contextmanager
+        def task(self, description, total=None, unit=""):
+            task = Task(total)
+            self.tasks.append(task)
+            yield task
+
+    lm = load_model(str(tiny_model_dir("llama")))
+    reporter = Counting()
+    cs = load_calibration("data-free", lm.tokenizer, n_samples=5, seqlen=9, model=lm.model, reporter=reporter)
+    assert cs.input_ids.shape == (5, 9)
+    assert [(t.total, t.completed) for t in reporter.tasks] == [(45, 45)]
+    assert lm.tokenizer.eos_token_id not in cs.input_ids  # min_new_tokens: EOS is never sampled
