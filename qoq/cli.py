@@ -12,12 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from qoq.errors import QoqError
-from qoq.progress import RichReporter
 from qoq.console import err, out, user_errors
+from qoq.progress import RichReporter, quiet_third_party
+from qoq.summary import generate_summary, quantize_summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench, export.")
 ARTIFACT_ARG = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote")
+VERBOSE_OPT = typer.Option(False, "--verbose", "-v", help="also show transformers / datasets progress bars, "
+                           "load reports and warnings")
 
 
 @app.command()
@@ -27,8 +30,10 @@ def quantize(
                                         "default: the embedded SmolLM2-135M-Instruct"),
     calib: Optional[str] = typer.Option(None, "--calib", help="pileval | wikitext2 | data-free | PATH (text/jsonl "
                                         "file or folder); default auto: pileval, else local data, else data-free"),
-    calib_samples: int = typer.Option(128, "--calib-samples", help="calibration samples"),
-    calib_seqlen: int = typer.Option(1024, "--calib-seqlen", help="tokens per calibration sample"),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration samples "
+                                                "(default 128; 32 for data-free on a CPU)"),
+    calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="tokens per calibration sample "
+                                               "(default 1024; 512 for data-free on a CPU)"),
     group: int = typer.Option(128, "--group", "-g", help="weight group size: 32, 64, 128, or -1 for per-channel"),
     recipe: str = typer.Option("qoq", "--recipe", help="qoq: the full QoQ recipe (rotation, smoothing, reordering, "
                                "GPTQ, clip search, SmoothAttention search); rtn: progressive RTN + SmoothAttention"),
@@ -54,6 +59,7 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder if it "
                                    "is a qoq artifact (never the source model or the current directory)"),
     batch_size: int = typer.Option(4, "--batch-size", help="calibration samples per forward pass"),
+    verbose: bool = VERBOSE_OPT,
 ):
     """Calibrate and quantize a model to a QoQ W4A8KV4 artifact."""
     from qoq.pipeline import QuantizeOptions, quantize as run_quantize
@@ -65,7 +71,8 @@ def quantize(
                            reorder=reorder, gptq=gptq, clip_search=clip_search, smooth_attn_search=smooth_attn_search,
                            smooth_attn_alpha=smooth_attn_alpha, calib_dtype=calib_dtype, device=device,
                            output=output, overwrite=overwrite, batch_size=batch_size)
-    result = run_quantize(opts, RichReporter(err))
+    with quiet_third_party(verbose):
+        result = run_quantize(opts, RichReporter(err))
     sizes, timings = result.report["sizes"], result.report["timings"]
     worst = max(result.report["layers"], key=lambda r: _nan_as_inf(r["block_output_rel_error"]))
     out.print(f"wrote [bold]{result.path}[/]: {_mb(sizes['artifact_bytes'])} vs {_mb(sizes['fp16_bytes'])} FP16 "
@@ -73,6 +80,8 @@ def quantize(
               f"quantized in {timings['quantize_s']:.1f} s; "
               f"largest block output error {worst['block_output_rel_error']:.3%} (layer {worst['layer']})",
               highlight=False)
+    for line in quantize_summary(result.path, result.report):
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -178,6 +187,7 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout instead of the table"),
     max_delta: Optional[float] = typer.Option(None, "--max-delta", help="exit 1 when PPL quantized - PPL FP16 "
                                               "exceeds this"),
+    verbose: bool = VERBOSE_OPT,
 ):
     """Perplexity of an artifact on WikiText-2 against its FP16 source model (and kernel numerics)."""
     from qoq.checks import strict_json
@@ -195,7 +205,8 @@ def verify(
     opts = VerifyOptions(artifact=path, ppl=ppl, data=data, seq_len=seq_len, max_windows=max_windows,
                          baseline=not no_baseline, backend=backend, device=device, check_kernels=check_kernels,
                          batch_size=batch_size, semantics=semantics)
-    result = run_verify(opts, reporter)
+    with quiet_third_party(verbose):
+        result = run_verify(opts, reporter)
     if as_json:
         print(strict_json(result.as_dict(), indent=2))
     else:
@@ -283,6 +294,7 @@ def generate(
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="feed the prompt as raw text"),
     backend: str = typer.Option("auto", "--backend", help="auto | reference | cupy"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    verbose: bool = VERBOSE_OPT,
 ):
     """Generate text with the quantized model (KV4 cache), streaming tokens as they come."""
     from qoq.runtime.engine import generate_text
@@ -294,12 +306,12 @@ def generate(
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise QoqError(f"--top-p must be in (0, 1], got {top_p}")
     path = resolve_artifact(artifact, RichReporter(err))
-    stats = generate_text(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, chat_template=not no_chat_template, backend=backend, device=device,
-                          write=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    with quiet_third_party(verbose):
+        stats = generate_text(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, chat_template=not no_chat_template, backend=backend, device=device,
+                              write=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     sys.stdout.write("\n")
-    err.print(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s, "
-              f"prompt {stats['prompt_tokens']} tokens, {stats['backend']} on {stats['device']})", highlight=False)
+    err.print(generate_summary(stats), highlight=False, soft_wrap=True)
 
 
 @app.command()

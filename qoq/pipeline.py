@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import platform
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,8 +28,8 @@ CALIB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class QuantizeOptions:
     model: str | None = None
     calib: str | None = None
-    calib_samples: int = 128
-    calib_seqlen: int = 1024
+    calib_samples: int | None = None  # None: the paper's 128 x 1024, smaller for data-free on CPU (calibration.data)
+    calib_seqlen: int | None = None
     group_size: int = DEFAULT_GROUP
     recipe_name: str = "qoq"  # "qoq" (full recipe) or "rtn" (progressive RTN + SmoothAttention)
     # per-step switches; None = the recipe's default
@@ -48,7 +50,8 @@ class QuantizeOptions:
     def validate(self) -> None:
         if group_size_problem(self.group_size):
             raise QoqError(f"--group {self.group_size} {group_size_problem(self.group_size)}")
-        if self.calib_samples < 1 or self.calib_seqlen < 8:
+        if (self.calib_samples is not None and self.calib_samples < 1) or \
+                (self.calib_seqlen is not None and self.calib_seqlen < 8):
             raise QoqError("--calib-samples must be >= 1 and --calib-seqlen >= 8")
         if self.batch_size < 1:
             raise QoqError(f"--batch-size must be >= 1, got {self.batch_size}")
@@ -124,7 +127,7 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
 
 def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, device: torch.device,
                    reporter: Reporter) -> QuantizeResult:
-    from qoq.calibration.data import load_calibration
+    from qoq.calibration.data import load_calibration, plan_calibration
     from qoq.models.sources import load_model
 
     timings: dict[str, float] = {}
@@ -136,10 +139,14 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     timings["load_model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with reporter.status("preparing calibration data"):
-        calib = load_calibration(opts.calib, loaded.tokenizer, n_samples=opts.calib_samples,
-                                 seqlen=opts.calib_seqlen, model=loaded.model, seed=opts.seed)
-    reporter.info(f"calibration: {calib.description}")
+    plan = plan_calibration(opts.calib, device, opts.calib_samples, opts.calib_seqlen,
+                            context=getattr(loaded.model.config, "max_position_embeddings", None))
+    reporter.info(plan.message)
+    reading = nullcontext() if plan.source == "data-free" else reporter.status("reading calibration text")
+    with reading:
+        calib = load_calibration(plan.spec, loaded.tokenizer, n_samples=plan.n_samples, seqlen=plan.seqlen,
+                                 model=loaded.model, seed=opts.seed, device=device, reporter=reporter)
+    reporter.info(f"calibration data: {calib.description}")
     timings["calibration_data_s"] = time.perf_counter() - t0
 
     fp16_bytes = 2 * sum(p.numel() for p in loaded.model.parameters())  # before rotation unties lm_head
@@ -152,8 +159,7 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     report = {
         "source": {"model": loaded.source, "reload": loaded.reload_spec, "sha256": loaded.source_sha256,
                    "architecture": loaded.architecture},
-        "calibration": {"description": calib.description, "sha256": calib.sha256,
-                        "samples": opts.calib_samples, "seqlen": opts.calib_seqlen},
+        "calibration": {"description": calib.description, "sha256": calib.sha256, **plan.record()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "device": str(device),
         "recipe": recipe,
@@ -167,7 +173,8 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     with reporter.status(f"writing {output}"):
         path = write_artifact(output, config, tensors, report, tokenizer=loaded.tokenizer, overwrite=opts.overwrite,
                               partial=partial)
-    timings["write_s"] = time.perf_counter() - t0
+    timings["write_s"] = time.perf_counter() - t0  # after the report was written: in the result only
+    report["peak_host_memory_bytes"] = peak_host_memory_bytes()
     remember_last_artifact(path)
     return QuantizeResult(path=path, report=report, model=loaded.model)
 
@@ -203,3 +210,12 @@ def versions() -> dict:
     return {"qoq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
+
+def peak_host_memory_bytes() -> int | None:
+    """Peak resident memory of this process so far (None where the platform cannot say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

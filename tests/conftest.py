@@ -56,12 +56,12 @@ def _train_tokenizer(vocab_size: int):
     return fast
 
 
-def build_tiny_model(arch: str, folder: Path, **dims) -> Path:
+def build_tiny_model(arch: str, folder: Path, num_layers: int = 2, **dims) -> Path:
     """A tiny random HF model + trained BPE tokenizer saved in `folder` (deterministic); `dims` override the
     default sizes (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+    common = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=num_layers, num_attention_heads=6,
                   num_key_value_heads=2, head_dim=16, vocab_size=TINY_VOCAB, max_position_embeddings=512,
                   rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     common.update(dims)

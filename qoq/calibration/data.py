@@ -27,6 +27,7 @@ import torch
 
 from qoq.errors import QoqError
 from qoq.hub import hub_reachable
+from qoq.progress import Reporter
 
 HUB_DATASETS = {
     "pileval": ("mit-han-lab/pile-val-backup", None, "validation"),
@@ -54,11 +55,81 @@ class CalibrationSet:
     sha256: str  # of input_ids bytes (int64, little endian, row-major)
 
 
-def load_calibration(spec: str | None, tokenizer, n_samples: int = 128, seqlen: int = 1024, model=None,
-                     seed: int = 42, log: Callable[[str], None] | None = None) -> CalibrationSet:
-    """Build `n_samples` x `seqlen` calibration token samples from `spec` (see module doc)."""
+# Calibration budgets (samples x tokens per sample); change them here.
+PAPER_BUDGET = (128, 1024)  # the QoQ paper's pileval setting, the default for real text
+# Data-free on a CPU: every sampled token is a decoding step of the model. For a 135M model on a 2-core CPU
+# the paper's budget took over an hour, this one about 6 minutes (README: first run).
+DATA_FREE_CPU_BUDGET = (32, 512)
+_PAPER_HOWTO = ("for the paper's setting pass --calib pileval (online) or --calib PATH (local text, offline) "
+                f"with --calib-samples {PAPER_BUDGET[0]} --calib-seqlen {PAPER_BUDGET[1]}")
+
+
+@dataclass
+class CalibrationPlan:
+    """Which calibration data a run will use and how much, decided before any of it is built."""
+
+    spec: str  # what to pass to load_calibration
+    source: str  # "hub" | "local" | "data-free"
+    n_samples: int
+    seqlen: int
+    budget: str  # "paper" (the default), "data-free-cpu" (the smaller CPU default) or "user"
+    message: str  # one or two lines for the user
+
+    def record(self) -> dict:
+        return {"source": self.source, "samples": self.n_samples, "seqlen": self.seqlen, "budget": self.budget,
+                "paper_budget": list(PAPER_BUDGET)}
+
+
+def plan_calibration(spec: str | None, device: torch.device | str = "cpu", n_samples: int | None = None,
+                     seqlen: int | None = None, context: int | None = None) -> CalibrationPlan:
+    """Resolve `spec` (auto probes the hub) and the budget: the paper's unless given, smaller for data-free on CPU.
+
+    `context`: the model's longest sequence; a default data-free seqlen is shortened to fit it."""
+    s = "auto" if spec is None or not str(spec).strip() else str(spec).strip()
+    low = s.lower()
+    if low == "auto":
+        if hub_reachable():
+            source, what = "hub", "auto: pileval from the Hugging Face hub"
+        else:
+            local = _auto_local_path()
+            source, what = ("local", f"auto: hub unreachable → local text {local}") if local is not None else (
+                "data-free", "auto: no Hugging Face hub and no local text ($QOQ_CALIB_DATA, "
+                             "$QOQ_DATA_DIR/calibration) → data-free, sampled from the model")
+    elif low == "data-free":
+        source, what = "data-free", "data-free, sampled from the model"
+    elif low in HUB_DATASETS:
+        source, what = "hub", f"{low} from the Hugging Face hub"
+    else:
+        source, what = "local", f"local text {s}"
+    on_cpu = torch.device(device).type == "cpu"
+    if n_samples is not None or seqlen is not None:
+        budget = "user"
+    elif source == "data-free" and on_cpu:
+        budget = "data-free-cpu"
+    else:
+        budget = "paper"
+    default = DATA_FREE_CPU_BUDGET if budget == "data-free-cpu" else PAPER_BUDGET
+    n = default[0] if n_samples is None else n_samples
+    t = default[1] if seqlen is None else seqlen
+    if seqlen is None and source == "data-free" and context:
+        t = min(t, context - 1)  # sampling starts from one BOS token
+    message = f"calibration: {what}, {n} x {t} tokens"
+    if budget == "data-free-cpu":
+        message += (f" (a smaller budget on CPU: sampling the paper's {PAPER_BUDGET[0]} x {PAPER_BUDGET[1]} "
+                    f"takes over an hour on 2 cores even for a 135M model)\n  {_PAPER_HOWTO}")
+    elif source == "data-free":
+        message += f"\n  {_PAPER_HOWTO}"
+    return CalibrationPlan(spec=s, source=source, n_samples=n, seqlen=t, budget=budget, message=message)
+
+
+def load_calibration(spec: str | None, tokenizer, n_samples: int = PAPER_BUDGET[0], seqlen: int = PAPER_BUDGET[1],
+                     model=None, seed: int = 42, log: Callable[[str], None] | None = None,
+                     device: torch.device | str | None = None, reporter: Reporter | None = None) -> CalibrationSet:
+    """Build `n_samples` x `seqlen` calibration token samples from `spec` (see module doc).
+
+    `device`: where data-free sampling runs (default: where the model is); `reporter`: its progress."""
     try:
-        return _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log)
+        return _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log, device, reporter)
     except QoqError:
         raise
     except Exception as e:  # tokenizers / datasets / generate / IO: one line for the user
@@ -66,7 +137,8 @@ def load_calibration(spec: str | None, tokenizer, n_samples: int = 128, seqlen: 
                                 f"{type(e).__name__}: {e}")) from e
 
 
-def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log) -> CalibrationSet:
+def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log, device=None,
+                       reporter=None) -> CalibrationSet:
     if not isinstance(n_samples, int) or n_samples < 1:
         raise QoqError(f"--calib-samples must be >= 1, got {n_samples}")
     if not isinstance(seqlen, int) or seqlen < 8:
@@ -90,11 +162,11 @@ def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log) -> C
             docs, what = _local_docs(local, budget)
             ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
             return _result(ids, f"auto: hub unreachable → {what}, {shape}")
-        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, log)
+        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, log, device, reporter)
         return _result(ids, f"auto: hub unreachable, no local text → data-free (sampled from the model, "
                             f"top-k 50, T 1.0, seed {seed}), {shape}")
     if s.lower() == "data-free":
-        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, log)
+        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, log, device, reporter)
         return _result(ids, f"data-free (sampled from the model, top-k 50, T 1.0, seed {seed}), {shape}")
     if s.lower() in HUB_DATASETS:
         if not hub_reachable():
@@ -305,11 +377,10 @@ def _build_samples(docs: Sequence[str], tokenizer, n_samples: int, seqlen: int, 
 
 # ---------------------------------------------------------------------------------------- data-free
 
-def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Callable[[str], None]) -> torch.Tensor:
+def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Callable[[str], None],
+               device: torch.device | None = None, reporter: Reporter | None = None) -> torch.Tensor:
     if model is None:
         raise QoqError("data-free calibration samples text from the model, but no model was given")
-    from transformers import GenerationConfig
-
     cfg = model.config
     start = None
     for cand in (getattr(tokenizer, "bos_token_id", None), getattr(cfg, "bos_token_id", None),
@@ -324,42 +395,72 @@ def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Ca
     max_pos = getattr(cfg, "max_position_embeddings", None)
     if max_pos and seqlen + 1 > max_pos:
         raise QoqError(f"--calib-seqlen {seqlen} is longer than the model's context ({max_pos} tokens)")
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(cfg, "eos_token_id", None)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = eos[0] if isinstance(eos, (list, tuple)) and eos else (eos if eos is not None else start)
-    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=seqlen,
-                           min_new_tokens=seqlen, pad_token_id=pad, eos_token_id=eos, bos_token_id=start,
-                           use_cache=True)
-    param = next(model.parameters())
-    device = param.device
-    batch = _data_free_batch(cfg, seqlen, param.element_size(), n_samples)
+    banned = _eos_ids(tokenizer, cfg)  # never sampled: min_new_tokens keeps every sample seqlen long
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    reporter = reporter or Reporter()
+    batch = _data_free_batch(cfg, seqlen, next(model.parameters()).element_size(), n_samples)
     was_training = model.training
     model.eval()
     out_rows: list[torch.Tensor] = []
     devices = [device.index or 0] if device.type == "cuda" else []
-    log(f"data-free calibration: sampling {n_samples} x {seqlen} tokens from the model (slow on CPU)")
+    log(f"data-free calibration: sampling {n_samples} x {seqlen} tokens from the model")
     try:
-        with torch.random.fork_rng(devices=devices):
+        model.to(device)
+        with torch.random.fork_rng(devices=devices), \
+                reporter.task(f"sampling {n_samples} x {seqlen} data-free calibration tokens from the model",
+                              total=n_samples * seqlen, unit="tokens") as task:
             torch.manual_seed(seed)
             done = 0
             while done < n_samples:
                 b = min(batch, n_samples - done)
-                prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
-                with torch.no_grad():
-                    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                         generation_config=gen)
-                if out.shape[1] != seqlen + 1:
-                    raise QoqError(f"data-free sampling produced {out.shape[1] - 1} tokens per sequence, "
-                                   f"expected {seqlen}")
-                out_rows.append(out[:, 1:].to("cpu"))
+                out_rows.append(_sample_batch(model, start, b, seqlen, banned, device, task.advance).cpu())
                 done += b
-                log(f"data-free calibration: {done}/{n_samples} sequences")
     finally:
+        model.to(home)
         model.train(was_training)
     return torch.cat(out_rows, 0)
+
+
+class _StepCounter:
+    """A generate() streamer that only counts: one call per decoding step after the prompt."""
+
+    def __init__(self, batch: int, advance: Callable[[int], None]):
+        self.batch, self.advance, self.prompt_seen = batch, advance, False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.advance(self.batch)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def _sample_batch(model, start: int, batch: int, seqlen: int, banned: list[int], device: torch.device,
+                  advance: Callable[[int], None]) -> torch.Tensor:
+    """`batch` sequences of `seqlen` tokens sampled together (top-k 50, T 1.0) over the model's KV cache."""
+    from transformers import GenerationConfig
+
+    pad = banned[0] if banned else start
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=seqlen,
+                           min_new_tokens=seqlen, pad_token_id=pad, eos_token_id=banned or None, bos_token_id=start,
+                           use_cache=True)
+    prompt = torch.full((batch, 1), start, dtype=torch.long, device=device)
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gen,
+                         streamer=_StepCounter(batch, advance))
+    if out.shape[1] != seqlen + 1:
+        raise QoqError(f"data-free sampling produced {out.shape[1] - 1} tokens per sequence, expected {seqlen}")
+    return out[:, 1:]
+
+
+def _eos_ids(tokenizer, cfg) -> list[int]:
+    ids: set[int] = set()
+    for src in (getattr(tokenizer, "eos_token_id", None), getattr(cfg, "eos_token_id", None)):
+        ids.update(int(i) for i in (src if isinstance(src, (list, tuple)) else ([] if src is None else [src])))
+    vocab = getattr(cfg, "vocab_size", None)
+    return sorted(i for i in ids if vocab is None or 0 <= i < vocab)
 
 
 def _data_free_batch(cfg, seqlen: int, elem_size: int, n_samples: int) -> int:

@@ -336,18 +336,33 @@ class Engine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 0.9, eos_token_ids: set[int] | None = None,
-                 generator: torch.Generator | None = None) -> Iterator[int]:
-        """Yield new token ids for one prompt [T] as they are produced; stops at EOS (not yielded)."""
+                 generator: torch.Generator | None = None, timings: dict | None = None) -> Iterator[int]:
+        """Yield new token ids for one prompt [T] as they are produced; stops at EOS (not yielded).
+
+        `timings`, when given, gets prefill_s (prompt -> first token), decode_s and decode_steps: the
+        engine's own time, not the caller's between tokens."""
+        import time
+
+        timings = {} if timings is None else timings
+        timings.update(prefill_s=0.0, decode_s=0.0, decode_steps=0)
+        t0 = time.perf_counter()
         ids = input_ids.reshape(1, -1)
         self.reset(1, ids.shape[1] + max_new_tokens)
         logits = self.prefill(ids)
         eos = eos_token_ids or set()
-        for _ in range(max_new_tokens):
-            tok = sample(logits[0], temperature, top_p, generator)  # before the next step reuses the buffer
+        tok = sample(logits[0], temperature, top_p, generator)  # before the next step reuses the buffer
+        timings["prefill_s"] = time.perf_counter() - t0
+        for step in range(max_new_tokens):
             if tok in eos:
                 return
             yield tok
+            if step == max_new_tokens - 1:
+                return
+            t0 = time.perf_counter()
             logits = self.decode_step(torch.tensor([tok], device=self.device))
+            tok = sample(logits[0], temperature, top_p, generator)
+            timings["decode_s"] += time.perf_counter() - t0
+            timings["decode_steps"] += 1
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -376,6 +391,7 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
         raise QoqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:  # NaN fails both
         raise QoqError("--temperature must be >= 0 and --top-p in (0, 1]")
+    t_load = time.perf_counter()
     art = read_artifact(artifact)
     try:
         tok = AutoTokenizer.from_pretrained(str(art.path))
@@ -392,6 +408,10 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
     eos = set()
     for src in (tok.eos_token_id, art.config.get("eos_token_id")):
         eos.update(src if isinstance(src, (list, tuple)) else ([] if src is None else [src]))
+    if engine.device.type == "cuda":  # kernel compilation and graph capture count as load, not as prefill/decode
+        list(engine.generate(ids, 2, temperature=0.0))
+        torch.cuda.synchronize(engine.device)
+    load_s = time.perf_counter() - t_load
     gen = None
     if seed is not None:
         gen = torch.Generator().manual_seed(seed)
@@ -400,8 +420,9 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
     write = write or (lambda s: None)
     out: list[int] = []
     shown = ""
+    timings: dict = {}
     t0 = time.perf_counter()
-    for token in engine.generate(ids, max_new_tokens, temperature, top_p, eos, gen):
+    for token in engine.generate(ids, max_new_tokens, temperature, top_p, eos, gen, timings=timings):
         out.append(token)
         text = tok.decode(out, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
@@ -414,5 +435,9 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
         write(text[len(shown):])
     seconds = time.perf_counter() - t0
     return {"prompt_tokens": int(ids.numel()), "new_tokens": len(out), "seconds": seconds,
-            "tokens_per_s": len(out) / seconds if seconds > 0 else 0.0, "backend": engine.backend.describe(),
+            "tokens_per_s": len(out) / seconds if seconds > 0 else 0.0, "load_s": load_s, **timings,
+            "prefill_tokens_per_s": ids.numel() / timings["prefill_s"] if timings["prefill_s"] > 0 else 0.0,
+            "decode_tokens_per_s": (timings["decode_steps"] / timings["decode_s"] if timings["decode_s"] > 0
+                                    else 0.0),
+            "backend": engine.backend.describe(),
             "device": str(engine.device), "text": text}
