@@ -42,6 +42,13 @@ from qoq.runtime.sglang_semantics import sglang_backend
 
 FORMATS = {"g128": 128, "per-channel": -1}
 MAX_REL = 1e-3  # float noise: the same integers, at most a different summation order
+NOTES = {
+    "prefill_same_semantics": "exported tensors, our semantics, against the artifact: checked <= max_rel",
+    "prefill": "exported tensors, sglang semantics, fresh prompts (FP16 K/V in both): checked <= max_rel for "
+               "group 128; per-channel differs by sglang's sum over the unquantized activations (reported)",
+    "decode": "greedy steps on the same tokens: sglang's FP16 KV cache against our KV4 cache (reported)",
+    "rel": "relative Frobenius difference of the logits; top1: share of positions with the same argmax",
+}
 SGLANG_GROUP = 128  # s2_scales / s2_zeros rows: sglang allocates K / 128 of them
 # sglang's shapes on a CPU budget: every width a multiple of 128 (K) and of 32 per part, q|k|v = 256
 TINY_SHAPE = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -293,7 +300,7 @@ def run_checks(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"shape": args.shape, "layers": layers, "device": str(device), "gpu": gpu, "batch": args.batch,
             "prompt_len": args.prompt_len, "decode_steps": args.decode_steps, "seed": args.seed,
-            "ok": all(r["ok"] for r in results), "formats": results}
+            "ok": all(r["ok"] for r in results), "max_rel": MAX_REL, "notes": NOTES, "formats": results}
 
 
 def main(argv: list[str] | None = None) -> int:
