@@ -13,6 +13,7 @@ import torch
 from qoq import recipe as recipe_mod
 from qoq.checks import require_finite_source
 from qoq.errors import QoqError
+from qoq.runtime.backend import resolve_device
 from qoq.scheme.progressive import group_label, group_size_problem
 from qoq.formats.artifact import quantization_config, write_artifact
 from qoq.output import PartialFolder, check_output, create_partial, remove_stale_partials
@@ -93,12 +94,6 @@ class QuantizeResult:
     model: object = None  # the in-memory model with every quantized linear replaced by its W_hat (CPU)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def default_output(name: str, group_size: int) -> Path:
     return Path(f"{name}-qoq-w4a8kv4-{group_label(group_size)}")
 
@@ -151,7 +146,9 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
 
     fp16_bytes = 2 * sum(p.numel() for p in loaded.model.parameters())  # before rotation unties lm_head
     t0 = time.perf_counter()
-    tensors, modules, layer_reports = quantize_model(loaded.model, calib.input_ids, opts, device, reporter)
+    tensors, modules, layer_reports = recipe_mod.quantize_decoder_blocks(
+        loaded.model, calib.input_ids, opts.group_size, opts.recipe_options(), device, batch_size=opts.batch_size,
+        reporter=reporter, compute_dtype=opts.compute_dtype(device))
     timings["quantize_s"] = time.perf_counter() - t0
 
     recipe = opts.recipe(loaded.model.config)
@@ -177,14 +174,6 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     report["peak_host_memory_bytes"] = peak_host_memory_bytes()
     remember_last_artifact(path)
     return QuantizeResult(path=path, report=report, model=loaded.model)
-
-
-def quantize_model(model, input_ids: torch.Tensor, opts: QuantizeOptions, device: torch.device,
-                   reporter: Reporter) -> tuple[dict, dict, list]:
-    """Every block once through the recipe (qoq/recipe.py); returns tensors, module shapes, layer reports."""
-    return recipe_mod.quantize_model(model, input_ids, opts.group_size, opts.recipe_options(), device,
-                                     batch_size=opts.batch_size, reporter=reporter,
-                                     compute_dtype=opts.compute_dtype(device))
 
 
 def artifact_config(model, group_size: int, modules: dict, recipe: dict) -> dict:

@@ -323,9 +323,9 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def quantize_model(model, input_ids: torch.Tensor, group_size: int, ropts: RecipeOptions, device: torch.device,
-                   batch_size: int = 4, reporter=None, compute_dtype: torch.dtype = torch.float32
-                   ) -> tuple[dict, dict, list]:
+def quantize_decoder_blocks(model, input_ids: torch.Tensor, group_size: int, ropts: RecipeOptions,
+                            device: torch.device, batch_size: int = 4, reporter=None,
+                            compute_dtype: torch.dtype = torch.float32) -> tuple[dict, dict, list]:
     """Every block through `quantize_block`; returns (artifact tensors, {linear: (N, K)}, per-layer reports)."""
     from qoq.calibration.blocks import BlockRunner
     from qoq.formats.artifact import quantized_tensors

@@ -250,7 +250,7 @@ def llama8b_timing(device, layers: int, samples: int, seqlen: int = 2048, hidden
     """The full recipe (g128) on a random-weight Llama-3-8B-shape model with `layers` blocks; per block x 32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qoq.recipe import RecipeOptions, quantize_model
+    from qoq.recipe import RecipeOptions, quantize_decoder_blocks
 
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=8192,
@@ -263,7 +263,7 @@ def llama8b_timing(device, layers: int, samples: int, seqlen: int = 2048, hidden
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    _, _, reports = quantize_model(model, ids, 128, RecipeOptions.preset("qoq"), device, batch_size=4)
+    _, _, reports = quantize_decoder_blocks(model, ids, 128, RecipeOptions.preset("qoq"), device, batch_size=4)
     total = time.perf_counter() - t0
     per_block = [r["seconds"] for r in reports]
     steady = sum(per_block[1:]) / max(len(per_block) - 1, 1) if len(per_block) > 1 else per_block[0]

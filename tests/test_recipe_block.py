@@ -7,7 +7,7 @@ import torch
 
 import qoq.recipe as recipe
 from qoq.scheme.progressive import PROTECTIVE_RANGE
-from qoq.recipe import RecipeOptions, quantize_model
+from qoq.recipe import RecipeOptions, quantize_decoder_blocks
 from recipe_tiny import ARCHS, VOCAB, logits, one_thread, rel, tiny_model
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
@@ -53,7 +53,7 @@ def test_recipe_is_exact_without_rounding(arch, group, monkeypatch):
     model = tiny_model(arch)
     x = torch.randint(0, VOCAB, (2, 40))
     ref = logits(model, x)
-    _, _, reports = quantize_model(model, calib(), group, RecipeOptions.preset("qoq"), torch.device("cpu"), 2)
+    _, _, reports = quantize_decoder_blocks(model, calib(), group, RecipeOptions.preset("qoq"), torch.device("cpu"), 2)
     assert all(r["smooth_attn"] is not None for r in reports)
     assert rel(logits(model, x), ref) < 1e-4
     for r in reports:
@@ -73,7 +73,7 @@ def test_full_recipe_beats_rtn_through_the_engine(arch, group):
         model = tiny_model(arch)
         ref = logits(model, x)
         ropts = RecipeOptions.preset(name)
-        tensors, modules, reports = quantize_model(model, calib(), group, ropts, torch.device("cpu"), 3)
+        tensors, modules, reports = quantize_decoder_blocks(model, calib(), group, ropts, torch.device("cpu"), 3)
         config = artifact_config(model, group, modules, ropts.record(model.config, group))
         assert config["quantization_config"]["norms_folded"] is (name == "qoq")
         assert config["tie_word_embeddings"] is (name == "rtn" and arch == "llama")
@@ -101,7 +101,7 @@ def test_gptq_weights_respect_the_integer_scheme(monkeypatch):
         return r
 
     monkeypatch.setattr(recipe, "quantize_block", spy)
-    quantize_model(model, calib(), 32, ropts, torch.device("cpu"), 3)
+    quantize_decoder_blocks(model, calib(), 32, ropts, torch.device("cpu"), 3)
     for r in layer_results:
         assert set(r.weights) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
