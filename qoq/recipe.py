@@ -183,8 +183,8 @@ def quantize_block(layer, runner, ropts: RecipeOptions, group_size: int, rotatio
             qws = gptq_quantize_many(ws, h, group_size, clip_ratios=ratios)
         else:
             qws = [quantize_weight(w, group_size) if r is None else quantize_per_channel(w, r)
-                   for w, r in zip(ws, ratios)]
-        for name, qw in zip(names, qws):
+                   for w, r in zip(ws, ratios, strict=True)]
+        for name, qw in zip(names, qws, strict=True):
             linear = linears[name]
             w_hat = dequantize(qw).to(linear.weight.dtype)
             weight_errors[name] = float((w_hat - linear.weight).norm() / linear.weight.norm().clamp_min(1e-12))

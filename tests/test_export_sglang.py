@@ -150,7 +150,7 @@ def test_export_meets_sglang_loader_contract_and_keeps_weights_exactly(artifacts
                          ("mlp.gate_up_proj", ("gate_proj", "up_proj")), ("mlp.down_proj", ("down_proj",))):
         w = fused_dequantized(params, f"model.layers.0.{fused}", group)
         widths = sizes.get(fused.split(".")[1], [w.shape[0]])
-        for part, rows in zip(parts, w.split(widths)):
+        for part, rows in zip(parts, w.split(widths), strict=True):
             name = f"model.layers.0.{fused.split('.')[0]}.{part}"
             assert torch.equal(rows, dequantize(art.quantized_weight(name))), name
     if arch == "qwen2":

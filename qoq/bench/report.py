@@ -327,7 +327,7 @@ def plot_throughput(report: dict, path: Path) -> None:
     for eng in _ENGINES:
         pts = sorted((r["batch"], r["tokens_per_s"]) for r in report["e2e"] if r["engine"] == eng and not r.get("error"))
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=eng)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=eng)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
     ax.set_ylabel("output tokens/s")
