@@ -90,7 +90,7 @@ def load_like_sglang(tensors: dict[str, torch.Tensor], config: dict, group: int)
     written = {name: torch.zeros(p.shape, dtype=torch.bool) for name, p in params.items()}
     sizes = shard_sizes(config)
     for tname, t in tensors.items():
-        if not tname.startswith("model.layers.0.") or not tname.rsplit(".", 1)[1] in OUTPUT_DIM:
+        if not tname.startswith("model.layers.0.") or tname.rsplit(".", 1)[1] not in OUTPUT_DIM:
             continue
         module, suffix = tname.rsplit(".", 1)
         part = module.rsplit(".", 1)[1]

@@ -1,6 +1,5 @@
 """Every CUDA kernel of qoq.runtime_kernels against its torch reference twin in qoq.scheme.ops (GPU only)."""
 import functools
-import math
 
 import pytest
 import torch

@@ -298,7 +298,8 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
     for name, runner_cls in baselines:
         with reporter.status(f"{name}: building the FP16 twin (dequantized weights)"):
             twin = fp16_twin(artifact, device)  # the engine takes (and frees) the twin's tensors as it builds
-        run_engine(name, lambda: runner_cls(config, twin, dims, device, o.prefill_chunk_tokens))
+        run_engine(name, lambda runner_cls=runner_cls, twin=twin:
+                   runner_cls(config, twin, dims, device, o.prefill_chunk_tokens))
         twin.clear()
         checkpoint()
     artifact.tensors.clear()  # the quantized weights are no longer needed on the device

@@ -255,7 +255,7 @@ def _validate_model_tensors(path: Path, config: dict, tensors: dict[str, torch.T
     expected = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not config.get("tie_word_embeddings", False) or "lm_head.weight" in tensors:
         expected["lm_head.weight"] = (vocab, hidden)
-    for name, t in tensors.items():
+    for name in tensors:
         if name.endswith("layernorm.weight"):
             expected[name] = (hidden,)
     for name, shape in expected.items():
