@@ -41,7 +41,8 @@ RECIPES = ("qoq", "rtn")
 ERROR_SAMPLES = 4  # calibration samples used to measure each block's output error
 # linears that read the same input share one Hessian (and one GPTQ pass)
 HESSIAN_GROUPS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                  ("o", ("self_attn.o_proj",)), ("gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("down", ("mlp.down_proj",)))
+                  ("o", ("self_attn.o_proj",)), ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+                  ("down", ("mlp.down_proj",)))
 
 
 @dataclass

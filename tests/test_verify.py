@@ -106,7 +106,8 @@ def test_generate_streams_and_is_reproducible(tiny_artifact):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "tokens in" in r.stderr and "reference on cpu" in r.stderr
-    sampled = [runner.invoke(app, args + ["--temperature", "0.9", "--seed", "3", "--no-chat-template"]) for _ in range(2)]
+    sampled = [runner.invoke(app, args + ["--temperature", "0.9", "--seed", "3", "--no-chat-template"])
+               for _ in range(2)]
     assert all(s.exit_code == 0 for s in sampled)
     assert sampled[0].stdout == sampled[1].stdout
 

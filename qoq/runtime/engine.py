@@ -399,7 +399,8 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
         raise QoqError(f"{art.path} has no usable tokenizer ({type(e).__name__}); re-run qoq quantize") from None
     engine = Engine(art, device=device, backend=backend, fast=fast)
     if chat_template and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     else:
         ids = tok(prompt, return_tensors="pt").input_ids[0]
