@@ -34,6 +34,7 @@ quantize: venv
 
 lint: venv
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check qoq tests scripts
 
 test: venv lint
 	$(VENV)/bin/python -m pytest -m "not slow"

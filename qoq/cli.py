@@ -108,7 +108,8 @@ def inspect(
     out.print(table)
     fp16 = 2 * total_params
     out.print(f"FP16 size {_mb(fp16)}, artifact {_mb(total_bytes)}: compression {fp16 / total_bytes:.2f}x; "
-              f"recipe {qc.get('recipe', {}).get('name', '?')}; source {art.report.get('source', {}).get('model', '?')}",
+              f"recipe {qc.get('recipe', {}).get('name', '?')}; "
+              f"source {art.report.get('source', {}).get('model', '?')}",
               highlight=False)
     source, calib = art.report.get("source", {}), art.report.get("calibration", {})
     out.print(f"source sha256 {source.get('sha256') or '?'}; calibration {calib.get('description') or '?'}, "

@@ -24,11 +24,11 @@ def user_errors(fn):
                 return fn(*args, **kwargs)
         except QoqError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt as e:
             err.print(f"[bold red]{'terminated' if isinstance(e, Terminated) else 'interrupted'}[/]; "
                       "nothing was written")
-            raise typer.Exit(getattr(e, "exit_code", 130))
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # a bug: still one line, with the way to get the traceback
@@ -37,5 +37,5 @@ def user_errors(fn):
             msg = " ".join(str(e).split())[:300]
             err.print(f"[bold red]internal error:[/] {type(e).__name__}: {msg} (set QOQ_DEBUG=1 for the traceback)",
                       highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from e
     return wrapper

@@ -130,7 +130,8 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     with reporter.status("loading the model"):
         loaded = load_model(opts.model, dtype=torch.float32 if device.type == "cpu" else torch.float16)
     require_finite_source(loaded.model)
-    reporter.info(f"model: {loaded.source} ({loaded.architecture}, {sum(p.numel() for p in loaded.model.parameters())/1e6:.0f}M parameters)")
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    reporter.info(f"model: {loaded.source} ({loaded.architecture}, {n_params/1e6:.0f}M parameters)")
     timings["load_model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

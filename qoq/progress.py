@@ -256,7 +256,8 @@ def quiet_third_party(verbose: bool = False) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             for category in (FutureWarning, DeprecationWarning, UserWarning):
-                warnings.filterwarnings("ignore", category=category, module=r"(transformers|datasets|huggingface_hub|torch)")
+                warnings.filterwarnings("ignore", category=category,
+                                        module=r"(transformers|datasets|huggingface_hub|torch)")
             yield
     finally:
         for undo in reversed(restore):

@@ -41,7 +41,8 @@ RECIPES = ("qoq", "rtn")
 ERROR_SAMPLES = 4  # calibration samples used to measure each block's output error
 # linears that read the same input share one Hessian (and one GPTQ pass)
 HESSIAN_GROUPS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                  ("o", ("self_attn.o_proj",)), ("gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("down", ("mlp.down_proj",)))
+                  ("o", ("self_attn.o_proj",)), ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+                  ("down", ("mlp.down_proj",)))
 
 
 @dataclass
@@ -183,8 +184,8 @@ def quantize_block(layer, runner, ropts: RecipeOptions, group_size: int, rotatio
             qws = gptq_quantize_many(ws, h, group_size, clip_ratios=ratios)
         else:
             qws = [quantize_weight(w, group_size) if r is None else quantize_per_channel(w, r)
-                   for w, r in zip(ws, ratios)]
-        for name, qw in zip(names, qws):
+                   for w, r in zip(ws, ratios, strict=True)]
+        for name, qw in zip(names, qws, strict=True):
             linear = linears[name]
             w_hat = dequantize(qw).to(linear.weight.dtype)
             weight_errors[name] = float((w_hat - linear.weight).norm() / linear.weight.norm().clamp_min(1e-12))

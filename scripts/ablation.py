@@ -163,7 +163,8 @@ def qoq_row(key, spec, gguf, data, windows, device, args) -> dict:
     return {"ppl": r.ppl, "tokens": r.tokens, "eval_s": r.seconds, "quantize_s": quant_s,
             "quantize_timings": res.report["timings"], "recipe": res.report["recipe"],
             "group_size": opts.group_size, "backend": args.backend,
-            "smooth_alpha": [x.get("smooth_alpha") for x in layers], "smooth_attn": [x.get("smooth_attn") for x in layers],
+            "smooth_alpha": [x.get("smooth_alpha") for x in layers],
+            "smooth_attn": [x.get("smooth_attn") for x in layers],
             "block_output_rel_error": [round(x["block_output_rel_error"], 5) for x in layers]}
 
 

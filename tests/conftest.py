@@ -165,7 +165,8 @@ def pytest_sessionfinish(session, exitstatus):
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"QOQ_REQUIRE_GPU=1: {_GPU_TESTS['passed']} GPU tests passed and "
-                                f"{_GPU_TESTS['skipped']} skipped (needs CUDA torch and the [gpu] extra: CuPy)", red=True)
+                                f"{_GPU_TESTS['skipped']} skipped (needs CUDA torch and the [gpu] extra: CuPy)",
+                                red=True)
 
 
 def assert_one_line_error(result, *fragments):

@@ -1,6 +1,6 @@
-"""The engine's fast (serving) mode, which `qoq bench` measures (Engine(fast=True)): the same integers as the plain path (fused q|k|v and gate|up GEMMs, row-chunked
-prefill, host-mirrored lengths), and its FP16 prefill attention equals the plain path's attention over
-unquantized K/V."""
+"""The engine's fast (serving) mode, which `qoq bench` measures (Engine(fast=True)): the same integers as the
+plain path (fused q|k|v and gate|up GEMMs, row-chunked prefill, host-mirrored lengths), and its FP16 prefill
+attention equals the plain path's attention over unquantized K/V."""
 from __future__ import annotations
 
 import pytest
@@ -30,7 +30,8 @@ def shape(monkeypatch, request):
 def test_serving_mode_gives_the_same_integers(shape):
     group = shape
     ref = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference")
-    fast = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference", fast=True)
+    fast = Engine(synthetic.build_synthetic_artifact("tiny", "cpu", group), device="cpu", backend="reference",
+                  fast=True)
     fast.prefill_fp16 = False  # attend over KV4 like the default path
     layer = fast.layers[0]
     qkv = layer.qkv

@@ -73,7 +73,8 @@ def test_metrics_of_a_known_difference():
 def test_cli_reference_vs_reference(tiny_art, wiki_file, tmp_path):
     path = tmp_path / "out" / "compare.json"
     r = runner.invoke(app, [str(tiny_art), "--windows", "2", "--seq-len", "32", "--backend-a", "reference",
-                            "--backend-b", "reference", "--device", "cpu", "--data", str(wiki_file), "--json", str(path)])
+                            "--backend-b", "reference", "--device", "cpu", "--data", str(wiki_file),
+                            "--json", str(path)])
     assert r.exit_code == 0, r.output
     rep = json.loads(path.read_text())
     assert rep["overall"]["frobenius_rel_error"] == 0 and rep["overall"]["top1_agreement"] == 1

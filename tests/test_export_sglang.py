@@ -90,7 +90,7 @@ def load_like_sglang(tensors: dict[str, torch.Tensor], config: dict, group: int)
     written = {name: torch.zeros(p.shape, dtype=torch.bool) for name, p in params.items()}
     sizes = shard_sizes(config)
     for tname, t in tensors.items():
-        if not tname.startswith("model.layers.0.") or not tname.rsplit(".", 1)[1] in OUTPUT_DIM:
+        if not tname.startswith("model.layers.0.") or tname.rsplit(".", 1)[1] not in OUTPUT_DIM:
             continue
         module, suffix = tname.rsplit(".", 1)
         part = module.rsplit(".", 1)[1]
@@ -150,7 +150,7 @@ def test_export_meets_sglang_loader_contract_and_keeps_weights_exactly(artifacts
                          ("mlp.gate_up_proj", ("gate_proj", "up_proj")), ("mlp.down_proj", ("down_proj",))):
         w = fused_dequantized(params, f"model.layers.0.{fused}", group)
         widths = sizes.get(fused.split(".")[1], [w.shape[0]])
-        for part, rows in zip(parts, w.split(widths)):
+        for part, rows in zip(parts, w.split(widths), strict=True):
             name = f"model.layers.0.{fused.split('.')[0]}.{part}"
             assert torch.equal(rows, dequantize(art.quantized_weight(name))), name
     if arch == "qwen2":

@@ -82,7 +82,8 @@ def test_cli_data_free_fallback_says_so_first_and_records_it(tiny_model_dir, hub
     assert said < err.index("calibration data: auto: hub unreachable")  # said before the data is built
     assert "--calib-samples 128 --calib-seqlen 1024" in err
     calib = json.loads((out / "qoq_report.json").read_text())["calibration"]
-    assert (calib["source"], calib["budget"], calib["samples"], calib["seqlen"]) == ("data-free", "data-free-cpu", 3, 16)
+    assert ((calib["source"], calib["budget"], calib["samples"], calib["seqlen"])
+            == ("data-free", "data-free-cpu", 3, 16))
 
 
 # ---------------------------------------------------------------------------------------- progress
@@ -97,12 +98,14 @@ def test_cli_progress_lines_in_a_log_and_the_summary(tiny4, calib_text, tmp_path
     assert re.fullmatch(r"quantizing blocks… \([0-4]/4\)", blocks[0])
     assert re.fullmatch(r"quantizing blocks: done \(4, (?:[\d.]+ m?s|\d+ min \d+ s)\)", blocks[-1])
     periodic = blocks[1:-1]
-    assert periodic and all(re.fullmatch(r"quantizing blocks: [0-4]/4 \(\d+%\), (?:[\d.]+ m?s|\d+ min \d+ s)(, eta .+)?", line)
-                            for line in periodic)
+    assert periodic and all(
+        re.fullmatch(r"quantizing blocks: [0-4]/4 \(\d+%\), (?:[\d.]+ m?s|\d+ min \d+ s)(, eta .+)?", line)
+        for line in periodic)
     assert any(", eta " in line for line in periodic)  # once a block is done the ETA shows
     assert "\x1b[" not in r.stderr  # plain text, no live display escapes
     stdout = " ".join(r.stdout.split())
-    assert re.search(r"time: load (?:[\d.]+ m?s|\d+ min \d+ s), calibration data (?:[\d.]+ m?s|\d+ min \d+ s), block loop (?:[\d.]+ m?s|\d+ min \d+ s), write (?:[\d.]+ m?s|\d+ min \d+ s) "
+    assert re.search(r"time: load (?:[\d.]+ m?s|\d+ min \d+ s), calibration data (?:[\d.]+ m?s|\d+ min \d+ s), "
+                     r"block loop (?:[\d.]+ m?s|\d+ min \d+ s), write (?:[\d.]+ m?s|\d+ min \d+ s) "
                      r"\(total (?:[\d.]+ m?s|\d+ min \d+ s)\)", stdout)
     assert re.search(r"peak host memory [\d.]+ (MiB|GiB), artifact [\d.]+ MiB on disk", stdout)
     assert f"next: qoq verify {out} --ppl wikitext2" in stdout
@@ -155,8 +158,10 @@ def test_generate_reports_load_prefill_and_decode_separately(tiny_model_dir, cal
     r = runner.invoke(app, ["generate", str(art), "-p", "The quick brown fox", "-n", "5", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     said = " ".join(r.stderr.split())
-    assert re.search(r"load (?:[\d.]+ m?s|\d+ min \d+ s), prefill \d+ tokens in (?:[\d.]+ m?s|\d+ min \d+ s) \([\d,.]+ tokens/s\), "
-                     r"(decode \d+ tokens in (?:[\d.]+ m?s|\d+ min \d+ s) \([\d,.]+ tokens/s\)|decode: none)", said), said
+    assert re.search(r"load (?:[\d.]+ m?s|\d+ min \d+ s), "
+                     r"prefill \d+ tokens in (?:[\d.]+ m?s|\d+ min \d+ s) \([\d,.]+ tokens/s\), "
+                     r"(decode \d+ tokens in (?:[\d.]+ m?s|\d+ min \d+ s) \([\d,.]+ tokens/s\)|decode: none)",
+                     said), said
 
 
 def test_data_free_sampling_reports_every_token(tiny_model_dir):

@@ -200,7 +200,8 @@ def test_malformed_modules_entries_are_corrupt(copy, bad):
 
 
 def test_wrong_embedding_shape_is_corrupt_at_open(copy):
-    edit_tensors(copy, lambda t: t.__setitem__("model.embed_tokens.weight", t["model.embed_tokens.weight"][:100].clone()))
+    edit_tensors(copy, lambda t: t.__setitem__("model.embed_tokens.weight",
+                                               t["model.embed_tokens.weight"][:100].clone()))
     r = runner.invoke(app, ["generate", str(copy), "-p", "hello", "-n", "2", "--device", "cpu"])
     assert_one_line_error(r, "corrupt artifact", "model.embed_tokens.weight", "(100, 96)")
 

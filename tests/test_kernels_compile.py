@@ -51,8 +51,8 @@ def test_kernel_sources_compile(tmp_path):
             src = B.unit_source(unit) + "\n" + "\n".join(v.wrapper for v in variants if v.wrapper) + "\n"
             path = tmp_path / f"sm{arch}_{unit}"
             path.write_text(src)
-            cmd = ["nvcc", f"-arch=sm_{B.compile_arch(B.Variant(unit, ''), arch)}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o",
-                   str(path.with_suffix(".cubin")), str(path)]
+            cmd = ["nvcc", f"-arch=sm_{B.compile_arch(B.Variant(unit, ''), arch)}", "-std=c++17", "-cubin",
+                   "-Xptxas", "-v", "-o", str(path.with_suffix(".cubin")), str(path)]
             jobs.append((arch, unit, variants, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                                 text=True)))
     for arch, unit, variants, proc in jobs:

@@ -1,6 +1,5 @@
 """Every CUDA kernel of qoq.runtime_kernels against its torch reference twin in qoq.scheme.ops (GPU only)."""
 import functools
-import math
 
 import pytest
 import torch
@@ -183,7 +182,8 @@ def _configs():
 
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("m,cfg_kw", [(1, dict(tb=1, cluster=2)), (8, dict(tb=1, warps=8, u=2, cluster=4)),
-                                      (64, dict(tb=8, warps=4, u=2, cluster=2)), (37, dict(tb=5, warps=4, u=1, cluster=2)),
+                                      (64, dict(tb=8, warps=4, u=2, cluster=2)),
+                                      (37, dict(tb=5, warps=4, u=1, cluster=2)),
                                       (16, dict(tb=2, warps=8, u=4, cluster=2)), (11, dict(tb=2, cluster=4))])
 def test_w4a8_gemv_cluster_split_k(group, m, cfg_kw):
     """sm_90 thread-block-cluster split-K (DSMEM reduction), including clusters whose last CTAs get no k-tiles."""

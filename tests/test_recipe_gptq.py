@@ -118,7 +118,7 @@ def test_gptq_of_stacked_linears_equals_separate_runs(group):
     ws = [torch.randn(n, 128, generator=torch.Generator().manual_seed(n)) * 0.05 for n in (48, 16, 40)]
     ratios = [None, torch.full((16,), 0.9), None] if group == -1 else None
     many = gptq_quantize_many(ws, h, group, clip_ratios=ratios)
-    for i, (w, qw) in enumerate(zip(ws, many)):
+    for i, (w, qw) in enumerate(zip(ws, many, strict=True)):
         one = gptq_quantize(w, h, group, clip_ratios=None if ratios is None else ratios[i])
         assert qw.padded_shape == one.padded_shape and qw.out_features == w.shape[0]
         assert (qw.q != one.q).float().mean() < 0.01  # identical up to float summation order

@@ -119,7 +119,7 @@ def test_smooth_attention_alpha_beta_leaves_logits_unchanged(arch, alpha, beta):
     x = ids()
     ref = logits(model, x)
     stats = rope_absmax(model, x)
-    for layer, st in zip(decoder_layers(model), stats):
+    for layer, st in zip(decoder_layers(model), stats, strict=True):
         lam = smooth_attention_scales_ab(st.key_absmax, st.query_absmax, alpha, beta, 16, 6, 2)
         assert lam.shape == (32,) and torch.equal(lam[:8], lam[8:16])  # RoPE pairs share a value
         if beta == 0:
@@ -141,7 +141,7 @@ def test_whole_recipe_chain_leaves_logits_unchanged(arch):
         apply_down_reorder(layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, perm)
         s = smooth_scales(absmax[i][perm], layer.mlp.down_proj.weight.abs().amax(dim=0), 0.15)
         apply_down_smoothing(layer.mlp.up_proj, layer.mlp.down_proj, s)
-    for layer, st in zip(decoder_layers(model), rope_absmax(model, x)):
+    for layer, st in zip(decoder_layers(model), rope_absmax(model, x), strict=True):
         lam = smooth_attention_scales_ab(st.key_absmax, st.query_absmax, 0.5, 0.5, 16, 6, 2)
         fuse_smooth_attention(layer.self_attn.q_proj, layer.self_attn.k_proj, lam, 6, 2)
     assert rel(logits(model, x), ref) < TOL

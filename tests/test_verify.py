@@ -106,7 +106,8 @@ def test_generate_streams_and_is_reproducible(tiny_artifact):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "tokens in" in r.stderr and "reference on cpu" in r.stderr
-    sampled = [runner.invoke(app, args + ["--temperature", "0.9", "--seed", "3", "--no-chat-template"]) for _ in range(2)]
+    sampled = [runner.invoke(app, args + ["--temperature", "0.9", "--seed", "3", "--no-chat-template"])
+               for _ in range(2)]
     assert all(s.exit_code == 0 for s in sampled)
     assert sampled[0].stdout == sampled[1].stdout
 
@@ -196,12 +197,19 @@ def _nll_ppl(logits_fn, windows: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
+def _fp_model_ppl(reload_spec: str, windows: torch.Tensor) -> float:
+    """The FP model evaluated directly with transformers; it is freed on return."""
+    from qoq.models.sources import load_model
+
+    model = load_model(reload_spec, torch.float32).model
+    return _nll_ppl(lambda ids: model(ids).logits, windows)
+
+
 @pytest.mark.slow
 def test_verify_smollm2_wikitext2(smol_artifact, wikitext_dir):
     from transformers import AutoTokenizer
 
     from qoq.formats.artifact import read_artifact
-    from qoq.models.sources import load_model
     from qoq.verify.numerics import lockstep_compare, simulated_model
     from qoq.verify.perplexity import load_wikitext2, token_windows
 
@@ -219,9 +227,7 @@ def test_verify_smollm2_wikitext2(smol_artifact, wikitext_dir):
     tok = AutoTokenizer.from_pretrained(str(smol_artifact))
     windows = token_windows(tok, load_wikitext2(str(wikitext_dir))[0], SEQ, WINDOWS)
     # the FP model evaluated directly with transformers on the same windows: same fp32 arithmetic
-    model = load_model(art.report["source"]["reload"], torch.float32).model
-    assert _nll_ppl(lambda ids: model(ids).logits, windows) == pytest.approx(fp, rel=1e-4)
-    del model
+    assert _fp_model_ppl(art.report["source"]["reload"], windows) == pytest.approx(fp, rel=1e-4)
     # the simulated-quantization model on the same windows. A free-running W4A8KV4 SmolLM2 is chaotic:
     # an fp32 rounding difference moves a quantizer code by one step now and then and the step grows over
     # 30 layers (perturbing the embeddings by 1e-7 moved a 1.5k-token PPL by 3%), so the PPLs agree

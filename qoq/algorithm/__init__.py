@@ -1,1 +1,2 @@
-"""Pure tensor math of the QoQ recipe: rotation, smoothing, SmoothAttention, reordering, GPTQ, progressive quantization."""
+"""Pure tensor math of the QoQ recipe: rotation, smoothing, SmoothAttention, reordering, GPTQ, progressive
+quantization."""

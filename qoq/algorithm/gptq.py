@@ -149,7 +149,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, group
     ratios = None
     if clip_ratios is not None and any(r is not None for r in clip_ratios):
         ratios = torch.cat([torch.ones(w.shape[0], device=w.device) if r is None else r.to(w.device).float()
-                            for w, r in zip(weights, clip_ratios)])
+                            for w, r in zip(weights, clip_ratios, strict=True)])
     stacked = gptq_quantize(torch.cat([w.detach() for w in weights]), hessian, group_size, clip_ratios=ratios, **kw)
     out, start = [], 0
     for w in weights:

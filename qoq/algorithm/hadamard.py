@@ -4,7 +4,8 @@
 of order m can be built here:
 
 - m = 1 (Sylvester: powers of two),
-- Paley I: m = p + 1 for a prime p = 3 (mod 4)  (12, 20, 24, 32, 44, 48, 60, 68, 72, 80, 84, 104, 108, 128, 132, 140, ...),
+- Paley I: m = p + 1 for a prime p = 3 (mod 4)
+  (12, 20, 24, 32, 44, 48, 60, 68, 72, 80, 84, 104, 108, 128, 132, 140, ...),
 - Paley II: m = 2 (p + 1) for a prime p = 1 (mod 4)  (12, 28, 36, 60, 76, 108, 148, 196, ...),
 - Williamson: m = 4 w for the few orders w whose Williamson-type base sequences are stored below
   (13 -> 52, 39 -> 156, 43 -> 172; first rows as published in M. Hall, Combinatorial Theory (1983)

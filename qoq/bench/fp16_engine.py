@@ -209,7 +209,7 @@ class FP16Engine:
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         slots = self._row_base + start if decode else None  # flat cache rows each step writes
         h = self.embed[ids]  # [b, t, H]
-        for layer, kv in zip(self.layers, self.cache):
+        for layer, kv in zip(self.layers, self.cache, strict=True):
             x = self._rms(h, layer["ln1"])
             qkv = self.linear(x, layer["wqkv"], layer["bqkv"])
             qk = self._rope(qkv[..., :(hq + hkv) * d].view(b, t, hq + hkv, d), cos, sin)  # q and k in one pass

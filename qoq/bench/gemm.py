@@ -122,16 +122,16 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             res = {}
-            res["fp16"] = time_calls([lambda w=w: torch.matmul(x, w.t()) for w in w16s])
+            res["fp16"] = time_calls([lambda w=w, x=x: torch.matmul(x, w.t()) for w in w16s])
             if m > 16:
                 xq = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
-                res["int8"] = time_calls([lambda w=w: torch._int_mm(xq, w.t()) for w in w8s])
+                res["int8"] = time_calls([lambda w=w, xq=xq: torch._int_mm(xq, w.t()) for w in w8s])
             if wf8s:
                 try:
                     xf8 = x.to(torch.float8_e4m3fn)
                     torch._scaled_mm(xf8, wf8s[0].t(), scale_a=one, scale_b=one, out_dtype=torch.float16)
-                    res["fp8"] = time_calls([lambda w=w: torch._scaled_mm(xf8, w.t(), scale_a=one, scale_b=one,
-                                                                          out_dtype=torch.float16) for w in wf8s])
+                    res["fp8"] = time_calls([lambda w=w, xf8=xf8, one=one: torch._scaled_mm(
+                        xf8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float16) for w in wf8s])
                 except Exception:
                     pass
             for g, lins in q4.items():
@@ -149,12 +149,13 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                 if cc >= 90 and isinstance(picked_cfg, GemvConfig) and picked_cfg.pdl:  # the GEMV without PDL
                     paths["_nopdl"] = replace(picked_cfg, pdl=False)
                 for suffix, cfg in paths.items():
-                    res[name + suffix] = time_calls([lambda w=w, cfg=cfg: K.w4a8_linear(a, w, config=cfg) for w in lins])
+                    res[name + suffix] = time_calls([lambda w=w, cfg=cfg, a=a: K.w4a8_linear(a, w, config=cfg)
+                                                     for w in lins])
                 picked = {IntMMConfig: "_intmm", WgmmaConfig: "_wgmma"}.get(type(picked_cfg), "_tiled")
                 if name + picked in res:
                     res[name] = res[name + picked]
                 else:
-                    res[name] = time_calls([lambda w=w: K.w4a8_linear(a, w) for w in lins])
+                    res[name] = time_calls([lambda w=w, a=a: K.w4a8_linear(a, w) for w in lins])
             flops = 2.0 * m * n * k
             base16, base8 = res["fp16"]["us"], res.get("int8", {}).get("us")
             for impl, r in res.items():
@@ -211,7 +212,8 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
     res = {"kv4": time_calls([lambda c=c: K.decode_attention_kv4(q, c, lengths, sm, max_len=ctx) for c in caches])}
     if tune:  # alternative CTA shapes of the same kernel
         from qoq.runtime_kernels.attention import decode_attention_kv4 as attn
-        for name, kw in {"kv4_w4": dict(warps=4), "kv4_w1": dict(warps=1), "kv4_w2b6": dict(warps=2, min_blocks=6)}.items():
+        cta_shapes = {"kv4_w4": dict(warps=4), "kv4_w1": dict(warps=1), "kv4_w2b6": dict(warps=2, min_blocks=6)}
+        for name, kw in cta_shapes.items():
             res[name] = time_calls([lambda c=c, kw=kw: attn(q, c, lengths, sm, max_len=ctx, **kw) for c in caches])
     k16 = torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.float16)
     v16 = torch.randn_like(k16)
@@ -221,14 +223,13 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
         res["sdpa_gqa"] = time_calls([lambda: sdpa(q4, k16, v16, enable_gqa=True)])
     except Exception:
         pass
-    kx, vx = k16.repeat_interleave(hq // hkv, 1), v16.repeat_interleave(hq // hkv, 1)
-    res["sdpa_expanded"] = time_calls([lambda: sdpa(q4, kx, vx)])
-    del kx, vx
+    res["sdpa_expanded"] = _time_sdpa_expanded(sdpa, q4, k16, v16, hq // hkv)
     base_name = min((n for n in res if n.startswith("sdpa")), key=lambda n: res[n]["us"])
     base = res[base_name]["us"]
     rows = []
     for impl, r in res.items():
-        nbytes = kv_bytes4 if impl.startswith("kv4") else batch * hkv * ctx * d * 4 * (hq // hkv if impl == "sdpa_expanded" else 1)
+        expansion = hq // hkv if impl == "sdpa_expanded" else 1
+        nbytes = kv_bytes4 if impl.startswith("kv4") else batch * hkv * ctx * d * 4 * expansion
         rows.append({"bench": "attention", "batch": batch, "ctx": ctx, "hq": hq, "hkv": hkv, "d": d, "impl": impl,
                      "us": round(r["us"], 2), "gbps": round(nbytes / r["us"] / 1e3, 1),
                      "vs_sdpa": round(base / r["us"], 2), "sdpa_baseline": base_name, "timing": r["mode"]})
@@ -236,6 +237,12 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
         "  ".join(f"{n} {r['us']:.1f}us" for n, r in res.items()) + f"   kv4 vs best SDPA ({base_name}): "
         f"{base / res['kv4']['us']:.2f}x")
     return rows
+
+
+def _time_sdpa_expanded(sdpa, q4, k16, v16, repeats: int) -> dict:
+    """SDPA on K/V repeated up to the query heads; the expanded copies are freed on return."""
+    kx, vx = k16.repeat_interleave(repeats, 1), v16.repeat_interleave(repeats, 1)
+    return time_calls([lambda: sdpa(q4, kx, vx)])
 
 
 GEMV_CANDIDATES = {  # name -> GemvConfig fields besides tb; the cluster and PDL ones need sm_90
@@ -281,7 +288,7 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 4, 16), large_ms=(1024,
                 res = {}
                 for name, kw in cands.items():
                     cfg = G.GemvConfig((m + 7) // 8, **kw)
-                    res[name] = time_calls([lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg)
+                    res[name] = time_calls([lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg)
                                             for lin in lins])["us"]
                 note(n, k, m, g, res)
             for m in large_ms:
@@ -290,16 +297,18 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 4, 16), large_ms=(1024,
                 res = {}
                 for ch in INTMM_CHUNKS:
                     cfg = G.IntMMConfig(n_chunk=ch)
-                    res[f"chunk{ch or 'all'}"] = time_calls([lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg)
-                                                             for lin in lins])["us"]
+                    res[f"chunk{ch or 'all'}"] = time_calls(
+                        [lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg) for lin in lins])["us"]
                 for cfg in wgmmas:
                     res[f"wgmma_s{cfg.stages}b{cfg.min_blocks}"] = time_calls(
-                        [lambda lin=lin, cfg=cfg: K.w4a8_linear(a, lin, config=cfg) for lin in lins])["us"]
+                        [lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg) for lin in lins])["us"]
                 np_, kp = lins[0].qweight.shape[0], lins[0].padded_in
                 w8s = [torch.empty(np_, kp, dtype=torch.int8, device=dev) for _ in range(_copies(np_ * kp))]
-                res["stage_dequant"] = time_calls([lambda lin=lin, w8=w8: G._dequant(
-                    lin.qweight, lin.s2_scales, lin.s2_zeros, 7, not is_per_channel(g), w8, kp, 0) for lin, w8 in zip(lins * 8, w8s)])["us"]
-                res["stage_int_mm"] = time_calls([lambda w8=w8: torch._int_mm(a.q, w8.t()) for w8 in w8s])["us"]
+                # one weight per int8 buffer; the repeated pool `lins * 8` is the longer, zip stops at `w8s`
+                res["stage_dequant"] = time_calls([lambda lin=lin, w8=w8, g=g, kp=kp: G._dequant(
+                    lin.qweight, lin.s2_scales, lin.s2_zeros, 7, not is_per_channel(g), w8, kp, 0)
+                    for lin, w8 in zip(lins * 8, w8s, strict=False)])["us"]
+                res["stage_int_mm"] = time_calls([lambda w8=w8, a=a: torch._int_mm(a.q, w8.t()) for w8 in w8s])["us"]
                 del w8s
                 note(n, k, m, g, res)
             del lins
@@ -353,7 +362,8 @@ def _one(kind: str) -> None:
         b, hkv, hq, d, t = 64, 8, 32, 128, 1024
         c = ops.KV4Cache.empty(b, hkv, t, d, dev)
         K.kv4_append(c, torch.randn(b, hkv, t, d, device=dev, dtype=torch.float16),
-                     torch.randn(b, hkv, t, d, device=dev, dtype=torch.float16), torch.zeros(b, dtype=torch.long, device=dev))
+                     torch.randn(b, hkv, t, d, device=dev, dtype=torch.float16),
+                     torch.zeros(b, dtype=torch.long, device=dev))
         q = torch.randn(b, hq, d, device=dev, dtype=torch.float16)
         lengths = torch.full((b,), t, device=dev, dtype=torch.long)
         fn = lambda: K.decode_attention_kv4(q, c, lengths, d ** -0.5, max_len=t)  # noqa: E731
@@ -361,7 +371,8 @@ def _one(kind: str) -> None:
         m = {"gemm": 4096, "gemv16": 16}.get(kind, 1)
         group = -1 if kind == "gemv-pc" else 128
         lin = _quantized_weights(4096, 4096, group, 1, dev)[0]
-        a = ops.quantize_act(torch.randn(m, 4096, device=dev, dtype=torch.float16), 4096, with_qsum=is_per_channel(group))
+        a = ops.quantize_act(torch.randn(m, 4096, device=dev, dtype=torch.float16), 4096,
+                             with_qsum=is_per_channel(group))
         fn = lambda: K.w4a8_linear(a, lin)  # noqa: E731
     for _ in range(4):
         fn()
@@ -375,7 +386,8 @@ def main(argv=None) -> int:
     p.add_argument("--tune", action="store_true", help="sweep the W4A8 kernel configurations instead")
     p.add_argument("--tune-gemv", action="store_true", help="sweep the small-M (GEMV) configurations only")
     p.add_argument("--tune-attention", action="store_true", help="also time alternative attention CTA shapes")
-    p.add_argument("--one", choices=["gemm", "gemv", "gemv-pc", "gemv16", "attention"], help="run one case a few times (for a profiler)")
+    p.add_argument("--one", choices=["gemm", "gemv", "gemv-pc", "gemv16", "attention"],
+                   help="run one case a few times (for a profiler)")
     args = p.parse_args(argv)
     if args.one:
         _one(args.one)

@@ -221,7 +221,8 @@ def e2e_table(report: dict):
 
     dev, prof = report["device"]["name"], report["profile"]["name"]
     s = report["settings"]
-    table = Table(title=f"end to end on {dev} (profile {prof}): {s['model']}, in {s['input_len']} / out {s['output_len']}")
+    table = Table(title=f"end to end on {dev} (profile {prof}): {s['model']}, "
+                        f"in {s['input_len']} / out {s['output_len']}")
     for col in ("engine", "batch", "tok/s", "TTFT ms", "decode ms/tok", "peak GB", "weights GB", "KV GB", "roofline"):
         table.add_column(col, justify="left" if col == "engine" else "right")
     for r in report["e2e"]:
@@ -325,9 +326,10 @@ def plot_throughput(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for eng in _ENGINES:
-        pts = sorted((r["batch"], r["tokens_per_s"]) for r in report["e2e"] if r["engine"] == eng and not r.get("error"))
+        pts = sorted((r["batch"], r["tokens_per_s"]) for r in report["e2e"]
+                     if r["engine"] == eng and not r.get("error"))
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=eng)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=eng)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
     ax.set_ylabel("output tokens/s")

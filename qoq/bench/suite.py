@@ -3,8 +3,8 @@
 
 Order, so each engine has the GPU to itself: build the quantized model (artifact on the device, or a
 synthetic shape quantized there) -> kernels -> qoq engine rows -> free it, build the FP16 twin ->
-FP16-engine rows -> free it, build the twin again -> FP8-engine rows -> free it -> transformers rows. Each engine: max batch first (plan + confirm), then
-its row at the max batch, then the other batches.
+FP16-engine rows -> free it, build the twin again -> FP8-engine rows -> free it -> transformers rows.
+Each engine: max batch first (plan + confirm), then its row at the max batch, then the other batches.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def parse_batches(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in str(text).replace(" ", "").split(",") if x != "")
     except ValueError:
-        raise QoqError(f"--batches {text!r} is not a comma-separated list of positive integers, e.g. 1,8,32,64") from None
+        raise QoqError(f"--batches {text!r} is not a comma-separated list of positive integers, "
+                       "e.g. 1,8,32,64") from None
     if not values or any(v < 1 for v in values):
         raise QoqError(f"--batches {text!r} is not a comma-separated list of positive integers, e.g. 1,8,32,64")
     return tuple(sorted(set(values)))
@@ -156,7 +157,8 @@ def _engine_rows(runner: runners.Runner, o: BenchOptions, profile, clock: e2e.Cl
         memory["profile_max_batch"][name] = plan.batch_with_per_seq(plan.per_seq_bytes, prof_cap)
         if name == "qoq-w4a8kv4":
             tl = o.input_len + o.output_len
-            fp16_per_seq = plan.per_seq_bytes + tl * (runner.dims.kv_bytes_per_token(16) - runner.dims.kv_bytes_per_token(4))
+            fp16_kv_extra = runner.dims.kv_bytes_per_token(16) - runner.dims.kv_bytes_per_token(4)
+            fp16_per_seq = plan.per_seq_bytes + tl * fp16_kv_extra
             fp16_b = plan.batch_with_per_seq(fp16_per_seq)
             memory["kv4_vs_fp16_kv"] = {"kv4_batch": max_b, "fp16_kv_batch": fp16_b,
                                         "gain": (max_b / fp16_b) if fp16_b else None}
@@ -298,7 +300,8 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
     for name, runner_cls in baselines:
         with reporter.status(f"{name}: building the FP16 twin (dequantized weights)"):
             twin = fp16_twin(artifact, device)  # the engine takes (and frees) the twin's tensors as it builds
-        run_engine(name, lambda: runner_cls(config, twin, dims, device, o.prefill_chunk_tokens))
+        run_engine(name, lambda runner_cls=runner_cls, twin=twin:
+                   runner_cls(config, twin, dims, device, o.prefill_chunk_tokens))
         twin.clear()
         checkpoint()
     artifact.tensors.clear()  # the quantized weights are no longer needed on the device

@@ -65,8 +65,8 @@ class ModelDims:
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelDims":
         heads = cfg["num_attention_heads"]
-        return cls(model_type=cfg.get("model_type", "llama"), layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"],
-                   intermediate=cfg["intermediate_size"], heads=heads,
+        return cls(model_type=cfg.get("model_type", "llama"), layers=cfg["num_hidden_layers"],
+                   hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], heads=heads,
                    kv_heads=cfg.get("num_key_value_heads") or heads,
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab=cfg["vocab_size"],
                    tied=bool(cfg.get("tie_word_embeddings", False)))
@@ -97,7 +97,8 @@ class ModelDims:
                 "intermediate": self.intermediate, "heads": self.heads, "kv_heads": self.kv_heads,
                 "head_dim": self.head_dim, "vocab": self.vocab, "tied_embeddings": self.tied,
                 "linear_params": self.linear_params,
-                "kv4_bytes_per_token": self.kv_bytes_per_token(4), "fp16_kv_bytes_per_token": self.kv_bytes_per_token(16)}
+                "kv4_bytes_per_token": self.kv_bytes_per_token(4),
+                "fp16_kv_bytes_per_token": self.kv_bytes_per_token(16)}
 
 
 def shape_config(shape: str) -> dict:

@@ -126,7 +126,8 @@ def read_artifact(path: str | Path) -> Artifact:
     config = _read_json(path / "config.json", path)
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise QoqError(f"{path} is not a qoq artifact (config.json has no qoq quantization_config); run qoq quantize first")
+        raise QoqError(f"{path} is not a qoq artifact (config.json has no qoq quantization_config); "
+                       "run qoq quantize first")
     if qc.get("format_version") != FORMAT_VERSION or qc.get("layout") != LAYOUT_NAME:
         raise QoqError(f"{path} has artifact format {qc.get('format_version')}/{qc.get('layout')}, this qoq reads "
                        f"{FORMAT_VERSION}/{LAYOUT_NAME}; re-run qoq quantize with this version")
@@ -173,7 +174,8 @@ def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file(shard, folder / fname, metadata=metadata)
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
 def _replace_folder(new: Path, output: Path) -> None:
@@ -191,9 +193,11 @@ def _read_json(file: Path, artifact: Path) -> dict:
     try:
         data = json.loads(file.read_text())
     except FileNotFoundError:
-        raise QoqError(f"{artifact} is not a qoq artifact: {file.name} is missing; run qoq quantize to create one") from None
+        raise QoqError(f"{artifact} is not a qoq artifact: {file.name} is missing; "
+                       "run qoq quantize to create one") from None
     except (OSError, ValueError) as e:
-        raise QoqError(f"{artifact} is corrupt: {file.name} is not valid JSON ({_one_line(e)}); re-run qoq quantize") from None
+        raise QoqError(f"{artifact} is corrupt: {file.name} is not valid JSON ({_one_line(e)}); "
+                       "re-run qoq quantize") from None
     if not isinstance(data, dict):
         raise QoqError(f"{artifact} is corrupt: {file.name} is not a JSON object; re-run qoq quantize")
     return data
@@ -255,7 +259,7 @@ def _validate_model_tensors(path: Path, config: dict, tensors: dict[str, torch.T
     expected = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not config.get("tie_word_embeddings", False) or "lm_head.weight" in tensors:
         expected["lm_head.weight"] = (vocab, hidden)
-    for name, t in tensors.items():
+    for name in tensors:
         if name.endswith("layernorm.weight"):
             expected[name] = (hidden,)
     for name, shape in expected.items():

@@ -74,7 +74,7 @@ def sglang_shape_problem(modules: dict[str, tuple[int, int] | list[int]], group_
             if k % K_MULTIPLE:
                 return (f"sglang cannot run {prefix}.{fused}: its input width {k_name} = {k} is not a multiple of "
                         f"{K_MULTIPLE}, which sglang's QServe W4A8 kernels need; this model cannot be served there")
-            for name, (n, _) in zip(names, shapes):
+            for name, (n, _) in zip(names, shapes, strict=True):
                 if n % PART_N_MULTIPLE:
                     return (f"sglang cannot run {name}: its output width {n} is not a multiple of "
                             f"{PART_N_MULTIPLE} (the packed weight tiles); this model cannot be served there")

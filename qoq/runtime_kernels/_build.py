@@ -61,8 +61,8 @@ def gemv_variant(tb: int, nt: int, grouped: bool, warps: int, u: int, red: int =
     """`cluster` > 1: split-K over a thread-block cluster of that many CTAs (sm_90+; the wrapper is empty of
     the cluster attribute below sm_90, where it must not be launched). `early_trigger`: a dependent kernel
     launched with PDL may start when this one starts (else when its weights are read)."""
-    name = (f"qoq_gemv_tb{tb}_nt{nt}_{'g' if grouped else 'c'}_w{warps}_u{u}_r{red}" + (f"_cl{cluster}" if cluster > 1 else "")
-            + ("" if early_trigger else "_late"))
+    name = (f"qoq_gemv_tb{tb}_nt{nt}_{'g' if grouped else 'c'}_w{warps}_u{u}_r{red}"
+            + (f"_cl{cluster}" if cluster > 1 else "") + ("" if early_trigger else "_late"))
     dims = f"__cluster_dims__(1, {cluster}, 1) " if cluster > 1 else ""
     body = (f'extern "C" __global__ void {dims}__launch_bounds__({warps * 32}) {name}(GEMM_PARAMS) '
             f'{{ gemv_body<{tb}, {nt}, {str(grouped).lower()}, {warps}, {u}, {red}, {cluster}, '

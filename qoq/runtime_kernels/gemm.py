@@ -354,7 +354,8 @@ DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2
                                          (32, 1, 1), (16, 1, 1), (16, 1, 2))) + tuple(
     GemvConfig(tb, nt=nt, warps=w, u=u) for tb in (3, 4) for nt, w, u in ((1, 8, 2), (2, 4, 1))) + (
     GemvConfig(2, nt=2, warps=4, u=1, pdl=False),) + tuple(
-    GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8) for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
+    GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8)
+    for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
     WgmmaConfig())
 

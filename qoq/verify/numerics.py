@@ -276,7 +276,7 @@ def _leaves(x) -> list[torch.Tensor | None]:
 
 def _compare(err: OpError, ref, cand) -> None:
     err.calls += 1
-    for r, c in zip(_leaves(ref), _leaves(cand)):
+    for r, c in zip(_leaves(ref), _leaves(cand), strict=True):
         if r is None or c is None:
             continue
         if r.dtype.is_floating_point:
