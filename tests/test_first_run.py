@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import re
 
@@ -186,3 +187,24 @@ def test_data_free_sampling_reports_every_token(tiny_model_dir):
     assert cs.input_ids.shape == (5, 9)
     assert [(t.total, t.completed) for t in reporter.tasks] == [(45, 45)]
     assert lm.tokenizer.eos_token_id not in cs.input_ids  # min_new_tokens: EOS is never sampled
+
+
+def test_gguf_conversion_bar_obeys_the_transformers_switch():
+    """transformers draws the GGUF dequantization bar with raw tqdm; it must go quiet with the other bars."""
+    gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from transformers.utils import logging as hf_logging
+
+    from qoq.models.sources import _gguf_bar_follows_transformers
+
+    original = gguf_utils.tqdm
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.disable_progress_bar()
+        with _gguf_bar_follows_transformers():
+            assert gguf_utils.tqdm(range(3)).disable
+        hf_logging.enable_progress_bar()
+        with _gguf_bar_follows_transformers():
+            assert not gguf_utils.tqdm(range(3), file=open(os.devnull, "w")).disable
+        assert gguf_utils.tqdm is original
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()

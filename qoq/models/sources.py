@@ -6,6 +6,8 @@ checked from the config (or the GGUF header) before any weights are read.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -363,9 +365,29 @@ def _convert_gguf(path: Path):
     """(fp32 model, tokenizer) dequantized from the GGUF by transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **_dtype_kwargs(torch.float32))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with _gguf_bar_follows_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     **_dtype_kwargs(torch.float32))
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers' GGUF dequantization draws a raw tqdm bar that ignores its own progress-bar switch (which
+    `qoq` turns off unless --verbose): make that bar obey the switch."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=not hf_logging.is_progress_bar_enabled())
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _write_gguf_cache(model, tokenizer, cache: Path, sha: str, gguf_path: Path) -> bool:
