@@ -15,10 +15,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qoq.scheme.progressive import PROTECTIVE_RANGE, QuantizedWeight, group_size_problem, is_per_channel, padded_dims
+from qoq.scheme.progressive import PROTECTIVE_RANGE, QuantizedWeight, group_size_problem, is_per_channel
 from qoq.checks import first_non_finite, require_finite_tensors, strict_json
 from qoq.errors import QoqError
-from qoq.scheme.schema import FORMAT_VERSION, QUANT_METHOD
+from qoq.scheme.schema import (
+    BIAS,
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    QWEIGHT,
+    S1_SCALES,
+    S1_SZEROS,
+    S2_SCALES,
+    S2_ZEROS,
+    linear_tensor_shapes,
+)
 from qoq.scheme.layout import LAYOUT_NAME, pack_group_params, pack_weight, unpack_group_params, unpack_weight
 from qoq.output import PartialFolder, check_output, create_partial, drop_owner_record, finish_partial
 from qoq.signals import interrupts_deferred
@@ -54,26 +64,26 @@ class Artifact:
         """Unpack one linear back to natural order (the inverse of what `write_artifact` stored)."""
         n, k = self.qconfig["modules"][name]
         t = self.tensors
-        q = unpack_weight(t[f"{name}.qweight"])
-        s1 = t[f"{name}.s1_scales"]
+        q = unpack_weight(t[f"{name}.{QWEIGHT}"])
+        s1 = t[f"{name}.{S1_SCALES}"]
         if is_per_channel(self.group_size):
-            return QuantizedWeight(q=q, s1=s1, group_size=-1, out_features=n, in_features=k,
-                                   szeros=t[f"{name}.s1_szeros"])
+            return QuantizedWeight(q=q, s1=s1, group_size=self.group_size, out_features=n, in_features=k,
+                                   szeros=t[f"{name}.{S1_SZEROS}"])
         return QuantizedWeight(q=q, s1=s1, group_size=self.group_size, out_features=n, in_features=k,
-                               s2=unpack_group_params(t[f"{name}.s2_scales"]),
-                               z=-unpack_group_params(t[f"{name}.s2_zeros"]))
+                               s2=unpack_group_params(t[f"{name}.{S2_SCALES}"]),
+                               z=-unpack_group_params(t[f"{name}.{S2_ZEROS}"]))
 
 
 def quantized_tensors(name: str, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The stored tensors of one linear: packed qweight, scales, zeros (negated: the kernel adds them)."""
-    out = {f"{name}.qweight": pack_weight(qw.q), f"{name}.s1_scales": qw.s1.to(torch.float16).contiguous()}
+    out = {f"{name}.{QWEIGHT}": pack_weight(qw.q), f"{name}.{S1_SCALES}": qw.s1.to(torch.float16).contiguous()}
     if is_per_channel(qw.group_size):
-        out[f"{name}.s1_szeros"] = qw.szeros.to(torch.float16).contiguous()
+        out[f"{name}.{S1_SZEROS}"] = qw.szeros.to(torch.float16).contiguous()
     else:
-        out[f"{name}.s2_scales"] = pack_group_params(qw.s2)
-        out[f"{name}.s2_zeros"] = pack_group_params(-qw.z)
+        out[f"{name}.{S2_SCALES}"] = pack_group_params(qw.s2)
+        out[f"{name}.{S2_ZEROS}"] = pack_group_params(-qw.z)
     if bias is not None:
-        out[f"{name}.bias"] = bias.detach().to(torch.float16).contiguous()
+        out[f"{name}.{BIAS}"] = bias.detach().to(torch.float16).contiguous()
     return out
 
 
@@ -142,14 +152,7 @@ def read_artifact(path: str | Path) -> Artifact:
 
 
 def expected_shapes(name: str, n: int, k: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    np_, kp = padded_dims(n, k, group_size)
-    shapes = {f"{name}.qweight": ((np_, kp // 2), torch.int8), f"{name}.s1_scales": ((np_,), torch.float16)}
-    if is_per_channel(group_size):
-        shapes[f"{name}.s1_szeros"] = ((np_,), torch.float16)
-    else:
-        shapes[f"{name}.s2_scales"] = ((kp // group_size, np_), torch.int8)
-        shapes[f"{name}.s2_zeros"] = ((kp // group_size, np_), torch.int8)
-    return shapes
+    return {f"{name}.{suffix}": spec for suffix, spec in linear_tensor_shapes(n, k, group_size).items()}
 
 
 # ---- internals ----------------------------------------------------------------------------------------

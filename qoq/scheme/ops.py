@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from qoq.scheme.layout import unpack_group_params, unpack_weight
+from qoq.scheme import schema
 from qoq.scheme.progressive import is_per_channel
 
 INT8_MAX = 127
@@ -57,9 +58,9 @@ class QLinear:
         def get(suffix):
             t = tensors.get(f"{name}.{suffix}")
             return None if t is None else t.to(device)
-        return cls(qweight=get("qweight"), s1=get("s1_scales"), group_size=group_size, out_features=n,
-                   in_features=k, s2_scales=get("s2_scales"), s2_zeros=get("s2_zeros"), szeros=get("s1_szeros"),
-                   bias=get("bias"))
+        return cls(qweight=get(schema.QWEIGHT), s1=get(schema.S1_SCALES), group_size=group_size, out_features=n,
+                   in_features=k, s2_scales=get(schema.S2_SCALES), s2_zeros=get(schema.S2_ZEROS),
+                   szeros=get(schema.S1_SZEROS), bias=get(schema.BIAS))
 
 
 @dataclass
