@@ -25,7 +25,7 @@ import torch
 
 from qoq.scheme.layout import unpack_group_params, unpack_weight
 from qoq.scheme import schema
-from qoq.scheme.progressive import is_per_channel
+from qoq.scheme.progressive import int8_operand, is_per_channel
 
 INT8_MAX = 127
 
@@ -109,12 +109,11 @@ def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, padded_in: int, with
 
 def int8_weight(w: QLinear) -> torch.Tensor:
     """The int8 [Np, Kp] operand the tensor cores see: q*s2 - z (per-group) or q (per-channel)."""
-    q = unpack_weight(w.qweight).to(torch.int32)
+    q = unpack_weight(w.qweight)
     if w.per_channel:
-        return q.to(torch.int8)
-    s2 = unpack_group_params(w.s2_scales).to(torch.int32).repeat_interleave(w.group_size, dim=1)
-    neg_z = unpack_group_params(w.s2_zeros).to(torch.int32).repeat_interleave(w.group_size, dim=1)
-    return (q * s2 + neg_z).to(torch.int8)
+        return int8_operand(q, None, None, w.group_size)
+    return int8_operand(q, unpack_group_params(w.s2_scales), -unpack_group_params(w.s2_zeros).to(torch.int32),
+                        w.group_size)
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

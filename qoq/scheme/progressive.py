@@ -46,9 +46,17 @@ class QuantizedWeight:
     def int8_weight(self) -> torch.Tensor:
         """Per-group only: the INT8 operand `q*s2 - z` [Np, Kp] that the GEMM's tensor cores see."""
         assert self.group_size > 0
-        s2 = self.s2.to(torch.int32).repeat_interleave(self.group_size, dim=1)
-        z = self.z.to(torch.int32).repeat_interleave(self.group_size, dim=1)
-        return (self.q.to(torch.int32) * s2 - z).to(torch.int8)
+        return int8_operand(self.q, self.s2, self.z, self.group_size)
+
+
+def int8_operand(q: torch.Tensor, s2: torch.Tensor | None, z: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """The int8 [Np, Kp] operand the tensor cores see, from codes q [Np, Kp] and the level-2 s2, z [Np, Kp/g]:
+    `q*s2 - z` per group (in int8 by the protective range), the codes themselves per channel."""
+    if is_per_channel(group_size):
+        return q.to(torch.int8)
+    s2 = s2.to(torch.int32).repeat_interleave(group_size, dim=1)
+    z = z.to(torch.int32).repeat_interleave(group_size, dim=1)
+    return (q.to(torch.int32) * s2 - z).to(torch.int8)
 
 
 def padded_dims(out_features: int, in_features: int, group_size: int) -> tuple[int, int]:
