@@ -56,18 +56,33 @@ class Runner:
 
 
 class EngineRunner(Runner):
-    """A runner over an engine with reset(batch, max_len) / prefill / decode_step."""
+    """A runner over an engine (`self.eng`) with reset(batch, max_len) / prefill(ids, rows=...) / decode_step /
+    release."""
+
+    eng = None
 
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _prefill_rows(self, ids: torch.Tensor, rows: slice) -> None:
-        raise NotImplementedError
+    def release(self) -> None:
+        if self.eng is not None:
+            self.eng.release()
+        free_memory()
 
-    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def close(self) -> None:
+        if self.eng is not None:
+            self.backend  # noqa: B018 - keep its description for the report
+        self.release()
+        self.eng = None
 
     def _reset(self, batch: int, total_len: int) -> None:
+        self.eng.reset(batch, total_len)  # keeps a cache of the same shape, else frees it before allocating
+
+    def _prefill_rows(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Prefill sequences `rows` of the cache."""
+        return self.eng.prefill(ids, rows=rows)
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def probe(self, batch: int, input_len: int, output_len: int) -> None:
@@ -126,24 +141,6 @@ class QoqRunner(EngineRunner):
         e = self.eng
         return tensor_bytes(e.layers, e.embed, e.lm_head, e.norm)
 
-    def release(self) -> None:
-        if self.eng is not None:
-            self.eng.release()
-        free_memory()
-
-    def close(self) -> None:
-        if self.eng is not None:
-            self.backend  # noqa: B018 - keep its description for the report
-        self.release()
-        self.eng = None
-
-    def _reset(self, batch: int, total_len: int) -> None:
-        self.eng.reset(batch, total_len)  # keeps a cache of the same shape, else frees it before allocating
-
-    def _prefill_rows(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Prefill sequences `rows` of the cache."""
-        return self.eng.prefill(ids, rows=rows)
-
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
         chunk = self.chunk_rows(t)
@@ -184,22 +181,6 @@ class FP16EngineRunner(EngineRunner):
     def weights_bytes(self) -> int:
         e = self.eng
         return tensor_bytes(e.layers, e.embed, e.lm_head, e.norm)
-
-    def release(self) -> None:
-        if self.eng is not None:
-            self.eng.release()
-        free_memory()
-
-    def close(self) -> None:
-        self.backend  # noqa: B018 - keep its description for the report
-        self.release()
-        self.eng = None
-
-    def _reset(self, batch: int, total_len: int) -> None:
-        self.eng.reset(batch, total_len)  # keeps a cache of the same shape, else frees it before allocating
-
-    def _prefill_rows(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
-        return self.eng.prefill(ids, rows=rows)
 
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         return self.eng.prefill(ids, chunk_rows=self.chunk_rows(ids.shape[1]))
