@@ -59,6 +59,10 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder if it "
                                    "is a qoq artifact (never the source model or the current directory)"),
     batch_size: int = typer.Option(4, "--batch-size", help="calibration samples per forward pass"),
+    resume: bool = typer.Option(False, "--resume", help="continue the interrupted run of the same --output "
+                                "(same model, calibration data and options) from its last finished blocks"),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="read an HF safetensors model one block at a "
+                                "time (host memory: one block, not the model); --no-stream loads it whole"),
     verbose: bool = VERBOSE_OPT,
 ):
     """Calibrate and quantize a model to a QoQ W4A8KV4 artifact."""
@@ -70,7 +74,8 @@ def quantize(
                            group_size=group, recipe_name=recipe, rotation=rotation, smooth_linear=smooth_linear,
                            reorder=reorder, gptq=gptq, clip_search=clip_search, smooth_attn_search=smooth_attn_search,
                            smooth_attn_alpha=smooth_attn_alpha, calib_dtype=calib_dtype, device=device,
-                           output=output, overwrite=overwrite, batch_size=batch_size)
+                           output=output, overwrite=overwrite, batch_size=batch_size, resume=resume,
+                           stream=stream)
     with quiet_third_party(verbose):
         result = run_quantize(opts, RichReporter(err))
     sizes, timings = result.report["sizes"], result.report["timings"]

@@ -23,6 +23,7 @@ from qoq.scheme.schema import QUANT_METHOD
 
 PARTIAL_SUFFIX = ".partial"
 OWNER_FILE = ".qoq-partial-owner.json"  # inside a partial folder: which process is writing it
+RESUME_STATE = Path("resume") / "state.json"  # inside a partial folder: an interrupted run can continue
 
 
 def is_qoq_artifact(path: Path) -> bool:
@@ -181,7 +182,8 @@ def _process_alive(pid: int) -> bool:
 def remove_stale_partials(output: Path, reporter: Reporter | None = None) -> list[Path]:
     """Remove partial folders of `output` whose writing process is gone (same host); say so for each.
 
-    A partial folder whose owner is alive, on another host, or unrecorded is left alone.
+    A partial folder whose owner is alive, on another host, or unrecorded is left alone, and so is one
+    holding a resume point (`resumable_partials`).
     """
     reporter = reporter or Reporter()
     output = Path(output)
@@ -199,9 +201,38 @@ def remove_stale_partials(output: Path, reporter: Reporter | None = None) -> lis
             reporter.info(f"note: {p} looks like an interrupted qoq write but records no owner; "
                           "delete it if no qoq run is writing it")
             continue
-        if owner.get("host") != socket.gethostname() or _process_alive(owner["pid"]):
+        if owner.get("host") != socket.gethostname() or _process_alive(owner["pid"]) or _resumable(p):
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
         reporter.info(f"removed {p}: a partial artifact left by a qoq run that was killed (pid {owner['pid']})")
     return removed
+
+
+def _resumable(partial: Path) -> bool:
+    return (partial / RESUME_STATE).is_file()
+
+
+def resumable_partials(output: Path) -> list[Path]:
+    """Partial folders of `output` that an interrupted run left with a resume point, newest first."""
+    output = Path(output)
+    pattern = _partial_name_pattern(output)
+    try:
+        siblings = list(output.parent.iterdir())
+    except OSError:
+        return []
+    found = []
+    for p in siblings:
+        if not pattern.match(p.name) or p.is_symlink() or not p.is_dir() or not _resumable(p):
+            continue
+        owner = _owner(p)
+        if owner is not None and owner.get("host") == socket.gethostname() and _process_alive(owner["pid"]):
+            continue  # a run is still writing it
+        found.append(p)
+    return sorted(found, key=lambda p: (p / RESUME_STATE).stat().st_mtime, reverse=True)
+
+
+def adopt_partial(partial: Path) -> PartialFolder:
+    """Continue writing an interrupted run's partial folder: this process becomes its owner."""
+    (partial / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return PartialFolder(partial, [])

@@ -1,6 +1,7 @@
 """`qoq.quantize(...)`: model source -> calibration -> per-block transforms and quantization -> artifact."""
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -16,7 +17,10 @@ from qoq.errors import QoqError
 from qoq.runtime.backend import resolve_device
 from qoq.scheme.progressive import group_label, group_size_problem
 from qoq.formats.artifact import quantization_config, write_artifact
-from qoq.output import PartialFolder, check_output, create_partial, remove_stale_partials
+from qoq.formats.resume import CHECKPOINT_SECONDS, Checkpoints, load_resume_point, saved_state
+from qoq.formats.shards import SHARD_BYTES, ShardWriter, nbytes
+from qoq.output import (PartialFolder, adopt_partial, check_output, create_partial, remove_stale_partials,
+                        resumable_partials)
 from qoq.progress import Reporter
 from qoq.recipe import RECIPES, RecipeOptions
 from qoq.state import remember_last_artifact
@@ -47,6 +51,8 @@ class QuantizeOptions:
     overwrite: bool = False
     batch_size: int = 4
     seed: int = 42
+    stream: bool = True  # HF safetensors folders: read one block at a time instead of loading the model
+    resume: bool = False  # continue the interrupted run of the same output (same model, data and options)
 
     def validate(self) -> None:
         if group_size_problem(self.group_size):
@@ -112,12 +118,36 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
     output = Path(opts.output) if opts.output is not None else default_output(model_name(opts.model), opts.group_size)
     output = check_output(output, opts.model, opts.overwrite)
     remove_stale_partials(output, reporter)
-    partial = create_partial(output)  # an unwritable output fails now, not after the whole run
+    partial = _partial_for(output, opts.resume, reporter)  # an unwritable output fails now, not after the run
     try:
         return _quantize_into(partial, output, opts, device, reporter)
-    except BaseException:
-        partial.discard()
+    except BaseException as e:
+        if isinstance(e, RESUMABLE_FAILURES) and saved_state(partial.path) is not None:
+            done = saved_state(partial.path)["next_block"]
+            reporter.info(f"stopped: {done} finished block{'' if done == 1 else 's'} kept in {partial.path}; "
+                          "run the same command with --resume to continue from there")
+        else:
+            partial.discard()
         raise
+
+
+# an interrupted or out-of-memory run keeps its resume point; any other failure would fail again
+RESUMABLE_FAILURES = (KeyboardInterrupt, MemoryError, torch.OutOfMemoryError)
+
+
+def _partial_for(output: Path, resume: bool, reporter: Reporter) -> PartialFolder:
+    """A new partial folder, or with `resume` the one an interrupted run of `output` left."""
+    found = resumable_partials(output)
+    if resume and found:
+        reporter.info(f"resuming from {found[0]} ({saved_state(found[0])['next_block']} blocks done)")
+        return adopt_partial(found[0])
+    if found:
+        raise QoqError(f"{found[0]} holds an interrupted run of {output} "
+                       f"({saved_state(found[0])['next_block']} blocks done); continue it with --resume, "
+                       "or delete that folder to start over")
+    if resume:
+        reporter.info(f"no interrupted run of {output} to resume; starting from the first block")
+    return create_partial(output)
 
 
 def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, device: torch.device,
@@ -127,17 +157,25 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    load_dtype = torch.float32 if device.type == "cpu" else torch.float16
     with reporter.status("loading the model"):
-        loaded = load_model(opts.model, dtype=torch.float32 if device.type == "cpu" else torch.float16)
-    require_finite_source(loaded.model)
+        loaded = load_model(opts.model, dtype=load_dtype, stream=opts.stream)
+    if loaded.reader is None:
+        require_finite_source(loaded.model)  # a streamed model's tensors are checked as they are read
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    reporter.info(f"model: {loaded.source} ({loaded.architecture}, {n_params/1e6:.0f}M parameters)")
+    how = "streamed block by block from its safetensors" if loaded.reader is not None else "loaded in memory"
+    reporter.info(f"model: {loaded.source} ({loaded.architecture}, {n_params/1e6:.0f}M parameters, {how})")
     timings["load_model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     plan = plan_calibration(opts.calib, device, opts.calib_samples, opts.calib_seqlen,
                             context=getattr(loaded.model.config, "max_position_embeddings", None))
     reporter.info(plan.message)
+    if plan.source == "data-free" and loaded.reader is not None:
+        reporter.info("data-free calibration samples text from the whole model: loading it in memory")
+        with reporter.status("loading the model"):
+            loaded = load_model(opts.model, dtype=load_dtype, stream=False)
+        require_finite_source(loaded.model)
     reading = nullcontext() if plan.source == "data-free" else reporter.status("reading calibration text")
     with reading:
         calib = load_calibration(plan.spec, loaded.tokenizer, n_samples=plan.n_samples, seqlen=plan.seqlen,
@@ -145,36 +183,80 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     reporter.info(f"calibration data: {calib.description}")
     timings["calibration_data_s"] = time.perf_counter() - t0
 
-    fp16_bytes = 2 * sum(p.numel() for p in loaded.model.parameters())  # before rotation unties lm_head
+    fp16_bytes = 2 * n_params  # before rotation unties lm_head
+    fingerprint = resume_fingerprint(opts, loaded, calib, device)
+    if opts.resume and saved_state(partial.path) is not None:
+        point = load_resume_point(partial.path, fingerprint, SHARD_BYTES)
+        writer = point.writer
+    else:
+        point, writer = None, ShardWriter(partial.path, SHARD_BYTES, stage_units=True)
+    checkpoints = Checkpoints(partial.path, writer, fingerprint, checkpoint_seconds())
+    _reset_gpu_peak(device)
     t0 = time.perf_counter()
-    tensors, modules, layer_reports = recipe_mod.quantize_decoder_blocks(
+    _, modules, layer_reports = recipe_mod.quantize_decoder_blocks(
         loaded.model, calib.input_ids, opts.group_size, opts.recipe_options(), device, batch_size=opts.batch_size,
-        reporter=reporter, compute_dtype=opts.compute_dtype(device))
+        reporter=reporter, compute_dtype=opts.compute_dtype(device),
+        loop=recipe_mod.BlockLoop(reader=loaded.reader, sink=writer, checkpoints=checkpoints, resume=point))
     timings["quantize_s"] = time.perf_counter() - t0
 
     recipe = opts.recipe(loaded.model.config)
     config = artifact_config(loaded.model, opts.group_size, modules, recipe)
     report = {
         "source": {"model": loaded.source, "reload": loaded.reload_spec, "sha256": loaded.source_sha256,
-                   "architecture": loaded.architecture},
+                   "architecture": loaded.architecture, "streamed": loaded.reader is not None},
         "calibration": {"description": calib.description, "sha256": calib.sha256, **plan.record()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "device": str(device),
         "recipe": recipe,
         "calibration_compute_dtype": str(opts.compute_dtype(device)).removeprefix("torch."),
         "layers": layer_reports,
-        "sizes": artifact_sizes(loaded.model, tensors, fp16_bytes),
+        "sizes": artifact_sizes(writer, fp16_bytes),
         "timings": timings,
+        "memory": memory_record(device),
+        "resumed_at_block": point.next_block if point is not None else None,
         "versions": versions(),
     }
+    checkpoints.discard()
     t0 = time.perf_counter()
     with reporter.status(f"writing {output}"):
-        path = write_artifact(output, config, tensors, report, tokenizer=loaded.tokenizer, overwrite=opts.overwrite,
-                              partial=partial)
+        path = write_artifact(output, config, None, report, tokenizer=loaded.tokenizer, overwrite=opts.overwrite,
+                              partial=partial, shards=writer)
     timings["write_s"] = time.perf_counter() - t0  # after the report was written: in the result only
-    report["peak_host_memory_bytes"] = peak_host_memory_bytes()
+    report["memory"] = memory_record(device)
+    report["peak_host_memory_bytes"] = report["memory"]["peak_host_rss_bytes"]
     remember_last_artifact(path)
-    return QuantizeResult(path=path, report=report, model=loaded.model)
+    model = loaded.model if loaded.reader is None else None
+    return QuantizeResult(path=path, report=report, model=model)
+
+
+def resume_fingerprint(opts: QuantizeOptions, loaded, calib, device: torch.device) -> dict:
+    """Everything that decides the artifact's bytes: a resumed run must match it exactly."""
+    from qoq.version import __version__
+
+    decisive = {k: v for k, v in asdict(opts).items() if k not in ("output", "overwrite", "resume", "stream", "model")}
+    return {"model": loaded.source_sha256, "calibration data": calib.sha256, "device": device.type,
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in decisive.items()},
+            "qoq version": __version__}
+
+
+def checkpoint_seconds() -> float:
+    """How often a resume point is taken ($QOQ_CHECKPOINT_SECONDS; 0 = after every block)."""
+    raw = os.environ.get("QOQ_CHECKPOINT_SECONDS")
+    try:
+        return max(0.0, float(raw)) if raw else CHECKPOINT_SECONDS
+    except ValueError:
+        raise QoqError(f"QOQ_CHECKPOINT_SECONDS={raw!r} is not a number of seconds") from None
+
+
+def memory_record(device: torch.device) -> dict:
+    """Peak host RSS and (on CUDA) peak GPU memory allocated by this process so far."""
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_host_rss_bytes": peak_host_memory_bytes(), "peak_gpu_bytes": gpu}
+
+
+def _reset_gpu_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def artifact_config(model, group_size: int, modules: dict, recipe: dict) -> dict:
@@ -186,10 +268,9 @@ def artifact_config(model, group_size: int, modules: dict, recipe: dict) -> dict
     return config
 
 
-def artifact_sizes(model, tensors: dict, fp16_bytes: int | None = None) -> dict:
-    if fp16_bytes is None:
-        fp16_bytes = 2 * sum(p.numel() for p in model.parameters())
-    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+def artifact_sizes(written, fp16_bytes: int) -> dict:
+    """`written`: the artifact's tensors (a dict) or the `ShardWriter` that holds them."""
+    stored = nbytes(written) if isinstance(written, dict) else written.total_bytes()
     return {"fp16_bytes": fp16_bytes, "artifact_bytes": stored, "compression": fp16_bytes / stored}
 
 

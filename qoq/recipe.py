@@ -1,8 +1,8 @@
 """The QoQ recipe, one decoder block at a time: capture -> reorder -> smooth -> SmoothAttention -> GPTQ/RTN.
 
 Order follows the authors' library (rotate -> reorder -> smooth -> quantize weights). Rotation is
-data-free and done per block just before the block is processed (`rotate_layer`), the embeddings and
-lm_head once up front (`prepare_model`). Per block:
+data-free and done per block just before the block is processed (`rotate_layer`), the embedding
+before the first block and lm_head after the last (`quantize_decoder_blocks`). Per block:
 
 1. pass A: the (rotated, FP) block runs over its cached calibration inputs while hooks collect the
    post-RoPE q/k channel maxima (SmoothAttention), the down_proj input channel maxima and a strided
@@ -29,12 +29,13 @@ from qoq.algorithm.clip import DEFAULT_RATIOS, quantize_per_channel, search_clip
 from qoq.algorithm.gptq import BLOCK as GPTQ_BLOCK, DAMP as GPTQ_DAMP, HessianAccumulator, gptq_quantize_many
 from qoq.scheme.progressive import QuantizedWeight, dequantize, quantize_weight
 from qoq.algorithm.reorder import apply_down_reorder, channel_order, permute_hessian
-from qoq.algorithm.rotation import rotate_embeddings, rotate_layer, rotation_matrices, rotation_record
+from qoq.algorithm.rotation import (rotate_embedding, rotate_layer, rotate_lm_head, rotation_matrices, rotation_record,
+                                    untie_lm_head)
 from qoq.algorithm.smooth_attention import (fuse_smooth_attention, search_smooth_attention, smooth_attention_grid,
                                             smooth_attention_scales)
 from qoq.algorithm.smooth_linear import DEFAULT_ALPHAS, apply_down_smoothing, search_down_smoothing
 from qoq.checks import require_finite_activations
-from qoq.models.arch import block_linears, head_dims
+from qoq.models.arch import block_linears, decoder_layers, head_dims
 from qoq.scheme.ops import apply_rope
 
 RECIPES = ("qoq", "rtn")
@@ -93,16 +94,6 @@ class RecipeOptions:
                             if self.clip_search and group_size == -1 else False),
             "propagation": self.propagate,
         }
-
-
-@torch.no_grad()
-def prepare_model(model, ropts: RecipeOptions, device: torch.device):
-    """Model-wide, data-free steps before the block loop; returns the per-block rotation state."""
-    if not ropts.rotation:
-        return None
-    q, h = rotation_matrices(model.config, per_head=True)
-    rotate_embeddings(model, q, device)
-    return q, h
 
 
 @dataclass
@@ -323,37 +314,118 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
+@dataclass
+class BlockLoop:
+    """Where the block loop's weights come from and where its tensors go.
+
+    `reader`: the checkpoint to stream each module from (None: the model holds its weights);
+    `sink`: receives the artifact's tensors unit by unit (`add`), e.g. a `ShardWriter`;
+    `checkpoints`: saves a resume point after a block (`after_block`); `resume`: the point to start from."""
+
+    reader: object = None
+    sink: object = None
+    checkpoints: object = None
+    resume: object = None
+
+
+class _TensorDict:
+    """The sink when none is given: every unit's tensors in one dict, in order."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors.update(tensors)
+
+
 @torch.no_grad()
 def quantize_decoder_blocks(model, input_ids: torch.Tensor, group_size: int, ropts: RecipeOptions,
                             device: torch.device, batch_size: int = 4, reporter=None,
-                            compute_dtype: torch.dtype = torch.float32) -> tuple[dict, dict, list]:
-    """Every block through `quantize_block`; returns (artifact tensors, {linear: (N, K)}, per-layer reports)."""
+                            compute_dtype: torch.dtype = torch.float32,
+                            loop: BlockLoop | None = None) -> tuple[dict, dict, list]:
+    """Every block through `quantize_block`; returns (artifact tensors, {linear: (N, K)}, per-layer reports).
+
+    The tensors go to `loop.sink` as they are made (then the returned dict is empty) in the artifact's
+    order: the embedding, each block, the final norm and lm_head. The embedding is rotated (and written)
+    first, lm_head last, so with `loop.reader` only one of them is in memory at a time."""
     from qoq.calibration.blocks import BlockRunner
     from qoq.formats.artifact import quantized_tensors
 
+    loop = loop or BlockLoop()
+    sink = loop.sink if loop.sink is not None else _TensorDict()
     track = reporter.track if reporter is not None else (lambda items, _desc: items)
-    rotation = prepare_model(model, ropts, device)
-    runner = BlockRunner(model, input_ids, device, batch_size=batch_size)
-    tensors = {"model.embed_tokens.weight": model.get_input_embeddings().weight.detach().half().cpu()}
-    modules, layer_reports = {}, []
-    for i, layer in enumerate(track(runner.layers, "quantizing blocks")):
+    rotation = rotation_matrices(model.config, per_head=True) if ropts.rotation else None
+    modules = {f"model.layers.{i}.{name}": tuple(linear.weight.shape)
+               for i, layer in enumerate(decoder_layers(model)) for name, linear in block_linears(layer).items()}
+    tied_source = bool(model.config.tie_word_embeddings)  # before rotation unties lm_head
+    resume = loop.resume
+    if resume is None:
+        embed = _loaded(loop.reader, model.get_input_embeddings(), "model.embed_tokens")
+        if rotation is not None:
+            untie_lm_head(model)
+            rotate_embedding(embed, rotation[0], device)
+        sink.add({"model.embed_tokens.weight": embed.weight.detach().half().cpu()})
+        runner = BlockRunner(model, input_ids, device, batch_size=batch_size)
+        _release(loop.reader, embed)
+        if reporter is not None:
+            reporter.info(runner.store.describe())
+        start, layer_reports = 0, []
+    else:
+        if rotation is not None:
+            untie_lm_head(model)
+        runner = BlockRunner(model, input_ids, device, batch_size=batch_size, hidden=resume.hidden)
+        start, layer_reports = resume.next_block, list(resume.layer_reports)
+    layers = list(runner.layers)
+    for i in track(range(start, len(layers)), "quantizing blocks"):
         started = time.perf_counter()
+        layer = _loaded(loop.reader, layers[i], f"model.layers.{i}")
         layer.to(device=device, dtype=torch.float32)
         result = quantize_block(layer, runner, ropts, group_size, rotation, compute_dtype, index=i)
         prefix = f"model.layers.{i}"
+        unit = {}
         for name, qw in result.weights.items():
-            linear = layer.get_submodule(name)
-            tensors.update(quantized_tensors(f"{prefix}.{name}", _to_cpu(qw), linear.bias))
-            modules[f"{prefix}.{name}"] = tuple(linear.weight.shape)
+            unit.update(quantized_tensors(f"{prefix}.{name}", _to_cpu(qw), layer.get_submodule(name).bias))
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{prefix}.{norm}.weight"] = layer.get_submodule(norm).weight.detach().half().cpu()
+            unit[f"{prefix}.{norm}.weight"] = layer.get_submodule(norm).weight.detach().half().cpu()
+        sink.add(unit)
         layer_reports.append({"layer": i, **result.report, "seconds": time.perf_counter() - started})
         runner.advance(result.next_inputs)
-        layer.to("cpu")
-    tensors["model.norm.weight"] = model.model.norm.weight.detach().half().cpu()
-    if not model.config.tie_word_embeddings:
-        tensors["lm_head.weight"] = model.get_output_embeddings().weight.detach().half().cpu()
+        if loop.reader is not None:
+            _release(loop.reader, layer)
+        else:
+            layer.to("cpu")
+        if loop.checkpoints is not None:
+            loop.checkpoints.after_block(i + 1, runner.hidden, layer_reports)
+    sink.add(_final_tensors(model, loop.reader, rotation, device, tied_source))
+    tensors = sink.tensors if isinstance(sink, _TensorDict) else {}
     return tensors, modules, layer_reports
+
+
+def _final_tensors(model, reader, rotation, device: torch.device, tied_source: bool) -> dict[str, torch.Tensor]:
+    """The final norm and (unless still tied) lm_head, the norm folded into lm_head when rotating."""
+    norm = _loaded(reader, model.model.norm, "model.norm")
+    head = None
+    if not model.config.tie_word_embeddings:
+        # a tied source's lm_head is its embedding, whatever else the checkpoint stores
+        stored = "model.embed_tokens" if tied_source else "lm_head"
+        head = _loaded(reader, model.get_output_embeddings(), stored)
+        if rotation is not None:
+            rotate_lm_head(head, norm, rotation[0], device)
+    tensors = {"model.norm.weight": norm.weight.detach().half().cpu()}
+    if head is not None:
+        tensors["lm_head.weight"] = head.weight.detach().half().cpu()
+        _release(reader, head)
+    _release(reader, norm)
+    return tensors
+
+
+def _loaded(reader, module, prefix: str):
+    return module if reader is None else reader.load(module, prefix)
+
+
+def _release(reader, module) -> None:
+    if reader is not None:
+        reader.release(module)
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:

@@ -11,6 +11,7 @@ from qoq.formats.artifact import read_artifact
 from qoq.pipeline import QuantizeOptions, quantize
 
 from conftest import assert_one_line_error  # noqa: E402
+from recipe_tiny import one_thread  # noqa: E402
 
 runner = CliRunner()
 
@@ -21,6 +22,9 @@ def calib_text(tmp_path):
     file = tmp_path / "calib.txt"
     file.write_text("\n\n".join([TINY_CORPUS] * 8))
     return file
+
+
+_one_thread = pytest.fixture(autouse=True)(one_thread)  # byte equality across runs: one summation order
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +40,7 @@ def no_partial_left(folder: Path):
 def test_tiny_models_quantize_and_reload_exactly(tiny_model_dir, calib_text, tmp_path, arch, group):
     out = tmp_path / "art"
     res = quantize(QuantizeOptions(model=str(tiny_model_dir(arch)), calib=str(calib_text), calib_samples=4,
-                                   calib_seqlen=32, group_size=group, output=out, device="cpu"))
+                                   calib_seqlen=32, group_size=group, output=out, device="cpu", stream=False))
     art = read_artifact(res.path)
     assert art.qconfig["group_size"] == group and art.qconfig["layout"] == "qserve-mma-m16n8k32-v1"
     assert len(art.linear_names) == 2 * 7
@@ -47,6 +51,13 @@ def test_tiny_models_quantize_and_reload_exactly(tiny_model_dir, calib_text, tmp
         assert "model.layers.0.self_attn.q_proj.bias" in art.tensors
     assert (res.path / "tokenizer.json").exists() and (res.path / "qoq_report.json").exists()
     assert art.report["calibration"]["samples"] == 4
+
+    streamed = quantize(QuantizeOptions(model=str(tiny_model_dir(arch)), calib=str(calib_text), calib_samples=4,
+                                        calib_seqlen=32, group_size=group, output=tmp_path / "streamed",
+                                        device="cpu"))
+    assert streamed.model is None and streamed.report["source"]["streamed"]
+    for file in ("model.safetensors", "config.json"):  # streaming changes memory, not results
+        assert (streamed.path / file).read_bytes() == (res.path / file).read_bytes(), file
 
 
 def test_cli_quantize_then_inspect(tiny_model_dir, calib_text, tmp_path):

@@ -53,9 +53,21 @@ def rotation_record(config, per_head: bool = True) -> dict:
 def rotate_embeddings(model, q: torch.Tensor, device=None) -> None:
     """Untie, fold the final norm into lm_head, rotate the embedding rows and lm_head's input columns."""
     untie_lm_head(model)
-    _fold(model.model.norm, [model.get_output_embeddings()])
-    for lin in (model.get_input_embeddings(), model.get_output_embeddings()):
-        _set_chunked(lin.weight, q, device)
+    rotate_embedding(model.get_input_embeddings(), q, device)
+    rotate_lm_head(model.get_output_embeddings(), model.model.norm, q, device)
+
+
+@torch.no_grad()
+def rotate_embedding(embedding, q: torch.Tensor, device=None) -> None:
+    """The embedding rows right-multiplied by Q (the residual stream starts rotated)."""
+    _set_chunked(embedding.weight, q, device)
+
+
+@torch.no_grad()
+def rotate_lm_head(lm_head, norm, q: torch.Tensor, device=None) -> None:
+    """Fold the final norm into lm_head's input columns, then rotate them by Q."""
+    _fold(norm, [lm_head])
+    _set_chunked(lm_head.weight, q, device)
 
 
 @torch.no_grad()

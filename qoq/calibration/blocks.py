@@ -13,6 +13,36 @@ from qoq.models.arch import decoder_layers, head_dims, rotary_cos_sin
 from qoq.scheme.ops import apply_rope
 
 
+# what else a block needs on the GPU besides three copies of the hidden states (inputs, FP and
+# quantized outputs): the fp32 block, its Hessians and the activations of one batch
+_GPU_HEADROOM = 8 << 30
+
+
+@dataclass
+class HiddenStore:
+    """Where the calibration hidden states live: on the GPU when they fit, else in pinned host memory."""
+
+    device: torch.device
+    pinned: bool = False
+    bytes_per_copy: int = 0
+
+    def describe(self) -> str:
+        size = f"{self.bytes_per_copy / 2**30:.2f} GiB per copy"
+        if self.device.type == "cuda":
+            return f"calibration hidden states on the GPU ({size})"
+        return f"calibration hidden states in {'pinned ' if self.pinned else ''}host memory ({size})"
+
+
+def hidden_store(device: torch.device, nbytes: int) -> HiddenStore:
+    """GPU when three copies plus headroom fit its free memory, else pinned host memory (CPU runs: host)."""
+    if device.type != "cuda":
+        return HiddenStore(torch.device("cpu"), False, nbytes)
+    free, _total = torch.cuda.mem_get_info(device)
+    if 3 * nbytes + _GPU_HEADROOM <= free:
+        return HiddenStore(device, False, nbytes)
+    return HiddenStore(torch.device("cpu"), True, nbytes)
+
+
 @dataclass
 class BlockStats:
     """Per-channel max |.| of post-RoPE queries and keys over the calibration tokens."""
@@ -24,19 +54,23 @@ class BlockStats:
 class BlockRunner:
     """Runs the decoder blocks of `model` on `device` over cached calibration hidden states."""
 
-    def __init__(self, model, input_ids: torch.Tensor, device: torch.device, batch_size: int = 4):
+    def __init__(self, model, input_ids: torch.Tensor, device: torch.device, batch_size: int = 4,
+                 hidden: torch.Tensor | None = None):
+        """`hidden`: the cached inputs to start from (a resumed run), else the embeddings of `input_ids`."""
         self.model = model
         self.device = device
         self.batch_size = batch_size
         self.heads, self.kv_heads, self.head_dim = head_dims(model.config)
         self.cos, self.sin = rotary_cos_sin(model, input_ids.shape[1], device)
-        self.store = device if device.type == "cuda" else torch.device("cpu")
+        n, t = input_ids.shape
+        self.store = hidden_store(device, n * t * model.config.hidden_size * 4)
+        if hidden is not None:
+            self.hidden = self._stored(list(hidden.split(batch_size)))
+            return
         embed = model.get_input_embeddings()
         with torch.no_grad():
-            self.hidden = torch.cat([
-                embed(ids.to(embed.weight.device)).float().to(self.store)
-                for ids in input_ids.split(batch_size)
-            ])
+            self.hidden = self._stored([embed(ids.to(embed.weight.device)).float()
+                                        for ids in input_ids.split(batch_size)])
 
     @property
     def layers(self):
@@ -48,8 +82,7 @@ class BlockRunner:
         hidden = self.hidden if hidden is None else hidden
         if limit is not None:
             hidden = hidden[:limit]
-        outs = [self._call(layer, x.to(self.device)).to(self.store) for x in hidden.split(self.batch_size)]
-        return torch.cat(outs)
+        return self._stored([self._call(layer, x.to(self.device)) for x in hidden.split(self.batch_size)])
 
     @torch.no_grad()
     def forward_with_stats(self, layer) -> tuple[torch.Tensor, BlockStats]:
@@ -62,6 +95,18 @@ class BlockRunner:
     def advance(self, outputs: torch.Tensor) -> None:
         """The next block's inputs are this block's outputs."""
         self.hidden = outputs
+
+    def _stored(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """The batches, concatenated where the hidden states live (pinned host memory is filled in place)."""
+        if self.store.device.type == "cuda" or not self.store.pinned:
+            return torch.cat([b.to(self.store.device) for b in batches])
+        out = torch.empty((sum(b.shape[0] for b in batches), *batches[0].shape[1:]), dtype=batches[0].dtype,
+                          pin_memory=True)
+        row = 0
+        for b in batches:
+            out[row:row + b.shape[0]].copy_(b, non_blocking=False)
+            row += b.shape[0]
+        return out
 
     def _call(self, layer, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]

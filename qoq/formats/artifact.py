@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from qoq.scheme.progressive import PROTECTIVE_RANGE, QuantizedWeight, group_size_problem, is_per_channel
 from qoq.checks import first_non_finite, require_finite_tensors, strict_json
@@ -30,13 +29,11 @@ from qoq.scheme.schema import (
     linear_tensor_shapes,
 )
 from qoq.scheme.layout import LAYOUT_NAME, pack_group_params, pack_weight, unpack_group_params, unpack_weight
+from qoq.formats.shards import INDEX_FILE, SHARD_BYTES, WEIGHTS_FILE, ShardWriter  # noqa: F401
 from qoq.output import PartialFolder, check_output, create_partial, drop_owner_record, finish_partial
 from qoq.signals import interrupts_deferred
 
 REPORT_FILE = "qoq_report.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-SHARD_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -104,16 +101,21 @@ def quantization_config(group_size: int, modules: dict[str, tuple[int, int]], re
     }
 
 
-def write_artifact(output: Path, config: dict, tensors: dict[str, torch.Tensor], report: dict,
-                   tokenizer=None, overwrite: bool = False, partial: PartialFolder | None = None) -> Path:
+def write_artifact(output: Path, config: dict, tensors: dict[str, torch.Tensor] | None, report: dict,
+                   tokenizer=None, overwrite: bool = False, partial: PartialFolder | None = None,
+                   shards: ShardWriter | None = None) -> Path:
     """Write everything into the hidden partial sibling folder (`partial`, else a new one), then rename it
-    to `output`. What `overwrite` may replace: see qoq/output.py."""
+    to `output`. The weights are `tensors`, or what `shards` (writing into `partial`) already holds.
+    What `overwrite` may replace: see qoq/output.py."""
     output = check_output(output, None, overwrite)
-    require_finite_tensors(tensors)  # before anything is created
+    if tensors is not None:
+        require_finite_tensors(tensors)  # before anything is created
     partial = partial or create_partial(output)
     tmp = partial.path
     try:
-        _write_weights(tmp, tensors)
+        if shards is None:
+            shards = _writer_of(tmp, tensors)
+        shards.finish()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -126,6 +128,18 @@ def write_artifact(output: Path, config: dict, tensors: dict[str, torch.Tensor],
         partial.discard()
         raise
     return output
+
+
+def write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """`tensors` as the shards of an artifact (or a checkpoint) in `folder`."""
+    _writer_of(folder, tensors).finish()
+
+
+def _writer_of(folder: Path, tensors: dict[str, torch.Tensor]) -> ShardWriter:
+    writer = ShardWriter(folder)
+    for name, t in tensors.items():  # tensor by tensor: shards split anywhere
+        writer.add({name: t})
+    return writer
 
 
 def read_artifact(path: str | Path) -> Artifact:
@@ -156,30 +170,6 @@ def expected_shapes(name: str, n: int, k: int, group_size: int) -> dict[str, tup
 
 
 # ---- internals ----------------------------------------------------------------------------------------
-
-def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nbytes
-    metadata = {"format": "pt", "quant_method": QUANT_METHOD}
-    if len(shards) == 1:
-        save_file(shards[0], folder / WEIGHTS_FILE, metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / fname, metadata=metadata)
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
-
 
 def _replace_folder(new: Path, output: Path) -> None:
     if output.exists():

@@ -28,7 +28,7 @@ import torch
 
 from qoq.scheme.progressive import padded_dims
 from qoq.errors import QoqError
-from qoq.formats.artifact import (INDEX_FILE, REPORT_FILE, WEIGHTS_FILE, Artifact, _replace_folder, _write_weights,
+from qoq.formats.artifact import (INDEX_FILE, REPORT_FILE, WEIGHTS_FILE, Artifact, _replace_folder, write_weights,
                                   read_artifact)
 
 SGLANG_GROUP_SIZES = (128, -1)
@@ -129,7 +129,7 @@ def write_checkpoint(output: Path, config: dict, tensors: dict[str, torch.Tensor
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        _write_weights(tmp, tensors)
+        write_weights(tmp, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for file in sorted(source.iterdir()):
             if file.is_file() and file.name not in SKIPPED_FILES and not file.name.endswith(".safetensors"):

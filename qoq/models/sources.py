@@ -25,6 +25,7 @@ from qoq.errors import QoqError
 from qoq.hub import hub_reachable
 from qoq.models import smollm2
 from qoq.models.gguf_check import require_complete_gguf
+from qoq.models.streaming import CheckpointReader, can_stream, empty_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -53,15 +54,18 @@ class LoadedModel:
     source_sha256: str  # sha256 of the weight file(s) read
     architecture: str  # "Llama" | "Mistral" | "Qwen2"
     reload_spec: str  # a spec load_model() accepts later to reload the same FP model
+    reader: CheckpointReader | None = None  # streamed: `model` holds no weights, they are read from here
 
 
-def load_model(spec: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: bool = False) -> LoadedModel:
     """Load `spec` (None/"default" = the embedded SmolLM2-135M-Instruct) for quantization.
 
     spec: None or "default"; a `.gguf` file; a local HF folder with config.json; or a hub id.
+    `stream`: an HF folder (or hub model) with safetensors weights comes without weights, with a reader
+    for them (`LoadedModel.reader`); a GGUF file is always loaded whole.
     """
     try:
-        return _load(spec, dtype)
+        return _load(spec, dtype, stream)
     except QoqError:
         raise
     except Exception as e:  # transformers / gguf / IO: one line for the user
@@ -94,7 +98,7 @@ def gguf_model_name(path: Path) -> str:
 
 # --------------------------------------------------------------------------------------------- dispatch
 
-def _load(spec: str | None, dtype: torch.dtype) -> LoadedModel:
+def _load(spec: str | None, dtype: torch.dtype, stream: bool = False) -> LoadedModel:
     if not isinstance(dtype, torch.dtype):
         raise QoqError(f"dtype must be a torch.dtype, got {dtype!r}")
     if spec is None or str(spec).strip() in ("", DEFAULT_ALIAS):
@@ -106,7 +110,7 @@ def _load(spec: str | None, dtype: torch.dtype) -> LoadedModel:
     s = str(spec).strip()
     p = Path(s).expanduser()
     if p.is_dir():
-        return _load_folder(p, dtype, source=s)
+        return _load_folder(p, dtype, source=s, stream=stream)
     if p.is_file():
         if p.suffix.lower() == ".gguf":
             return _load_gguf(p, dtype, source=s)
@@ -114,7 +118,7 @@ def _load(spec: str | None, dtype: torch.dtype) -> LoadedModel:
                        "a .gguf file, or a hub id")
     if _looks_like_path(s):
         raise QoqError(f"model path '{s}' does not exist; pass an existing HF folder, a .gguf file, or a hub id")
-    return _load_hub(s, dtype)
+    return _load_hub(s, dtype, stream)
 
 
 def _looks_like_path(s: str) -> bool:
@@ -199,7 +203,7 @@ def _finish(model, dtype: torch.dtype):
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, *, source: str, name: str | None = None,
-                 source_sha256: str | None = None, reload_spec: str | None = None) -> LoadedModel:
+                 source_sha256: str | None = None, reload_spec: str | None = None, stream: bool = False) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     folder = folder.resolve()
@@ -207,13 +211,18 @@ def _load_folder(folder: Path, dtype: torch.dtype, *, source: str, name: str | N
     arch_cls, arch = _check_architecture(cfg, f"'{folder / 'config.json'}'")
     files = _weight_files(folder)
     tokenizer = _load_tokenizer(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), low_cpu_mem_usage=True, **_dtype_kwargs(dtype))
+    reader = None
+    if stream and can_stream(folder):
+        model, reader = empty_model(folder, dtype), CheckpointReader(folder, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), low_cpu_mem_usage=True, **_dtype_kwargs(dtype))
     if type(model).__name__ not in SUPPORTED_ARCHITECTURES:  # config said one thing, transformers built another
         raise QoqError(f"unsupported architecture '{type(model).__name__}' in '{folder}'; {_SUPPORTED_TEXT}")
-    model = _finish(model, dtype)
+    if reader is None:
+        model = _finish(model, dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, name=name or folder.name,
                        source_sha256=source_sha256 or _sha256_files(files), architecture=arch,
-                       reload_spec=reload_spec or str(folder))
+                       reload_spec=reload_spec or str(folder), reader=reader)
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
@@ -439,7 +448,7 @@ def _write_gguf_cache(model, tokenizer, cache: Path, sha: str, gguf_path: Path) 
 _WANTED_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken", ".py")
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
+def _load_hub(repo_id: str, dtype: torch.dtype, stream: bool = False) -> LoadedModel:
     from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
 
@@ -450,7 +459,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
         except Exception:
             raise QoqError(f"cannot reach the Hugging Face hub to download '{repo_id}' (offline?); download it "
                            "elsewhere and pass the local folder with --model PATH") from None
-        return _load_folder(Path(local), dtype, source=repo_id, name=name, reload_spec=repo_id)
+        return _load_folder(Path(local), dtype, source=repo_id, name=name, reload_spec=repo_id, stream=stream)
     try:
         cfg_file = hf_hub_download(repo_id, "config.json")
         _check_architecture(json.loads(Path(cfg_file).read_text(encoding="utf-8")), f"hub model '{repo_id}'")
@@ -465,7 +474,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
     except RepositoryNotFoundError as e:
         raise QoqError(f"hub model '{repo_id}' not found (or private: log in with huggingface-cli login or "
                        "HF_TOKEN); check the id or pass a local folder with --model PATH") from e
-    return _load_folder(Path(local), dtype, source=repo_id, name=name, reload_spec=repo_id)
+    return _load_folder(Path(local), dtype, source=repo_id, name=name, reload_spec=repo_id, stream=stream)
 
 
 def _oneline(s: str, limit: int = 500) -> str:
