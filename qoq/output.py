@@ -79,6 +79,7 @@ class PartialFolder:
 
     path: Path
     created_parents: list[Path] = field(default_factory=list)  # deepest first; removed again on failure
+    adopted: bool = False  # an interrupted run's folder this process continues (`adopt_partial`)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -194,14 +195,14 @@ def remove_stale_partials(output: Path, reporter: Reporter | None = None) -> lis
         return []
     removed = []
     for p in siblings:
-        if not pattern.match(p.name) or p.is_symlink() or not p.is_dir():
+        if not pattern.match(p.name) or p.is_symlink() or not p.is_dir() or _resumable(p):
             continue
         owner = _owner(p)
         if owner is None:
             reporter.info(f"note: {p} looks like an interrupted qoq write but records no owner; "
                           "delete it if no qoq run is writing it")
             continue
-        if owner.get("host") != socket.gethostname() or _process_alive(owner["pid"]) or _resumable(p):
+        if owner.get("host") != socket.gethostname() or _process_alive(owner["pid"]):
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
@@ -235,4 +236,4 @@ def resumable_partials(output: Path) -> list[Path]:
 def adopt_partial(partial: Path) -> PartialFolder:
     """Continue writing an interrupted run's partial folder: this process becomes its owner."""
     (partial / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    return PartialFolder(partial, [])
+    return PartialFolder(partial, [], adopted=True)

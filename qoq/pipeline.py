@@ -19,8 +19,8 @@ from qoq.scheme.progressive import group_label, group_size_problem
 from qoq.formats.artifact import quantization_config, write_artifact
 from qoq.formats.resume import CHECKPOINT_SECONDS, Checkpoints, load_resume_point, saved_state
 from qoq.formats.shards import SHARD_BYTES, ShardWriter, nbytes
-from qoq.output import (PartialFolder, adopt_partial, check_output, create_partial, remove_stale_partials,
-                        resumable_partials)
+from qoq.output import (PartialFolder, adopt_partial, check_output, create_partial, drop_owner_record,
+                        remove_stale_partials, resumable_partials)
 from qoq.progress import Reporter
 from qoq.recipe import RECIPES, RecipeOptions
 from qoq.state import remember_last_artifact
@@ -122,7 +122,10 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
     try:
         return _quantize_into(partial, output, opts, device, reporter)
     except BaseException as e:
-        if isinstance(e, RESUMABLE_FAILURES) and saved_state(partial.path) is not None:
+        # an adopted folder outlives any failure: its resume point is the interrupted run's work
+        keep = isinstance(e, RESUMABLE_FAILURES) or partial.adopted
+        if keep and saved_state(partial.path) is not None:
+            drop_owner_record(partial.path)  # this process is leaving it: a later --resume may take it over
             done = saved_state(partial.path)["next_block"]
             reporter.info(f"stopped: {done} finished block{'' if done == 1 else 's'} kept in {partial.path}; "
                           "run the same command with --resume to continue from there")

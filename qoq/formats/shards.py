@@ -20,13 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qoq.checks import require_finite_tensors
-from qoq.scheme.schema import QUANT_METHOD
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_BYTES = 4 * 2**30
 STAGING_DIR = "staging"
-_METADATA = {"format": "pt", "quant_method": QUANT_METHOD}
+# one key: safetensors writes metadata in hash-map order, so a second key would make the bytes of two
+# identical runs differ; config.json says what the tensors are
+_METADATA = {"format": "pt"}
 
 
 def nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -71,7 +72,7 @@ class ShardWriter:
         if total > 1:
             weight_map = {n: s["file"] for s in self.shards for n in s["names"]}
             index = {"metadata": {"total_size": sum(s["bytes"] for s in self.shards)}, "weight_map": weight_map}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
         _remove_tree(self.folder / STAGING_DIR)
         return names
 

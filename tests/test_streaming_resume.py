@@ -1,0 +1,161 @@
+"""Streaming loads, incremental shards and `--resume`: memory changes, results do not."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from qoq.cli import app
+from qoq.errors import QoqError
+from qoq.formats.artifact import INDEX_FILE, read_artifact
+from qoq.formats.resume import Checkpoints
+from qoq.pipeline import QuantizeOptions, quantize
+
+from conftest import TINY_CORPUS, assert_one_line_error, build_tiny_model  # noqa: E402
+from recipe_tiny import one_thread  # noqa: E402
+
+_one_thread = pytest.fixture(autouse=True)(one_thread)  # byte equality across runs: one summation order
+SMALL_SHARDS = 120_000  # bytes: the tiny 4-block model then spans several shards
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model4(tmp_path_factory) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny4"), num_layers=4)
+
+
+@pytest.fixture
+def calib(tmp_path) -> Path:
+    file = tmp_path / "calib.txt"
+    file.write_text("\n\n".join([TINY_CORPUS] * 8))
+    return file
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QOQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("QOQ_CHECKPOINT_SECONDS", "0")  # a resume point after every block
+
+
+def options(model: Path, calib: Path, out: Path, **kw) -> QuantizeOptions:
+    return QuantizeOptions(model=str(model), calib=str(calib), calib_samples=4, calib_seqlen=32, group_size=32,
+                           output=out, device="cpu", **kw)
+
+
+def weight_files(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())
+            if f.name.endswith(".safetensors") or f.name in (INDEX_FILE, "config.json")}
+
+
+def partials(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.endswith(".partial")]
+
+
+def test_shards_and_index_cover_every_tensor(model4, calib, tmp_path, monkeypatch):
+    whole = quantize(options(model4, calib, tmp_path / "one"))
+    monkeypatch.setattr("qoq.pipeline.SHARD_BYTES", SMALL_SHARDS)
+    sharded = quantize(options(model4, calib, tmp_path / "many"))
+    index = json.loads((sharded.path / INDEX_FILE).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    stored = {}
+    for f in files:
+        stored.update({name: (f, t) for name, t in load_file(sharded.path / f).items()})
+    assert {n: f for n, (f, _) in stored.items()} == index["weight_map"]
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for _, t in stored.values())
+    single = load_file(whole.path / "model.safetensors")
+    assert set(single) == set(stored)
+    assert all(torch.equal(single[n], stored[n][1]) for n in single)
+    assert not list(sharded.path.glob("shard-*")) and not (sharded.path / "staging").exists()
+    assert not (sharded.path / "resume").exists()
+    read_artifact(sharded.path)  # the strict reader accepts the sharded layout
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+def test_interrupted_run_resumes_to_identical_artifact(model4, calib, tmp_path, monkeypatch):
+    monkeypatch.setattr("qoq.pipeline.SHARD_BYTES", SMALL_SHARDS)
+    reference = quantize(options(model4, calib, tmp_path / "ref"))
+
+    out = tmp_path / "art"
+    save = Checkpoints.save
+
+    def stop_after_block_2(self, next_block, hidden, reports):
+        save(self, next_block, hidden, reports)
+        if next_block == 2:
+            raise _Stop()
+
+    monkeypatch.setattr(Checkpoints, "save", stop_after_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(options(model4, calib, out))
+    monkeypatch.setattr(Checkpoints, "save", save)
+    [partial] = partials(tmp_path)
+
+    with pytest.raises(QoqError, match="--resume"):  # a stale resumable partial is named, not reused
+        quantize(options(model4, calib, out))
+    assert partial.exists()
+    with pytest.raises(QoqError, match="different options.batch size"):
+        quantize(options(model4, calib, out, resume=True, batch_size=2))
+    assert partial.exists()
+
+    resumed = quantize(options(model4, calib, out, resume=True))
+    assert resumed.report["resumed_at_block"] == 2
+    assert weight_files(resumed.path) == weight_files(reference.path)
+    assert not partials(tmp_path)
+
+
+def test_sigkill_mid_run_then_resume(model4, calib, tmp_path):
+    """A run killed outright (no cleanup at all) continues from its last resume point."""
+    reference = quantize(options(model4, calib, tmp_path / "ref"))
+    out = tmp_path / "art"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        import torch
+        torch.set_num_threads(1)
+        from qoq.formats.resume import Checkpoints
+        from qoq.pipeline import QuantizeOptions, quantize
+        save = Checkpoints.save
+        def save_then_die(self, next_block, hidden, reports):
+            save(self, next_block, hidden, reports)
+            if next_block == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        Checkpoints.save = save_then_die
+        quantize(QuantizeOptions(model={str(model4)!r}, calib={str(calib)!r}, calib_samples=4, calib_seqlen=32,
+                                 group_size=32, output=Path({str(out)!r}), device="cpu"))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QOQ_CHECKPOINT_SECONDS": "0"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists() and len(partials(tmp_path)) == 1
+
+    r = CliRunner().invoke(app, ["quantize", "--model", str(model4), "--calib", str(calib), "--calib-samples", "4",
+                                 "--calib-seqlen", "32", "--group", "32", "--device", "cpu", "--output", str(out)])
+    assert_one_line_error(r, "--resume")
+    r = CliRunner().invoke(app, ["quantize", "--model", str(model4), "--calib", str(calib), "--calib-samples", "4",
+                                 "--calib-seqlen", "32", "--group", "32", "--device", "cpu", "--output", str(out),
+                                 "--resume"])
+    assert r.exit_code == 0, r.output
+    assert weight_files(out) == weight_files(reference.path)
+    assert json.loads((out / "qoq_report.json").read_text())["resumed_at_block"] == 3
+
+
+def test_resume_without_interrupted_run_starts_fresh(model4, calib, tmp_path):
+    res = quantize(options(model4, calib, tmp_path / "art", resume=True))
+    assert res.report["resumed_at_block"] is None and read_artifact(res.path)
+
+
+def test_report_records_memory(model4, calib, tmp_path):
+    res = quantize(options(model4, calib, tmp_path / "art"))
+    saved = json.loads((res.path / "qoq_report.json").read_text())
+    assert saved["memory"]["peak_host_rss_bytes"] > 10 * 2**20
+    assert saved["memory"]["peak_gpu_bytes"] is None  # CPU run
+    assert saved["source"]["streamed"] is True
