@@ -3,7 +3,7 @@
     python -m qoq.verify.compare ARTIFACT --windows 8 --seq-len 2048 --backend-a reference --backend-b cupy \
         --json compare.json
 
-Backend A is the reference, B the candidate; see `qoq.verify.numerics.compare_backends` for the protocol
+Backend A is the reference, B the candidate; see `qoq.verify.backend_compare` for the protocol
 and the metrics. The windows are the first N of qoq verify's (`qoq.verify.perplexity`).
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main(
     """Logits of backend B against backend A on WikiText-2 windows: relative errors, top-1, KL and NLL."""
     from qoq.formats.artifact import read_artifact
     from qoq.runtime.backend import resolve_device
-    from qoq.verify.numerics import compare_backends
+    from qoq.verify.backend_compare import compare_backends
 
     if windows < 1:
         raise QoqError(f"--windows must be >= 1, got {windows}")

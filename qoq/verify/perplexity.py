@@ -346,7 +346,7 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
 
     kernel_check = None
     if do_check:
-        from qoq.verify.numerics import check_kernels
+        from qoq.verify.kernel_check import check_kernels
 
         with reporter.status("checking kernels against the reference"):
             kc = check_kernels(art, windows[:2, : min(opts.seq_len, 512)], device, get_backend("cupy", device),
