@@ -77,7 +77,7 @@ def rotary_embedding(config) -> torch.nn.Module:
     return cls(config=config)
 
 
-class Engine:
+class Engine(fast_mode.HostMirroredLengths):
     """A loaded artifact ready to run: `logits`, `prefill`/`decode_step`, `reset`, `generate`.
 
     `fast` (default: on CUDA) fuses q|k|v and gate|up, uses the backend's RoPE + KV4 append kernel and,
@@ -194,7 +194,8 @@ class Engine:
     def capacity(self) -> int:
         return self.cache[0].k.shape[2]
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the cache (doubling at least) until it holds `needed` positions; decode graphs are dropped."""
         if needed <= self.capacity:
             return
         self._graphs.clear()  # they captured the old cache
@@ -207,13 +208,14 @@ class Engine:
 
     # ---- forward ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, rows: slice | None = None,
+                      graph_len: int | None = None) -> torch.Tensor:
         """Append `input_ids` [B, T] to the cache (to sequences `rows` of the batch only: chunked prefill);
-        the final-normed hidden states [B, T, H]."""
+        the final-normed hidden states [B, T, H]. `graph_len`: capturing a decode graph (see `_forward`)."""
         input_ids = input_ids.to(self.device)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        return self._forward(input_ids, rows)
+        return self._forward(input_ids, rows, graph_len)
 
     def _forward(self, input_ids: torch.Tensor, rows: slice | None = None,
                  graph_len: int | None = None) -> torch.Tensor:
@@ -228,7 +230,7 @@ class Engine:
         if top + t > self.capacity:
             if graph_len is not None or not full:
                 raise QoqError(f"the cache holds {self.capacity} positions, {top + t} are needed; reset with more")
-            self._ensure_capacity(top + t)
+            self.ensure_capacity(top + t)
         caches = self.cache if full else [fast_mode.rows_view(c, rows) for c in self.cache]
         start = self.lengths.clone() if full else self.lengths[rows].clone()
         fresh = graph_len is None and self.prefill_fp16 and top == 0  # every row starts at position 0
