@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 from qoq.formats.artifact import Artifact, read_artifact
 from qoq.runtime import fast as fast_mode
 from qoq.scheme import ops
@@ -390,9 +390,9 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
     from transformers import AutoTokenizer
 
     if max_new_tokens < 1:
-        raise QoqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        raise QoqError(f"{arg('max_new_tokens')} must be >= 1, got {max_new_tokens}")
     if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:  # NaN fails both
-        raise QoqError("--temperature must be >= 0 and --top-p in (0, 1]")
+        raise QoqError(f"{arg('temperature')} must be >= 0 and {arg('top_p')} in (0, 1]")
     t_load = time.perf_counter()
     art = read_artifact(artifact)
     try:
@@ -407,7 +407,7 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
     else:
         ids = tok(prompt, return_tensors="pt").input_ids[0]
     if ids.numel() == 0:
-        raise QoqError("the prompt is empty after tokenization; pass some text with -p")
+        raise QoqError(f"the prompt is empty after tokenization; pass some text as {arg('prompt')}")
     eos = set()
     for src in (tok.eos_token_id, art.config.get("eos_token_id")):
         eos.update(src if isinstance(src, (list, tuple)) else ([] if src is None else [src]))

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qoq.console import err, out, user_errors
-from qoq.errors import QoqError
+from qoq.errors import QoqError, flags
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -26,10 +26,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def _backend(flag: str, name: str, device):
     from qoq.runtime.backend import get_backend
 
-    try:
+    with flags({"backend": flag}):  # this command has two backend flags
         return get_backend(name, device)
-    except QoqError as e:  # name the flag this command has
-        raise QoqError(str(e).replace("--backend ", f"{flag} ")) from None
 
 
 def load_windows(art, data: str | None, seq_len: int, windows: int):
@@ -63,6 +61,7 @@ def _table(report: dict) -> Table:
 
 @app.command()
 @user_errors
+@flags({"device": "--device"})
 def main(
     artifact: Path = typer.Argument(..., help="artifact folder written by qoq quantize"),
     windows: int = typer.Option(8, "--windows", help="number of WikiText-2 test windows (the first N)"),
