@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+import qoq.runtime_kernels as rk
 from qoq.errors import QoqError, arg
 from qoq.scheme import ops
 
@@ -61,16 +62,9 @@ def cupy_available() -> tuple[bool, str]:
     """(available, why not) for the cupy kernel backend."""
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible"
-    try:
-        import qoq.runtime_kernels as rk
-    except Exception as e:  # not written yet, or cupy missing
-        return False, f"qoq.runtime_kernels cannot be imported ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
-    check = getattr(rk, "available", None)
-    try:
-        ok = bool(check()) if callable(check) else False
-    except Exception as e:
-        return False, f"qoq.runtime_kernels.available() failed ({type(e).__name__})"
-    return (True, "") if ok else (False, "qoq.runtime_kernels reports the kernels are unavailable (cupy/NVRTC)")
+    if not rk.available():  # (it imports without CuPy and never raises)
+        return False, "qoq.runtime_kernels reports the kernels are unavailable (cupy/NVRTC)"
+    return True, ""
 
 
 def reference_backend() -> Backend:
@@ -83,7 +77,6 @@ def cupy_backend() -> Backend:
     ok, why = cupy_available()
     if not ok:
         raise QoqError(f"{arg('backend', 'cupy')} is not available: {why}; use {arg('backend', 'reference')}")
-    import qoq.runtime_kernels as rk
     fns, fallbacks = {}, []
     for name in KERNELS + OPTIONAL:
         fn = getattr(rk, name, None)
