@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 
 
 def count_non_finite(t: torch.Tensor) -> int:
@@ -41,7 +41,7 @@ def require_finite_activations(block: int, what: str, t: torch.Tensor) -> None:
     bad = count_non_finite(t)
     if bad:
         raise QoqError(f"block {block}: {what} {_values(bad, 'have')}; nothing was written; "
-                       "try --calib-dtype float32, or check the source model")
+                       f"try {arg('calib_dtype', 'float32')}, or check the source model")
 
 
 def require_finite_tensors(tensors: dict[str, torch.Tensor]) -> None:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, flags
 from qoq.console import err, out, user_errors
 from qoq.progress import RichReporter, quiet_third_party
 from qoq.summary import generate_summary, quantize_summary
@@ -22,9 +22,21 @@ ARTIFACT_ARG = typer.Argument(None, help="artifact folder; default: the one the 
 VERBOSE_OPT = typer.Option(False, "--verbose", "-v", help="also show transformers / datasets progress bars, "
                            "load reports and warnings")
 
+# How each command's flags spell the API arguments that library errors name (qoq.errors.arg)
+RUNTIME_FLAGS = {"device": "--device", "backend": "--backend"}
+QUANTIZE_FLAGS = {"device": "--device", "model": "--model", "output": "--output", "overwrite": "--overwrite",
+                  "spec": "--calib", "n_samples": "--calib-samples", "seqlen": "--calib-seqlen",
+                  "calib_dtype": "--calib-dtype", "group_size": "--group", "resume": "--resume"}
+EXPORT_FLAGS = {"output": "--output", "overwrite": "--overwrite", "format": "--format",
+                "group_size": "qoq quantize --group"}  # the artifact's group size is set where it was made
+GENERATE_FLAGS = {**RUNTIME_FLAGS, "prompt": "-p", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+                  "top_p": "--top-p"}
+BENCH_FLAGS = {"backend": "--backend", "group_size": "--group"}
+
 
 @app.command()
 @user_errors
+@flags(QUANTIZE_FLAGS)
 def quantize(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF hub id, local HF folder or .gguf file; "
                                         "default: the embedded SmolLM2-135M-Instruct"),
@@ -174,6 +186,7 @@ def _mb(nbytes: float) -> str:
 
 @app.command()
 @user_errors
+@flags(RUNTIME_FLAGS)
 def verify(
     artifact: Optional[Path] = ARTIFACT_ARG,
     ppl: str = typer.Option("wikitext2", "--ppl", help="perplexity dataset (wikitext2)"),
@@ -258,6 +271,7 @@ EXPORT_FORMATS = ("sglang", "compressed-tensors")
 
 @app.command()
 @user_errors
+@flags(EXPORT_FLAGS)
 def export(
     artifact: Optional[Path] = ARTIFACT_ARG,
     fmt: str = typer.Option("sglang", "--format", "-f", help="sglang: a checkpoint sglang's qoq quantization "
@@ -290,6 +304,7 @@ def export(
 
 @app.command()
 @user_errors
+@flags(GENERATE_FLAGS)
 def generate(
     artifact: Optional[Path] = ARTIFACT_ARG,
     prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt"),
@@ -322,6 +337,7 @@ def generate(
 
 @app.command()
 @user_errors
+@flags(BENCH_FLAGS)
 def bench(
     artifact: Optional[Path] = ARTIFACT_ARG,
     gpu: str = typer.Option("auto", "--gpu", help="GPU profile: l40s | a100 | h100 | h200 | auto (the detected GPU)"),

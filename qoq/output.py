@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 from qoq.progress import Reporter
 from qoq.scheme.schema import QUANT_METHOD
 
@@ -54,20 +54,22 @@ def check_output(output: Path, model: str | None, overwrite: bool) -> Path:
     if not resolved.exists():
         return resolved
     if not overwrite:
-        raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+        raise QoqError(f"output folder {output} already exists; pass {arg('overwrite', True)} or choose another "
+                       f"{arg('output')}")
     if not resolved.is_dir():
-        raise QoqError(f"--output {output} is a file; --overwrite replaces only artifact folders qoq quantize wrote, "
-                       "so choose another --output")
+        raise QoqError(f"{arg('output')} {output} is a file; {arg('overwrite')} replaces only artifact folders qoq "
+                       f"quantize wrote, so choose another {arg('output')}")
     if _is_within(Path.cwd().resolve(), resolved):
-        raise QoqError(f"--output {output} is the current directory or contains it; --overwrite never replaces "
-                       "that, so choose another --output")
+        raise QoqError(f"{arg('output')} {output} is the current directory or contains it; {arg('overwrite')} never "
+                       f"replaces that, so choose another {arg('output')}")
     source = local_model_path(model)
     if source is not None and (_is_within(source, resolved) or _is_within(resolved, source)):
-        raise QoqError(f"--output {output} is, contains or lies inside the source model {model}; --overwrite never "
-                       "replaces it, so choose an --output outside the model folder")
+        raise QoqError(f"{arg('output')} {output} is, contains or lies inside the source model {model}; "
+                       f"{arg('overwrite')} never replaces it, so choose an {arg('output')} outside the model folder")
     if not is_qoq_artifact(resolved):
-        raise QoqError(f"--output {output} exists and is not a qoq artifact (no qoq quantization_config in its "
-                       "config.json); --overwrite replaces only artifacts, so choose another --output")
+        raise QoqError(f"{arg('output')} {output} exists and is not a qoq artifact (no qoq quantization_config in "
+                       f"its config.json); {arg('overwrite')} replaces only artifacts, so choose another "
+                       f"{arg('output')}")
     return resolved
 
 
@@ -115,8 +117,8 @@ def create_partial(output: Path) -> PartialFolder:
     try:
         created = _make_parents(parent)
     except OSError as e:
-        raise QoqError(f"cannot create the folder {parent} for --output {output} ({e.strerror or e}); "
-                       "choose another --output") from None
+        raise QoqError(f"cannot create the folder {parent} for {arg('output')} {output} ({e.strerror or e}); "
+                       f"choose another {arg('output')}") from None
     for _ in range(100):
         path = parent / f".{output.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
         try:
@@ -126,8 +128,8 @@ def create_partial(output: Path) -> PartialFolder:
             continue
         except OSError as e:
             _remove_if_empty(created)
-            raise QoqError(f"cannot write into {parent} for --output {output} ({e.strerror or e}); choose another "
-                           "--output or fix the folder's permissions") from None
+            raise QoqError(f"cannot write into {parent} for {arg('output')} {output} ({e.strerror or e}); choose "
+                           f"another {arg('output')} or fix the folder's permissions") from None
     else:
         raise QoqError(f"cannot create a partial folder in {parent}; remove its .{output.name}.*.partial folders")
     partial = PartialFolder(path, created)
@@ -135,8 +137,8 @@ def create_partial(output: Path) -> PartialFolder:
         (path / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     except OSError as e:
         partial.discard()
-        raise QoqError(f"cannot write into {parent} for --output {output} ({e.strerror or e}); choose another "
-                       "--output") from None
+        raise QoqError(f"cannot write into {parent} for {arg('output')} {output} ({e.strerror or e}); choose "
+                       f"another {arg('output')}") from None
     return partial
 
 

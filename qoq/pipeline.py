@@ -13,7 +13,7 @@ import torch
 
 from qoq import recipe as recipe_mod
 from qoq.checks import require_finite_source
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 from qoq.runtime.backend import resolve_device
 from qoq.scheme.progressive import group_label, group_size_problem
 from qoq.formats.artifact import quantization_config, write_artifact
@@ -128,7 +128,7 @@ def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> Quantiz
             drop_owner_record(partial.path)  # this process is leaving it: a later --resume may take it over
             done = saved_state(partial.path)["next_block"]
             reporter.info(f"stopped: {done} finished block{'' if done == 1 else 's'} kept in {partial.path}; "
-                          "run the same command with --resume to continue from there")
+                          f"run the same command with {arg('resume')} to continue from there")
         else:
             partial.discard()
         raise
@@ -146,7 +146,7 @@ def _partial_for(output: Path, resume: bool, reporter: Reporter) -> PartialFolde
         return adopt_partial(found[0])
     if found:
         raise QoqError(f"{found[0]} holds an interrupted run of {output} "
-                       f"({saved_state(found[0])['next_block']} blocks done); continue it with --resume, "
+                       f"({saved_state(found[0])['next_block']} blocks done); continue it with {arg('resume')}, "
                        "or delete that folder to start over")
     if resume:
         reporter.info(f"no interrupted run of {output} to resume; starting from the first block")

@@ -2,7 +2,7 @@
 
     python scripts/logits_sensitivity.py ARTIFACT [--windows 4] [--seq-len 2048] [--quick] [--json OUT]
 
-Teacher-forced comparisons (qoq.verify.numerics.compare_backends) of the reference backend against:
+Teacher-forced comparisons (qoq.verify.backend_compare.compare_backends) of the reference backend against:
   - cupy:                 every kernel from cupy (what `qoq verify --backend cupy` runs);
   - cupy only <op>:       the reference with that one op taken from cupy;
   - cupy but <op>:        cupy with that one op taken from the reference;
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from qoq.scheme import ops
     from qoq.runtime.backend import Backend, cupy_backend, reference_backend
     from qoq.verify.compare import load_windows
-    from qoq.verify.numerics import compare_backends
+    from qoq.verify.backend_compare import compare_backends
 
     art = read_artifact(args.artifact)
     windows, _ = load_windows(art, None, args.seq_len, args.windows)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qoq.calibration import CalibrationSet, load_calibration
-from qoq.errors import QoqError
+from qoq.errors import QoqError, flags
 
 PARAGRAPHS = [
     "The river runs through the valley, past the mill and the old stone bridge, down to the sea.",
@@ -121,13 +121,16 @@ def test_not_enough_text(tok, text_file):
     with pytest.raises(QoqError) as err:
         load_calibration(str(text_file), tok, n_samples=100, seqlen=64)
     msg = str(err.value)
-    assert "\n" not in msg and "tokens" in msg and "--calib-samples" in msg and "--calib-seqlen" in msg
+    assert "\n" not in msg and "tokens" in msg and "lower n_samples/seqlen or pass more data as spec" in msg
+    with pytest.raises(QoqError) as err, flags({"n_samples": "--calib-samples", "seqlen": "--calib-seqlen"}):
+        load_calibration(str(text_file), tok, n_samples=100, seqlen=64)
+    assert "lower --calib-samples/--calib-seqlen" in str(err.value)
 
 
 def test_bad_arguments(tok, text_file, tmp_path):
-    with pytest.raises(QoqError, match="calib-samples"):
+    with pytest.raises(QoqError, match="n_samples must be >= 1"):
         load_calibration(str(text_file), tok, n_samples=0, seqlen=16)
-    with pytest.raises(QoqError, match="calib-seqlen"):
+    with pytest.raises(QoqError, match="seqlen must be >= 8"):
         load_calibration(str(text_file), tok, n_samples=1, seqlen=4)
     with pytest.raises(QoqError, match="does not exist"):
         load_calibration(str(tmp_path / "nope.txt"), tok, n_samples=1, seqlen=8)
@@ -140,8 +143,8 @@ def test_hub_sets_offline(tok, hub_offline, name):
     with pytest.raises(QoqError) as err:
         load_calibration(name, tok, n_samples=2, seqlen=16)
     msg = str(err.value)
-    assert "\n" not in msg and f"'{name}'" in msg and "unreachable" in msg and "--calib PATH" in msg
-    assert "data-free" in msg
+    assert "\n" not in msg and f"'{name}'" in msg and "unreachable" in msg and "spec='PATH'" in msg
+    assert "spec='data-free'" in msg
 
 
 def test_data_free(tiny_model_dir):

@@ -1,4 +1,4 @@
-"""Whole-model backend comparison (qoq.verify.numerics.compare_backends, python -m qoq.verify.compare) on CPU."""
+"""Whole-model backend comparison (qoq.verify.backend_compare.compare_backends, python -m qoq.verify.compare) on CPU."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from qoq.verify.compare import app
-from qoq.verify.numerics import aggregate_metrics, compare_backends, logits_metrics
+from qoq.verify.backend_compare import aggregate_metrics, compare_backends, logits_metrics
 
 from conftest import TINY_CORPUS, assert_one_line_error  # noqa: E402
 

@@ -121,3 +121,26 @@ def test_perplexity_runs_a_fast_engine_on_the_kv4_path(artifact):
     got, want = engine_perplexity(fast, windows, batch=2), engine_perplexity(plain, windows, batch=2)
     assert abs(got.nll_sum - want.nll_sum) < 1e-5 * abs(want.nll_sum) and got.tokens == want.tokens
     assert fast.prefill_fp16
+
+
+def test_lengths_bookkeeping_decode_graphs_rely_on(artifact):
+    """What DecodeGraphs does around a capture and a replay, on the CPU: save, step, restore; a replayed step
+    (device lengths advanced by the graph) moves the host mirror along; the cache grows before a step."""
+    _, fast = engines(artifact("llama", 128))
+    fast.reset(2, 16)
+    assert fast.longest_sequence() == 0
+    fast.prefill(torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3)))
+    assert fast.longest_sequence() == 16 and fast.capacity == 16
+    saved = fast.save_lengths()
+    lengths_tensor = fast.lengths
+    fast.ensure_capacity(fast.longest_sequence() + 1)
+    assert fast.capacity >= 17
+    fast.hidden_states(torch.zeros(2, 1, dtype=torch.long), graph_len=fast.capacity)
+    assert fast.lengths.tolist() == [17, 17] and fast.longest_sequence() == 17
+    fast.restore_lengths(saved)
+    assert fast.lengths is lengths_tensor and fast.lengths.tolist() == [16, 16] and fast.longest_sequence() == 16
+    fast.lengths.add_(1)  # as a replayed graph does on the device
+    fast.count_replayed_step()
+    assert fast._host_len.tolist() == fast.lengths.tolist() == [17, 17]
+    fast.restore_lengths(saved)
+    assert saved[1].tolist() == [16, 16]  # restoring twice works: the saved copy is never advanced

@@ -165,7 +165,7 @@ def test_export_is_a_plain_hf_model_computing_the_artifact(artifacts, tmp_path):
     the logits of the artifact's floating-point twin."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qoq.verify.numerics import simulated_model
+    from qoq.verify.simulated import simulated_model
 
     path = artifacts("llama", 128, True)
     out = export_sglang(path, tmp_path / "sglang")

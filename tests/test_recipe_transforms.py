@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qoq.algorithm.hadamard import _base, factorization, hadamard
+from qoq.algorithm.hadamard import _base, _decompose, hadamard
 from qoq.algorithm.reorder import apply_down_reorder, channel_order
 from qoq.algorithm.rotation import rotate_model
 from qoq.algorithm.smooth_attention import (fuse_smooth_attention, smooth_attention_scales,
@@ -35,7 +35,7 @@ def test_hadamard_is_orthogonal(n):
 
 @pytest.mark.parametrize("n", LARGE_SIZES)
 def test_large_hadamard_factors_are_orthogonal(n):
-    pow2, m = factorization(n)
+    pow2, m = _decompose(n)  # (2^a, m): the Sylvester part and the base factor
     assert pow2 * m == n and pow2 & (pow2 - 1) == 0
     b = _base(m)
     assert torch.equal(b @ b.t(), m * torch.eye(m, dtype=torch.int64))  # Sylvester (x) base is then orthogonal

@@ -12,8 +12,9 @@ from qoq.models.arch import BLOCK_LINEARS
 from qoq.scheme import ops
 from qoq.runtime.backend import Backend, cached_w4a8_linear, get_backend, reference_backend
 from qoq.runtime.engine import Engine, sample
-from qoq.verify.numerics import rel_err
-from qoq.verify.numerics import Recording, check_kernels, lockstep_compare, record_engine, simulated_model
+from qoq.verify.kernel_check import check_kernels
+from qoq.verify.lockstep import Recording, lockstep_compare, record_engine, rel_err
+from qoq.verify.simulated import simulated_model
 
 VOCAB = 211
 

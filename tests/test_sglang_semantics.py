@@ -16,7 +16,8 @@ from qoq.scheme import ops
 from qoq.runtime.backend import reference_backend
 from qoq.runtime.engine import Engine
 from qoq.runtime.sglang_semantics import sglang_backend
-from qoq.verify.numerics import LINEAR_ORDER, QUANT_OF_LINEAR, fake_kv4, record_engine, rel_err, simulated_model
+from qoq.verify.lockstep import LINEAR_ORDER, QUANT_OF_LINEAR, record_engine, rel_err
+from qoq.verify.simulated import fake_kv4, simulated_model
 
 from conftest import TINY_CORPUS  # noqa: E402
 from test_runtime import VOCAB, tiny_hf_model, write_tiny_artifact  # noqa: E402

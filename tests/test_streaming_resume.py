@@ -99,7 +99,7 @@ def test_interrupted_run_resumes_to_identical_artifact(model4, calib, tmp_path, 
     monkeypatch.setattr(Checkpoints, "save", save)
     [partial] = partials(tmp_path)
 
-    with pytest.raises(QoqError, match="--resume"):  # a stale resumable partial is named, not reused
+    with pytest.raises(QoqError, match="resume"):  # a stale resumable partial is named, not reused
         quantize(options(model4, calib, out))
     assert partial.exists()
     with pytest.raises(QoqError, match="different options.batch size"):

@@ -210,7 +210,8 @@ def test_verify_smollm2_wikitext2(smol_artifact, wikitext_dir):
     from transformers import AutoTokenizer
 
     from qoq.formats.artifact import read_artifact
-    from qoq.verify.numerics import lockstep_compare, simulated_model
+    from qoq.verify.lockstep import lockstep_compare
+    from qoq.verify.simulated import simulated_model
     from qoq.verify.perplexity import load_wikitext2, token_windows
 
     r = runner.invoke(app, ["verify", str(smol_artifact), "--ppl", "wikitext2", "--data", str(wikitext_dir),

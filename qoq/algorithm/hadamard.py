@@ -40,11 +40,6 @@ def hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return (_hadamard_int(n).to(torch.float64) / float(n) ** 0.5).to(dtype)
 
 
-def factorization(n: int) -> tuple[int, int]:
-    """(2^a, m) with n = 2^a * m: the Sylvester part and the stored/constructed factor used."""
-    return _decompose(n)
-
-
 @lru_cache(maxsize=64)
 def _hadamard_int(n: int) -> torch.Tensor:
     pow2, m = _decompose(n)

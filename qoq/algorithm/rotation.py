@@ -3,10 +3,10 @@
 All transforms are exact reparameterisations in real arithmetic (the FP model's logits do not change),
 done in float64 and cast back to each parameter's dtype:
 
-1. `fold_norms`: every RMSNorm weight is multiplied into the input columns of the linears that read
-   it (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, final norm -> lm_head) and set
-   to ones. Tied embeddings are untied first (lm_head gets its own copy), since the folded lm_head
-   no longer equals the embedding.
+1. norm folding (`rotate_embeddings` and `rotate_layer` fold before they rotate): every RMSNorm weight is
+   multiplied into the input columns of the linears that read it (input_layernorm -> q/k/v,
+   post_attention_layernorm -> gate/up, final norm -> lm_head) and set to ones. Tied embeddings are
+   untied first (lm_head gets its own copy), since the folded lm_head no longer equals the embedding.
 2. rotation by Q (`rotate_embeddings`, then `rotate_layer` per block): the residual stream x becomes
    x Q for an orthogonal Q; RMSNorm (now without weight) commutes with Q, so the embedding rows are
    right-multiplied by Q, the input columns of q/k/v/gate/up and lm_head are right-multiplied by Q,
@@ -96,16 +96,6 @@ def untie_lm_head(model) -> None:
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
     if text is not None and text is not model.config:
         text.tie_word_embeddings = False
-
-
-@torch.no_grad()
-def fold_norms(model) -> None:
-    """Only the folding step (all norms become ones); the model computes the same function."""
-    untie_lm_head(model)
-    for layer in decoder_layers(model):
-        _fold(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-        _fold(layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj])
-    _fold(model.model.norm, [model.get_output_embeddings()])
 
 
 def _rotate_heads(layer, h: torch.Tensor, config) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qoq.errors import QoqError
-from qoq.runtime.fast import DecodeGraphs
+from qoq.runtime.fast import DecodeGraphs, HostMirroredLengths
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 # cuDNN attention (preferred by torch on Hopper) builds a plan per new key length: every prefill length
@@ -64,7 +64,7 @@ def flash_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     return out.reshape(b, hq * d)
 
 
-class FP16Engine:
+class FP16Engine(HostMirroredLengths):
     def __init__(self, config: dict, weights: dict[str, torch.Tensor], device: torch.device | str,
                  dtype: torch.dtype | None = None, cuda_graph: bool | None = None):
         from qoq.runtime.engine import hf_config, rotary_embedding
@@ -165,7 +165,8 @@ class FP16Engine:
     def capacity(self) -> int:
         return self.cache[0].k.shape[1] if self.cache else 0
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def ensure_capacity(self, needed: int) -> None:
+        """The cache never grows: too few positions is an error."""
         if needed > self.capacity:
             raise QoqError(f"the FP16 cache holds {self.capacity} positions, {needed} are needed; reset with more")
 
@@ -190,7 +191,7 @@ class FP16Engine:
         return masked_decode_attention(q, kv.k, kv.v, seq_lens, self.sm_scale)
 
     @torch.no_grad()
-    def _forward(self, ids: torch.Tensor, rows: slice | None = None, graph_len: int | None = None) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, rows: slice | None = None, graph_len: int | None = None) -> torch.Tensor:
         """Append ids [b, t] to cache rows `rows` (all when None); final-normed hidden states [b, t, H].
         A prompt (t > 1) starts at position 0; a decode step (t == 1) runs the whole batch.
         `graph_len` is the qoq engine's capture argument: the cache never grows here, so it is unused."""
@@ -202,7 +203,7 @@ class FP16Engine:
         decode = t == 1 and b == self.batch and rows == slice(0, self.batch)
         if not decode and int(host.max()) != 0:
             raise QoqError("the FP16 engine prefills from position 0 only, and decodes the whole batch")
-        self._ensure_capacity(int(host.max()) + t)
+        self.ensure_capacity(int(host.max()) + t)
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
         start = self.lengths[rows].long()
         positions = start[:, None] + torch.arange(t, device=self.device)[None]  # [b, t]
@@ -250,8 +251,8 @@ class FP16Engine:
         first = rows.start or 0
         bsz = ids.shape[0]
         chunk = chunk_rows or bsz
-        out = [self.lm_logits(self._forward(ids[s:s + chunk], slice(first + s, first + min(s + chunk, bsz)))[:, -1])
-               for s in range(0, bsz, chunk)]
+        out = [self.lm_logits(self.hidden_states(ids[s:s + chunk], slice(first + s, first + min(s + chunk, bsz)))
+                              [:, -1]) for s in range(0, bsz, chunk)]
         return torch.cat(out) if len(out) > 1 else out[0]
 
     @torch.no_grad()
@@ -261,4 +262,4 @@ class FP16Engine:
         tokens = tokens.to(self.device).reshape(-1)
         if self.cuda_graph:
             return self._graphs.decode(self, tokens)
-        return self.lm_logits(self._forward(tokens.reshape(-1, 1))[:, -1])
+        return self.lm_logits(self.hidden_states(tokens.reshape(-1, 1))[:, -1])

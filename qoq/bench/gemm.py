@@ -8,115 +8,47 @@ Times (CUDA events around CUDA-graph replays of many calls, warm-up first, media
 on Llama-3-8B linear shapes (N x K) for M in 1..4096; weight copies are rotated so that the working set of every
 timed graph exceeds the L2 cache (weights stream from HBM, as in a real decode step);
 - KV4 decode attention vs torch SDPA on fp16 K/V (GQA), batch 64 x context 1024, Llama-3-8B heads.
-`run()` returns the rows as dicts (reused by `qoq bench --json`); `main()` prints a compact table.
+`run()` returns the rows as dicts (reused by `qoq bench --json`); `main()` prints a compact table, or runs the
+configuration sweeps (`--tune`, qoq.bench.gemm_tuner) or one case for a profiler (`--one`, qoq.bench.profile_case).
+Timing and the workload: qoq.bench.kernel_timing.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 import time
 from dataclasses import replace
 
 import torch
 
+import qoq.runtime_kernels as K
+from qoq.bench.gemm_tuner import tune
+from qoq.bench.kernel_timing import LLAMA3_8B_SHAPES, copies_beyond_l2, quantized_weights, time_calls
+from qoq.bench.profile_case import CASES, run_case
+from qoq.runtime_kernels.attention import decode_attention_kv4 as attention_with_cta_shape
+from qoq.runtime_kernels.gemm import GemvConfig, IntMMConfig, WgmmaConfig, choose_config
+from qoq.scheme import ops
 from qoq.scheme.progressive import is_per_channel
 
-LLAMA3_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate_up, down
 MS = [1, 4, 16, 32, 64, 256, 512, 1024, 2048, 4096]
-L2_BYTES = 50 * 2**20
-WORKING_SET = 3 * L2_BYTES
-
-
-def _copies(nbytes: int, cap: int = 64) -> int:
-    return max(1, min(cap, math.ceil(WORKING_SET / max(1, nbytes))))
-
-
-def time_calls(fns, min_graph_us: float = 2000.0, replays: int = 7) -> dict:
-    """Median µs per call of the callables `fns` (called round-robin), timed over CUDA-graph replays."""
-    for f in fns[: min(3, len(fns))]:
-        f()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    est_us = max(1.0, (time.perf_counter() - t0) * 1e6 / len(fns))
-    n = max(len(fns), min(2000, math.ceil(min_graph_us / est_us)))
-    n = math.ceil(n / len(fns)) * len(fns)
-    g = None
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for f in fns[:2]:
-                f()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(n):
-                fns[i % len(fns)]()
-        run = g.replay
-        mode = "graph"
-    except Exception:  # some op refuses capture: time eager launches instead
-        g = None
-        torch.cuda.synchronize()
-
-        def run():
-            for i in range(n):
-                fns[i % len(fns)]()
-        mode = "eager"
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n)
-    del g
-    return {"us": statistics.median(times), "us_min": min(times), "us_max": max(times), "calls": n, "mode": mode}
-
-
-def _quantized_weights(n: int, k: int, group: int, copies: int, device):
-    from qoq.scheme.progressive import quantize_weight
-    from qoq.formats.artifact import quantized_tensors
-    from qoq.scheme.ops import QLinear
-
-    w = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
-    base = QLinear.from_tensors(quantized_tensors("l", quantize_weight(w, group)), "l", n, k, group, device=device)
-    out = [base]
-    for _ in range(copies - 1):
-        out.append(QLinear(qweight=base.qweight.clone(), s1=base.s1.clone(), group_size=group, out_features=n,
-                           in_features=k, s2_scales=None if base.s2_scales is None else base.s2_scales.clone(),
-                           s2_zeros=None if base.s2_zeros is None else base.s2_zeros.clone(),
-                           szeros=None if base.szeros is None else base.szeros.clone()))
-    return out
 
 
 def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = True, log=print) -> list[dict]:
-    import qoq.runtime_kernels as K
-    from qoq.scheme import ops
-    from qoq.runtime_kernels.gemm import GemvConfig, IntMMConfig, WgmmaConfig, choose_config
-
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     sms, cc = props.multi_processor_count, 10 * props.major + props.minor
     rows = []
     for n, k in shapes:
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
-        c16 = _copies(n * k * 2)
+        c16 = copies_beyond_l2(n * k * 2)
         w16s = [w16] + [w16.clone() for _ in range(c16 - 1)]
         w8 = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
-        c8 = _copies(n * k)
+        c8 = copies_beyond_l2(n * k)
         w8s = [w8] + [w8.clone() for _ in range(c8 - 1)]
         have_fp8 = fp8 and hasattr(torch, "float8_e4m3fn") and torch.cuda.get_device_capability() >= (8, 9)
         wf8s = [w.to(torch.float8_e4m3fn) for w in w16s[: c8]] if have_fp8 else []
-        q4 = {g: _quantized_weights(n, k, g, _copies(n * k // 2 + n * 8), dev) for g in groups}
+        q4 = {g: quantized_weights(n, k, g, copies_beyond_l2(n * k // 2 + n * 8), dev) for g in groups}
         np_, kp = q4[groups[0]][0].qweight.shape[0], q4[groups[0]][0].padded_in
         one = torch.ones((), device=dev)
         for m in ms:
@@ -194,15 +126,12 @@ def _gemm_line(n, k, m, res):
 
 def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8, d: int = 128, log=print,
                     tune: bool = False) -> list[dict]:
-    import qoq.runtime_kernels as K
-    from qoq.scheme import ops
-
     dev = torch.device("cuda")
     lengths = torch.full((batch,), ctx, device=dev, dtype=torch.long)
     q = torch.randn(batch, hq, d, device=dev, dtype=torch.float16)
     kv_bytes4 = batch * hkv * ctx * (d + 8)
     caches = []
-    for _ in range(_copies(kv_bytes4, cap=8)):
+    for _ in range(copies_beyond_l2(kv_bytes4, cap=8)):
         c = ops.KV4Cache.empty(batch, hkv, ctx, d, dev)
         K.kv4_append(c, torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.float16),
                      torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.float16),
@@ -211,10 +140,10 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
     sm = d ** -0.5
     res = {"kv4": time_calls([lambda c=c: K.decode_attention_kv4(q, c, lengths, sm, max_len=ctx) for c in caches])}
     if tune:  # alternative CTA shapes of the same kernel
-        from qoq.runtime_kernels.attention import decode_attention_kv4 as attn
         cta_shapes = {"kv4_w4": dict(warps=4), "kv4_w1": dict(warps=1), "kv4_w2b6": dict(warps=2, min_blocks=6)}
         for name, kw in cta_shapes.items():
-            res[name] = time_calls([lambda c=c, kw=kw: attn(q, c, lengths, sm, max_len=ctx, **kw) for c in caches])
+            res[name] = time_calls([lambda c=c, kw=kw: attention_with_cta_shape(q, c, lengths, sm, max_len=ctx, **kw)
+                                    for c in caches])
     k16 = torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.float16)
     v16 = torch.randn_like(k16)
     q4 = q[:, :, None]
@@ -245,82 +174,9 @@ def _time_sdpa_expanded(sdpa, q4, k16, v16, repeats: int) -> dict:
     return time_calls([lambda: sdpa(q4, kx, vx)])
 
 
-GEMV_CANDIDATES = {  # name -> GemvConfig fields besides tb; the cluster and PDL ones need sm_90
-    "w16u2": dict(warps=16, u=2), "w8u2": dict(warps=8, u=2), "w32u2": dict(warps=32, u=2),
-    "w8u4": dict(warps=8, u=4), "w8u2c2": dict(warps=8, u=2, cluster=2), "w8u4c2": dict(warps=8, u=4, cluster=2),
-    "w16u1": dict(warps=16, u=1), "w32u1": dict(warps=32, u=1), "w16u1c2": dict(warps=16, u=1, cluster=2),
-    "w16u2-late": dict(warps=16, u=2, early_trigger=False), "w16u2-nopdl": dict(warps=16, u=2, pdl=False)}
-INTMM_CHUNKS = (None,)  # output-channel chunks measured slower at 2048-8192 (NOTES.md)
-
-
-WGMMA_CANDIDATES = [(4, 1), (3, 2)]  # WgmmaConfig(stages, min_blocks)
-
-
-def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 4, 16), large_ms=(1024, 2048, 4096)) -> list[dict]:
-    """Sweep the W4A8 kernel's configurations (for choosing `choose_config`'s defaults): GEMV shapes at small M;
-    at large M the output-channel chunk of the dequant + `_int_mm` path, with each stage timed alone."""
-    import qoq.runtime_kernels as K
-    from qoq.scheme import ops
-    from qoq.runtime_kernels import gemm as G
-
-    dev = torch.device("cuda")
-    hopper = torch.cuda.get_device_capability() >= (9, 0)
-    cands = {k: v for k, v in GEMV_CANDIDATES.items() if hopper or v.get("cluster", 1) == 1}
-    variants = [G.variant_for(G.GemvConfig(tb, **kw), grouped)[0] for grouped in (True, False)
-                for tb in (1, 2) for kw in cands.values()]
-    hopper_a = torch.cuda.get_device_capability() == (9, 0)
-    wgmmas = [G.WgmmaConfig(*c) for c in WGMMA_CANDIDATES] if hopper_a else []
-    variants += [G.variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in wgmmas]
-    K.precompile(variants + [G.DEQUANT_G, G.DEQUANT_C, G.EPILOGUE])
-    rows = []
-
-    def note(n, k, m, g, res):
-        for name, us in res.items():
-            rows.append({"bench": "tune", "n": n, "k": k, "m": m, "group": g, "config": name, "us": us})
-        log(f"tune {n}x{k} g={g:<4d} M={m:<5d} " + "  ".join(f"{nm} {us:.1f}" for nm, us in res.items()))
-
-    for n, k in shapes:
-        for g in (128, -1):
-            lins = _quantized_weights(n, k, g, _copies(n * k // 2), dev)
-            for m in gemv_ms:
-                a = ops.quantize_act(torch.randn(m, k, device=dev, dtype=torch.float16), lins[0].padded_in,
-                                     with_qsum=is_per_channel(g))
-                res = {}
-                for name, kw in cands.items():
-                    cfg = G.GemvConfig((m + 7) // 8, **kw)
-                    res[name] = time_calls([lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg)
-                                            for lin in lins])["us"]
-                note(n, k, m, g, res)
-            for m in large_ms:
-                a = ops.quantize_act(torch.randn(m, k, device=dev, dtype=torch.float16), lins[0].padded_in,
-                                     with_qsum=is_per_channel(g))
-                res = {}
-                for ch in INTMM_CHUNKS:
-                    cfg = G.IntMMConfig(n_chunk=ch)
-                    res[f"chunk{ch or 'all'}"] = time_calls(
-                        [lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg) for lin in lins])["us"]
-                for cfg in wgmmas:
-                    res[f"wgmma_s{cfg.stages}b{cfg.min_blocks}"] = time_calls(
-                        [lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg) for lin in lins])["us"]
-                np_, kp = lins[0].qweight.shape[0], lins[0].padded_in
-                w8s = [torch.empty(np_, kp, dtype=torch.int8, device=dev) for _ in range(_copies(np_ * kp))]
-                # one weight per int8 buffer; the repeated pool `lins * 8` is the longer, zip stops at `w8s`
-                res["stage_dequant"] = time_calls([lambda lin=lin, w8=w8, g=g, kp=kp: G._dequant(
-                    lin.qweight, lin.s2_scales, lin.s2_zeros, 7, not is_per_channel(g), w8, kp, 0)
-                    for lin, w8 in zip(lins * 8, w8s, strict=False)])["us"]
-                res["stage_int_mm"] = time_calls([lambda w8=w8, a=a: torch._int_mm(a.q, w8.t()) for w8 in w8s])["us"]
-                del w8s
-                note(n, k, m, g, res)
-            del lins
-            torch.cuda.empty_cache()
-    return rows
-
-
 def run(quick: bool = False, log=print, tune_attention: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         raise RuntimeError("the GEMM benchmark needs a CUDA GPU")
-    import qoq.runtime_kernels as K
-
     if not K.available():
         raise RuntimeError("qoq.runtime_kernels is unavailable (cupy missing?)")
     props = torch.cuda.get_device_properties(0)
@@ -353,32 +209,6 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _one(kind: str) -> None:
-    import qoq.runtime_kernels as K
-    from qoq.scheme import ops
-
-    dev = torch.device("cuda")
-    if kind == "attention":
-        b, hkv, hq, d, t = 64, 8, 32, 128, 1024
-        c = ops.KV4Cache.empty(b, hkv, t, d, dev)
-        K.kv4_append(c, torch.randn(b, hkv, t, d, device=dev, dtype=torch.float16),
-                     torch.randn(b, hkv, t, d, device=dev, dtype=torch.float16),
-                     torch.zeros(b, dtype=torch.long, device=dev))
-        q = torch.randn(b, hq, d, device=dev, dtype=torch.float16)
-        lengths = torch.full((b,), t, device=dev, dtype=torch.long)
-        fn = lambda: K.decode_attention_kv4(q, c, lengths, d ** -0.5, max_len=t)  # noqa: E731
-    else:
-        m = {"gemm": 4096, "gemv16": 16}.get(kind, 1)
-        group = -1 if kind == "gemv-pc" else 128
-        lin = _quantized_weights(4096, 4096, group, 1, dev)[0]
-        a = ops.quantize_act(torch.randn(m, 4096, device=dev, dtype=torch.float16), 4096,
-                             with_qsum=is_per_channel(group))
-        fn = lambda: K.w4a8_linear(a, lin)  # noqa: E731
-    for _ in range(4):
-        fn()
-    torch.cuda.synchronize()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 1024}")
@@ -386,11 +216,11 @@ def main(argv=None) -> int:
     p.add_argument("--tune", action="store_true", help="sweep the W4A8 kernel configurations instead")
     p.add_argument("--tune-gemv", action="store_true", help="sweep the small-M (GEMV) configurations only")
     p.add_argument("--tune-attention", action="store_true", help="also time alternative attention CTA shapes")
-    p.add_argument("--one", choices=["gemm", "gemv", "gemv-pc", "gemv16", "attention"],
+    p.add_argument("--one", choices=CASES,
                    help="run one case a few times (for a profiler)")
     args = p.parse_args(argv)
     if args.one:
-        _one(args.one)
+        run_case(args.one)
         return 0
     if args.tune or args.tune_gemv:
         rows = tune(large_ms=() if args.tune_gemv else (1024, 2048, 4096))

@@ -43,6 +43,3 @@ def roofline_seconds(dims: ModelDims, weights_kind: str, kv_bits: int, batch: in
         total += max(math_s, (w_bytes + b * ctx * kv_tok) / bw)
     return total
 
-
-def roofline_tokens_per_s(dims, weights_kind, kv_bits, batch, input_len, output_len, profile) -> float:
-    return batch * output_len / roofline_seconds(dims, weights_kind, kv_bits, batch, input_len, output_len, profile)

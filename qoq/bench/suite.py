@@ -8,13 +8,12 @@ Each engine: max batch first (plan + confirm), then its row at the max batch, th
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from qoq.bench import capacity, e2e, runners
+from qoq.bench import capacity, e2e, gemm, runners
 from qoq.bench.profiles import GPU_CHOICES, detect_device, resolve_profile
 from qoq.bench.report import build_report, check_min_speedup, require_matplotlib, write_json
 from qoq.bench.synthetic import SHAPE_CHOICES, ModelDims, build_synthetic_artifact, fp16_twin
@@ -106,29 +105,16 @@ def validate_options(o: BenchOptions) -> BenchOptions:
 
 # ---- kernels ----------------------------------------------------------------------------------------
 
-def run_kernels(profile, reporter: Reporter) -> tuple[list | None, str | None]:
-    """Rows of the kernel micro-benchmark (qoq.bench.gemm), or (None, why not)."""
-    try:
-        from qoq.bench import gemm
-    except Exception as e:  # noqa: BLE001
-        return None, f"kernel benchmark unavailable: qoq.bench.gemm cannot be imported ({type(e).__name__}: {_line(e)})"
-    fn = next((getattr(gemm, n) for n in ("run", "run_all", "bench", "benchmark") if callable(getattr(gemm, n, None))),
-              None)
-    if fn is None:
-        return None, "kernel benchmark unavailable: qoq.bench.gemm has no run()"
-    offered = {"profile": profile, "device": torch.device("cuda"), "reporter": reporter,
-               "log": reporter.info}
-    params = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in offered.items() if k in params}
+def run_kernels(reporter: Reporter) -> tuple[list | None, str | None]:
+    """Rows of the kernel micro-benchmark (qoq.bench.gemm), or (None, why it failed)."""
     with reporter.status("kernel micro-benchmarks (qoq.bench.gemm)"):
         try:
-            rows = fn(**kwargs)
+            rows = gemm.run(log=reporter.info)
         except QoqError:
             raise
         except Exception as e:  # noqa: BLE001 - a kernel failure must not lose the e2e numbers
             return None, f"kernel benchmark failed: {type(e).__name__}: {_line(e)}"
-    rows = [dict(r) for r in rows] if rows is not None else None
-    return rows, None
+    return [dict(r) for r in rows], None
 
 
 # ---- end to end -------------------------------------------------------------------------------------
@@ -230,7 +216,7 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
     config = {k: v for k, v in artifact.config.items() if k != "quantization_config"}
     dims = ModelDims.from_config(config)
 
-    kernels, kernels_note = (None, "skipped (--skip-kernels)") if o.skip_kernels else run_kernels(profile, reporter)
+    kernels, kernels_note = (None, "skipped (--skip-kernels)") if o.skip_kernels else run_kernels(reporter)
 
     clock = e2e.Clock(device)
     memory = {"capacity_gb": 0.0, "max_batch": {}, "plans": {}, "kv4_vs_fp16_kv": None, "profile_max_batch": {}}

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 from qoq.hub import hub_reachable
 from qoq.progress import Reporter
 
@@ -141,13 +141,13 @@ def load_calibration(spec: str | None, tokenizer, n_samples: int = PAPER_BUDGET[
 def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log, device=None,
                        reporter=None) -> CalibrationSet:
     if not isinstance(n_samples, int) or n_samples < 1:
-        raise QoqError(f"--calib-samples must be >= 1, got {n_samples}")
+        raise QoqError(f"{arg('n_samples')} must be >= 1, got {n_samples}")
     if not isinstance(seqlen, int) or seqlen < 8:
-        raise QoqError(f"--calib-seqlen must be >= 8, got {seqlen}")
+        raise QoqError(f"{arg('seqlen')} must be >= 8, got {seqlen}")
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(max_pos, int) and seqlen > max_pos:
-        raise QoqError(f"--calib-seqlen {seqlen} is longer than the model's context ({max_pos} tokens, "
-                       "max_position_embeddings); lower --calib-seqlen")
+        raise QoqError(f"{arg('seqlen')} {seqlen} is longer than the model's context ({max_pos} tokens, "
+                       f"max_position_embeddings); lower {arg('seqlen')}")
     log = log or (lambda _msg: None)
     budget = read_budget(n_samples, seqlen)
     s = "auto" if spec is None or not str(spec).strip() else str(spec).strip()
@@ -172,7 +172,7 @@ def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log, devi
     if s.lower() in HUB_DATASETS:
         if not hub_reachable():
             raise QoqError(f"calibration set '{s}' needs the Hugging Face hub, which is unreachable; pass a local "
-                           "text/jsonl file or folder with --calib PATH, or --calib data-free")
+                           f"text/jsonl file or folder as {arg('spec', 'PATH')}, or {arg('spec', 'data-free')}")
         docs, what = _hub_docs(s.lower())
         ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
         return _result(ids, f"{what}, {shape}")
@@ -243,8 +243,8 @@ def _hub_docs(name: str) -> tuple[Sequence[str], str]:
 
         ds = load_dataset(path, config, split=split) if config else load_dataset(path, split=split)
     except Exception as e:
-        raise QoqError(_oneline(f"could not load calibration set '{name}' ({path}) from the hub: "
-                                f"{type(e).__name__}: {e}; pass a local text/jsonl file with --calib PATH")) from e
+        raise QoqError(_oneline(f"could not load calibration set '{name}' ({path}) from the hub: {type(e).__name__}: "
+                                f"{e}; pass a local text/jsonl file as {arg('spec', 'PATH')}")) from e
     if "text" not in ds.column_names:
         raise QoqError(f"calibration set '{name}' ({path}) has no 'text' column")
     return _Column(ds, "text"), f"{name} ({path}, {split})"
@@ -371,7 +371,7 @@ def _build_samples(docs: Sequence[str], tokenizer, n_samples: int, seqlen: int, 
     if not done:
         raise QoqError(f"not enough calibration text in {what}: found {n_tokens} tokens in {len(samples)} "
                        f"documents, need {need} tokens ({n_samples} x {seqlen}) from at least {n_samples} "
-                       "documents; lower --calib-samples/--calib-seqlen or pass more data with --calib")
+                       f"documents; lower {arg('n_samples')}/{arg('seqlen')} or pass more data as {arg('spec')}")
     flat = torch.tensor(list(itertools.chain.from_iterable(samples)), dtype=torch.long)
     return flat[: need].view(n_samples, seqlen)
 
@@ -395,7 +395,7 @@ def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Ca
         raise QoqError("data-free calibration needs a BOS or EOS token to start from; the tokenizer has neither")
     max_pos = getattr(cfg, "max_position_embeddings", None)
     if max_pos and seqlen + 1 > max_pos:
-        raise QoqError(f"--calib-seqlen {seqlen} is longer than the model's context ({max_pos} tokens)")
+        raise QoqError(f"{arg('seqlen')} {seqlen} is longer than the model's context ({max_pos} tokens)")
     banned = _eos_ids(tokenizer, cfg)  # never sampled: min_new_tokens keeps every sample seqlen long
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 from qoq.scheme.progressive import is_per_channel
 from qoq.formats.artifact import Artifact, read_artifact
 from qoq.formats.export_sglang import MODEL_TYPES, checked_output, write_checkpoint
@@ -42,8 +42,8 @@ def export_compressed_tensors(artifact: str | Path | Artifact, output: str | Pat
     output = checked_output(art, output, overwrite)
     if not is_per_channel(art.group_size):
         raise QoqError(f"compressed-tensors has no exact form of group size {art.group_size} QoQ weights (their "
-                       "per-group zero z/s2 is fractional); export a per-channel artifact (qoq quantize --group -1) "
-                       "or serve this one with --format sglang")
+                       f"per-group zero z/s2 is fractional); export a per-channel artifact ({arg('group_size', -1)}) "
+                       f"or serve this one with {arg('format', 'sglang')}")
     if art.config.get("model_type") not in MODEL_TYPES:
         raise QoqError(f"model_type {art.config.get('model_type')!r} is not one qoq exports "
                        f"({', '.join(MODEL_TYPES)})")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from qoq.scheme.progressive import padded_dims
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 from qoq.formats.artifact import (INDEX_FILE, REPORT_FILE, WEIGHTS_FILE, Artifact, _replace_folder, write_weights,
                                   read_artifact)
 
@@ -56,7 +56,7 @@ def sglang_shape_problem(modules: dict[str, tuple[int, int] | list[int]], group_
     """Why sglang's kernels cannot run these linears (one line naming the dimension), or None."""
     if group_size not in SGLANG_GROUP_SIZES:
         return (f"sglang's qoq method runs group size 128 or -1 (per-channel) only, this artifact has group size "
-                f"{group_size}; re-quantize with qoq quantize --group 128 (or -1)")
+                f"{group_size}; re-quantize with {arg('group_size', 128)} (or -1)")
     layers = sorted({name.rsplit(".", 2)[0] for name in modules if name.startswith("model.layers.")},
                     key=lambda p: int(p.rsplit(".", 1)[1]))
     for prefix in layers:
@@ -114,13 +114,18 @@ def sglang_tensors(art: Artifact) -> dict[str, torch.Tensor]:
 
 
 def checked_output(art: Artifact, output: str | Path, overwrite: bool) -> Path:
-    """The resolved output folder; QoqError when it exists (without --overwrite) or holds the artifact."""
+    """The resolved output folder; QoqError when it exists (unless `overwrite`) or holds the artifact."""
     output, source = Path(output).resolve(), art.path.resolve()
     if output == source or output in source.parents:
-        raise QoqError(f"--output {output} is or contains the artifact {source}; choose another folder")
+        raise QoqError(f"{arg('output')} {output} is or contains the artifact {source}; choose another folder")
     if output.exists() and not overwrite:
-        raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+        raise _exists(output)
     return output
+
+
+def _exists(output: Path) -> QoqError:
+    return QoqError(f"output folder {output} already exists; pass {arg('overwrite', True)} or choose another "
+                    f"{arg('output')}")
 
 
 def write_checkpoint(output: Path, config: dict, tensors: dict[str, torch.Tensor], source: Path,
@@ -135,7 +140,7 @@ def write_checkpoint(output: Path, config: dict, tensors: dict[str, torch.Tensor
             if file.is_file() and file.name not in SKIPPED_FILES and not file.name.endswith(".safetensors"):
                 shutil.copy2(file, tmp / file.name)
         if output.exists() and not overwrite:  # appeared while we were writing
-            raise QoqError(f"output folder {output} already exists; pass --overwrite or choose another --output")
+            raise _exists(output)
         _replace_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qoq.checks import strict_json
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 from qoq.formats.shards import ShardWriter
 
 RESUME_DIR = "resume"
@@ -106,7 +106,7 @@ def load_resume_point(folder: Path, fingerprint: dict, shard_bytes: int) -> Resu
     folder = Path(folder)
     state = saved_state(folder)
     if state is None:
-        raise QoqError(f"{folder} holds no resume point; delete it and run without --resume")
+        raise QoqError(f"{folder} holds no resume point; delete it and run without {arg('resume')}")
     differs = fingerprint_difference(state.get("fingerprint", {}), fingerprint)
     if differs is not None:
         raise QoqError(f"{folder} was made with a different {differs.replace('_', ' ')}; rerun with the options "
@@ -116,7 +116,7 @@ def load_resume_point(folder: Path, fingerprint: dict, shard_bytes: int) -> Resu
         hidden = _load_chunks(point, state["hidden_chunks"], state["hidden_shape"])
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise QoqError(f"the resume point in {folder} is damaged ({type(e).__name__}); delete that folder and "
-                       "run without --resume") from None
+                       f"run without {arg('resume')}") from None
     writer = ShardWriter.restore(folder, state["writer"], shard_bytes)
     return ResumePoint(next_block=int(state["next_block"]), hidden=hidden,
                        layer_reports=list(state["layer_reports"]), writer=writer)

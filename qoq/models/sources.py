@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 from qoq.hub import hub_reachable
 from qoq.models import smollm2
 from qoq.models.gguf_check import require_complete_gguf
@@ -458,7 +458,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype, stream: bool = False) -> LoadedM
             local = snapshot_download(repo_id, local_files_only=True)
         except Exception:
             raise QoqError(f"cannot reach the Hugging Face hub to download '{repo_id}' (offline?); download it "
-                           "elsewhere and pass the local folder with --model PATH") from None
+                           f"elsewhere and pass the local folder as {arg('model', 'PATH')}") from None
         return _load_folder(Path(local), dtype, source=repo_id, name=name, reload_spec=repo_id, stream=stream)
     try:
         cfg_file = hf_hub_download(repo_id, "config.json")
@@ -470,10 +470,10 @@ def _load_hub(repo_id: str, dtype: torch.dtype, stream: bool = False) -> LoadedM
         local = snapshot_download(repo_id, allow_patterns=wanted)
     except GatedRepoError as e:
         raise QoqError(f"hub model '{repo_id}' is gated; accept its license on huggingface.co and log in "
-                       "(huggingface-cli login or HF_TOKEN), or pass a local folder with --model PATH") from e
+                       f"(huggingface-cli login or HF_TOKEN), or pass a local folder as {arg('model', 'PATH')}") from e
     except RepositoryNotFoundError as e:
         raise QoqError(f"hub model '{repo_id}' not found (or private: log in with huggingface-cli login or "
-                       "HF_TOKEN); check the id or pass a local folder with --model PATH") from e
+                       f"HF_TOKEN); check the id or pass a local folder as {arg('model', 'PATH')}") from e
     return _load_folder(Path(local), dtype, source=repo_id, name=name, reload_spec=repo_id, stream=stream)
 
 

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from qoq.errors import QoqError
+import qoq.runtime_kernels as rk
+from qoq.errors import QoqError, arg
 from qoq.scheme import ops
 
 # One function per GPU kernel; `rmsnorm` (final norm, fp32) is optional for a kernel backend.
@@ -48,11 +49,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         return device
     if device not in DEVICES:
-        raise QoqError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+        raise QoqError(f"{arg('device')} {device!r} is not one of {', '.join(DEVICES)}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise QoqError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise QoqError(f"{arg('device', 'cuda')} was asked for but no CUDA GPU is visible; "
+                       f"use {arg('device', 'cpu')}")
     return torch.device(device)
 
 
@@ -60,16 +62,9 @@ def cupy_available() -> tuple[bool, str]:
     """(available, why not) for the cupy kernel backend."""
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible"
-    try:
-        import qoq.runtime_kernels as rk
-    except Exception as e:  # not written yet, or cupy missing
-        return False, f"qoq.runtime_kernels cannot be imported ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
-    check = getattr(rk, "available", None)
-    try:
-        ok = bool(check()) if callable(check) else False
-    except Exception as e:
-        return False, f"qoq.runtime_kernels.available() failed ({type(e).__name__})"
-    return (True, "") if ok else (False, "qoq.runtime_kernels reports the kernels are unavailable (cupy/NVRTC)")
+    if not rk.available():  # (it imports without CuPy and never raises)
+        return False, "qoq.runtime_kernels reports the kernels are unavailable (cupy/NVRTC)"
+    return True, ""
 
 
 def reference_backend() -> Backend:
@@ -81,8 +76,7 @@ def reference_backend() -> Backend:
 def cupy_backend() -> Backend:
     ok, why = cupy_available()
     if not ok:
-        raise QoqError(f"--backend cupy is not available: {why}; use --backend reference")
-    import qoq.runtime_kernels as rk
+        raise QoqError(f"{arg('backend', 'cupy')} is not available: {why}; use {arg('backend', 'reference')}")
     fns, fallbacks = {}, []
     for name in KERNELS + OPTIONAL:
         fn = getattr(rk, name, None)
@@ -98,12 +92,13 @@ def cupy_backend() -> Backend:
 def get_backend(name: str, device: torch.device) -> Backend:
     """The backend `name` for `device`; QoqError when it cannot run there."""
     if name not in BACKENDS:
-        raise QoqError(f"--backend {name!r} is not one of {', '.join(BACKENDS)}")
+        raise QoqError(f"{arg('backend')} {name!r} is not one of {', '.join(BACKENDS)}")
     if name == "reference":
         return reference_backend()
     if name == "cupy":
         if device.type != "cuda":
-            raise QoqError("--backend cupy needs a CUDA device; use --device cuda or --backend reference")
+            raise QoqError(f"{arg('backend', 'cupy')} needs a CUDA device; use {arg('device', 'cuda')} or "
+                           f"{arg('backend', 'reference')}")
         return cupy_backend()
     if device.type == "cuda" and cupy_available()[0]:
         return cupy_backend()

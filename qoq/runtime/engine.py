@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, arg
 from qoq.formats.artifact import Artifact, read_artifact
 from qoq.runtime import fast as fast_mode
 from qoq.scheme import ops
@@ -77,7 +77,7 @@ def rotary_embedding(config) -> torch.nn.Module:
     return cls(config=config)
 
 
-class Engine:
+class Engine(fast_mode.HostMirroredLengths):
     """A loaded artifact ready to run: `logits`, `prefill`/`decode_step`, `reset`, `generate`.
 
     `fast` (default: on CUDA) fuses q|k|v and gate|up, uses the backend's RoPE + KV4 append kernel and,
@@ -194,7 +194,8 @@ class Engine:
     def capacity(self) -> int:
         return self.cache[0].k.shape[2]
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the cache (doubling at least) until it holds `needed` positions; decode graphs are dropped."""
         if needed <= self.capacity:
             return
         self._graphs.clear()  # they captured the old cache
@@ -207,13 +208,14 @@ class Engine:
 
     # ---- forward ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, rows: slice | None = None,
+                      graph_len: int | None = None) -> torch.Tensor:
         """Append `input_ids` [B, T] to the cache (to sequences `rows` of the batch only: chunked prefill);
-        the final-normed hidden states [B, T, H]."""
+        the final-normed hidden states [B, T, H]. `graph_len`: capturing a decode graph (see `_forward`)."""
         input_ids = input_ids.to(self.device)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        return self._forward(input_ids, rows)
+        return self._forward(input_ids, rows, graph_len)
 
     def _forward(self, input_ids: torch.Tensor, rows: slice | None = None,
                  graph_len: int | None = None) -> torch.Tensor:
@@ -228,7 +230,7 @@ class Engine:
         if top + t > self.capacity:
             if graph_len is not None or not full:
                 raise QoqError(f"the cache holds {self.capacity} positions, {top + t} are needed; reset with more")
-            self._ensure_capacity(top + t)
+            self.ensure_capacity(top + t)
         caches = self.cache if full else [fast_mode.rows_view(c, rows) for c in self.cache]
         start = self.lengths.clone() if full else self.lengths[rows].clone()
         fresh = graph_len is None and self.prefill_fp16 and top == 0  # every row starts at position 0
@@ -388,9 +390,9 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
     from transformers import AutoTokenizer
 
     if max_new_tokens < 1:
-        raise QoqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        raise QoqError(f"{arg('max_new_tokens')} must be >= 1, got {max_new_tokens}")
     if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:  # NaN fails both
-        raise QoqError("--temperature must be >= 0 and --top-p in (0, 1]")
+        raise QoqError(f"{arg('temperature')} must be >= 0 and {arg('top_p')} in (0, 1]")
     t_load = time.perf_counter()
     art = read_artifact(artifact)
     try:
@@ -405,7 +407,7 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
     else:
         ids = tok(prompt, return_tensors="pt").input_ids[0]
     if ids.numel() == 0:
-        raise QoqError("the prompt is empty after tokenization; pass some text with -p")
+        raise QoqError(f"the prompt is empty after tokenization; pass some text as {arg('prompt')}")
     eos = set()
     for src in (tok.eos_token_id, art.config.get("eos_token_id")):
         eos.update(src if isinstance(src, (list, tuple)) else ([] if src is None else [src]))

@@ -6,7 +6,8 @@ the decoder loop in qoq.runtime.engine:
 - `rope_append_op`: the backend's fused RoPE + KV4 append kernel, when it has one;
 - `prefill_attention_fp16`: a fresh prompt's causal attention in FP16 over its own rotated K/V, before
   they are quantized (QServe's prefill; faster, but not the KV4 path perplexity is measured on);
-- `DecodeGraphs`: each decode step replays a CUDA graph captured per (batch, cache) on first use.
+- `DecodeGraphs`: each decode step replays a CUDA graph captured per (batch, cache) on first use, with
+  `HostMirroredLengths`, the lengths bookkeeping it needs of an engine.
 """
 from __future__ import annotations
 
@@ -91,12 +92,39 @@ def prefill_attention_fp16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm
     return o.transpose(1, 2).reshape(b * t, hq * d)
 
 
+class HostMirroredLengths:
+    """Sequence lengths held twice: `lengths` on the device (kernels and captured decode graphs read and
+    advance it in place) and `_host_len`, its host mirror, so that a step never waits on the device."""
+
+    lengths: torch.Tensor
+    _host_len: torch.Tensor
+
+    def longest_sequence(self) -> int:
+        """Tokens held by the longest sequence (from the host mirror: no device sync); 0 for no sequences."""
+        return int(self._host_len.max()) if self._host_len.numel() else 0
+
+    def save_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lengths as they are, for `restore_lengths` (a decode graph's warm-up and capture advance them)."""
+        return self.lengths.clone(), self._host_len.clone()
+
+    def restore_lengths(self, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        lengths, host = saved
+        self.lengths.copy_(lengths)  # in place: captured graphs read this very tensor
+        self._host_len = host.clone()
+
+    def count_replayed_step(self) -> None:
+        """A replayed decode graph advanced `lengths` by one token on the device: the host mirror follows."""
+        self._host_len += 1
+
+
 class DecodeGraphs:
     """CUDA graphs of one decode step, one per (batch, cache capacity, cache and lengths tensors).
 
     A graph reads the token ids from its own input buffer and the positions from `engine.lengths` (which
     the step advances in place), so replaying needs no host work but a copy of the ids; its logits are a
-    buffer that the next replay overwrites."""
+    buffer that the next replay overwrites. What it uses of an engine: the `HostMirroredLengths` methods,
+    `hidden_states(ids, graph_len=...)`, `ensure_capacity`, `lm_logits`, `capacity`, `cache`, `device`, and
+    the `cuda_graph` / `graph_error` switches it turns off on a failed capture."""
 
     def __init__(self):
         self._graphs: dict = {}
@@ -112,8 +140,8 @@ class DecodeGraphs:
         """One decode step of `engine` for tokens [B] through its graph (captured on first use); falls back
         to eager decode for good, noting why in `engine.graph_error`, if capture fails."""
         b = tokens.shape[0]
-        if b and int(engine._host_len.max()) + 1 > engine.capacity:
-            engine._ensure_capacity(int(engine._host_len.max()) + 1)  # grow eagerly: a graph cannot
+        if b:
+            engine.ensure_capacity(engine.longest_sequence() + 1)  # grow eagerly: a graph cannot
         key = (b, engine.capacity, engine.cache[0].k.data_ptr(), engine.lengths.data_ptr())
         entry = self._graphs.get(key)
         if entry is None:
@@ -123,29 +151,27 @@ class DecodeGraphs:
                 engine.cuda_graph = False
                 engine.graph_error = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
                 torch.cuda.synchronize(engine.device)
-                return engine.lm_logits(engine._forward(tokens.reshape(-1, 1))[:, -1])
+                return engine.lm_logits(engine.hidden_states(tokens.reshape(-1, 1))[:, -1])
         ids, logits, graph = entry
         ids.copy_(tokens.reshape(-1, 1))
         graph.replay()
-        engine._host_len += 1
+        engine.count_replayed_step()
         return logits
 
     @staticmethod
     def _capture(engine, b: int):
         ids = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
-        saved, saved_host = engine.lengths.clone(), engine._host_len.clone()
+        saved = engine.save_lengths()
         side = torch.cuda.Stream(engine.device)
         side.wait_stream(torch.cuda.current_stream(engine.device))
         with torch.cuda.stream(side):  # warm-up: loads every kernel and workspace the step uses
-            engine._forward(ids, graph_len=engine.capacity)
+            engine.hidden_states(ids, graph_len=engine.capacity)
         torch.cuda.current_stream(engine.device).wait_stream(side)
-        engine.lengths.copy_(saved)
-        engine._host_len = saved_host.clone()
+        engine.restore_lengths(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = engine.lm_logits(engine._forward(ids, graph_len=engine.capacity)[:, -1])
-        engine.lengths.copy_(saved)  # the warm-up's K/V rows are overwritten by the next real step
-        engine._host_len = saved_host
+            logits = engine.lm_logits(engine.hidden_states(ids, graph_len=engine.capacity)[:, -1])
+        engine.restore_lengths(saved)  # the warm-up's K/V rows are overwritten by the next real step
         return ids, logits, graph
 
 

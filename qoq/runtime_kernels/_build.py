@@ -7,6 +7,12 @@ first use only, once per process per device arch: options `-arch=sm_XX -std=c++1
 no flush-to-zero). Compiled cubins are also kept on disk (`$QOQ_KERNEL_CACHE`, default ~/.cache/qoq/kernels),
 keyed by source, options and NVRTC version. CuPy only loads modules and launches; torch owns every buffer and
 the stream (kernels go to torch's current stream). cupy is imported lazily: this module imports without it.
+
+Why NVRTC directly and not `cupy.RawModule` (checked against CuPy 14.2, the version the GPU numbers used):
+RawModule appends `-ftz=true` after the caller's options, so `-ftz=false` loses (cupy/cupy#9576) and every
+fp32 denormal the kernels touch would flush to zero, unlike the torch reference twins; it appends its own
+`-arch=sm_XX` from the device and parses the arch as a number, so the `sm_90a` unit has no supported way
+in; and it insists on finding the CUDA headers, which these sources never include.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ UNITS = ("gemm.cu", "quant.cu", "attention.cu", "wgmma.cu")
 UNIT_PREFIX = {"wgmma.cu": ("gemm.cu",)}  # sources a unit builds on
 ARCH_SPECIFIC = {"wgmma.cu": "90"}  # units compiled for sm_XXa (warpgroup MMA): they run on exactly that arch
 NVRTC_OPTIONS = ("-std=c++17",)
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 _lock = threading.RLock()
 _functions: dict = {}  # (device, variant) -> cupy Function
@@ -121,17 +128,28 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("QOQ_KERNEL_CACHE", Path.home() / ".cache" / "qoq" / "kernels"))
 
 
+def nvrtc_options(arch: str) -> tuple[str, ...]:
+    """NVRTC options for `sm_<arch>`: nothing that trades IEEE float semantics for speed (no -ftz=true,
+    no fast math), so fp32 denormals and divisions behave as in the torch reference twins."""
+    return (f"-arch=sm_{arch}",) + NVRTC_OPTIONS
+
+
+def cached_cubin_path(source: str, name: str, options: tuple[str, ...], nvrtc_version) -> Path:
+    """Where the cubin of `source` built with `options` by that NVRTC is kept (any change: another file)."""
+    key = hashlib.sha256(f"{nvrtc_version}|{options}|{name}|".encode() + source.encode()).hexdigest()[:40]
+    return _cache_dir() / f"{name}-{key}.cubin"
+
+
 def nvrtc_compile(source: str, name: str, arch: str) -> bytes:
     """NVRTC -> cubin for `sm_<arch>`, with an on-disk cache."""
     from cupy_backends.cuda.libs import nvrtc
 
-    options = (f"-arch=sm_{arch}",) + NVRTC_OPTIONS
+    options = nvrtc_options(arch)
     try:
         version = nvrtc.getVersion()
     except Exception:  # pragma: no cover - older bindings
         version = "?"
-    key = hashlib.sha256(f"{version}|{options}|{name}|".encode() + source.encode()).hexdigest()[:40]
-    path = _cache_dir() / f"{name}-{key}.cubin"
+    path = cached_cubin_path(source, name, options, version)
     if path.is_file():
         return path.read_bytes()
     prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
@@ -213,7 +231,7 @@ def launch(v: Variant, device: int, grid, block, args, smem: int = 0, pdl: bool 
     if smem > 0 and (device, v) not in _smem_set:  # opt in (static smem counts against the 48 KB default)
         from cupy.cuda import driver
 
-        driver.funcSetAttribute(fn.ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        driver.funcSetAttribute(fn.ptr, _MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
         _smem_set.add((device, v))
     import cupy
 
@@ -245,7 +263,11 @@ _libcuda = None
 
 
 def _launch_pdl(fn, device: int, grid, block, args, smem: int) -> None:
-    """cuLaunchKernelEx with programmatic stream serialization (CuPy's launcher has no launch attributes)."""
+    """cuLaunchKernelEx with programmatic stream serialization, on the CUfunction of CuPy's `fn.ptr`.
+
+    The one launch that bypasses CuPy: its launcher takes no launch attributes, and programmatic dependent
+    launch is one. (Thread-block clusters need none: those variants declare `__cluster_dims__` in the source,
+    so CuPy launches them as any other kernel.)"""
     global _libcuda
     import torch
 

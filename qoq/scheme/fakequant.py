@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from qoq.scheme.progressive import dequantize, quantize_weight
-from qoq.scheme.ops import INT8_MAX, kv4_dequantize, kv4_quantize
+from qoq.scheme.ops import INT8_MAX
 
 
 def fake_weight(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -34,7 +34,3 @@ def fake_kv4(x: torch.Tensor) -> torch.Tensor:
     q = torch.round(xf / scale + zero).clamp(0, 15)
     return (q - zero) * scale
 
-
-def fake_kv4_packed(x: torch.Tensor) -> torch.Tensor:
-    """`fake_kv4` through the runtime's own pack/unpack functions (the definition `fake_kv4` must match)."""
-    return kv4_dequantize(*kv4_quantize(x))

@@ -39,10 +39,6 @@ class QuantizedWeight:
     z: torch.Tensor | None = None  # int8 [Np, Kp/g], level-2 zero in INT8 units (per-group only)
     szeros: torch.Tensor | None = None  # fp16 [Np], z*s1 (per-channel only)
 
-    @property
-    def padded_shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
-
     def int8_weight(self) -> torch.Tensor:
         """Per-group only: the INT8 operand `q*s2 - z` [Np, Kp] that the GEMM's tensor cores see."""
         assert self.group_size > 0

@@ -3,7 +3,7 @@
     python -m qoq.verify.compare ARTIFACT --windows 8 --seq-len 2048 --backend-a reference --backend-b cupy \
         --json compare.json
 
-Backend A is the reference, B the candidate; see `qoq.verify.numerics.compare_backends` for the protocol
+Backend A is the reference, B the candidate; see `qoq.verify.backend_compare` for the protocol
 and the metrics. The windows are the first N of qoq verify's (`qoq.verify.perplexity`).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qoq.console import err, out, user_errors
-from qoq.errors import QoqError
+from qoq.errors import QoqError, flags
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -26,10 +26,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def _backend(flag: str, name: str, device):
     from qoq.runtime.backend import get_backend
 
-    try:
+    with flags({"backend": flag}):  # this command has two backend flags
         return get_backend(name, device)
-    except QoqError as e:  # name the flag this command has
-        raise QoqError(str(e).replace("--backend ", f"{flag} ")) from None
 
 
 def load_windows(art, data: str | None, seq_len: int, windows: int):
@@ -63,6 +61,7 @@ def _table(report: dict) -> Table:
 
 @app.command()
 @user_errors
+@flags({"device": "--device"})
 def main(
     artifact: Path = typer.Argument(..., help="artifact folder written by qoq quantize"),
     windows: int = typer.Option(8, "--windows", help="number of WikiText-2 test windows (the first N)"),
@@ -80,7 +79,7 @@ def main(
     """Logits of backend B against backend A on WikiText-2 windows: relative errors, top-1, KL and NLL."""
     from qoq.formats.artifact import read_artifact
     from qoq.runtime.backend import resolve_device
-    from qoq.verify.numerics import compare_backends
+    from qoq.verify.backend_compare import compare_backends
 
     if windows < 1:
         raise QoqError(f"--windows must be >= 1, got {windows}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,20 +244,6 @@ def hf_perplexity(model, windows: torch.Tensor, device: torch.device, reporter: 
     return _result(nll, count, time.perf_counter() - t0)
 
 
-@contextmanager
-def _quiet_transformers():
-    """No transformers progress bars while the baseline loads (ours are on the console)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _result(nll: float, count: int, seconds: float) -> PplResult:
     mean = nll / max(count, 1)
     ppl = math.exp(mean) if mean < 700 else float("inf")
@@ -335,7 +320,8 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         baseline_dtype = str(dtype).removeprefix("torch.")
-        with reporter.status(f"loading the source model {reload_spec}"), _quiet_transformers():
+        # third-party bars and load reports: off unless --verbose (qoq.progress.quiet_third_party, in the CLI)
+        with reporter.status(f"loading the source model {reload_spec}"):
             loaded = load_model(reload_spec, dtype)
         if not source_checked:
             check_source_hash(art.path, reload_spec, recorded_sha, loaded.source_sha256)
@@ -346,7 +332,7 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
 
     kernel_check = None
     if do_check:
-        from qoq.verify.numerics import check_kernels
+        from qoq.verify.kernel_check import check_kernels
 
         with reporter.status("checking kernels against the reference"):
             kc = check_kernels(art, windows[:2, : min(opts.seq_len, 512)], device, get_backend("cupy", device),
