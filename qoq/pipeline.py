@@ -164,7 +164,10 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     with reporter.status("loading the model"):
         loaded = load_model(opts.model, dtype=load_dtype, stream=opts.stream)
     if loaded.reader is None:
-        require_finite_source(loaded.model)  # a streamed model's tensors are checked as they are read
+        require_finite_source(loaded.model)
+    else:
+        with reporter.status("checking the source tensors"):
+            loaded.reader.require_finite()
     n_params = sum(p.numel() for p in loaded.model.parameters())
     how = "streamed block by block from its safetensors" if loaded.reader is not None else "loaded in memory"
     reporter.info(f"model: {loaded.source} ({loaded.architecture}, {n_params/1e6:.0f}M parameters, {how})")

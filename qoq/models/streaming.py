@@ -45,6 +45,11 @@ class CheckpointReader:
                            "or overflowed: re-download or re-export it")
         return t
 
+    def require_finite(self) -> None:
+        """Read every tensor once, as the quantization will: NaN/Inf are refused before any work is done."""
+        for name in self.weight_map:
+            self.tensor(name)
+
     def load(self, module: torch.nn.Module, prefix: str, names: dict[str, str] | None = None) -> torch.nn.Module:
         """Give every parameter of `module` (named `prefix.<param>` in the checkpoint, or as `names` maps
         them) its stored value, on the CPU."""
