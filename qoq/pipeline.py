@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from qoq import recipe as recipe_mod
+from qoq.calibration.parallel import SINGLE_PROCESS, DataParallelGroup, join_ranks, leave_ranks
 from qoq.checks import require_finite_source
 from qoq.errors import QoqError
 from qoq.runtime.backend import resolve_device
@@ -101,27 +102,55 @@ def default_output(name: str, group_size: int) -> Path:
 def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> QuantizeResult:
     """Quantize a model to a QoQ W4A8KV4 artifact and return where it was written.
 
-    The output is checked and its hidden partial folder created before the model is loaded."""
+    The output is checked and its hidden partial folder created before the model is loaded. Started as
+    several torchrun ranks, the ranks share the calibration samples (`calibration.parallel`) and rank 0
+    alone checks the output and writes the artifact; the others return a result without a path."""
     from qoq.calibration.data import check_calibration_path
-    from qoq.models.sources import model_name
 
     reporter = reporter or Reporter()
     opts.validate()
     check_calibration_path(opts.calib)
-    device = resolve_device(opts.device)
-    output = Path(opts.output) if opts.output is not None else default_output(model_name(opts.model), opts.group_size)
-    output = check_output(output, opts.model, opts.overwrite)
+    ranks = join_ranks(resolve_device(opts.device))
+    if ranks.is_first:
+        result = _quantize_to_output(opts, ranks, reporter)
+    else:
+        result = _quantize_into(None, None, opts, ranks.device, Reporter(), ranks)
+    # only after success: a rank that failed exits at once, and the launcher stops the ones still waiting for it
+    leave_ranks(ranks)
+    return result
+
+
+def check_before_launch(opts: QuantizeOptions, ranks: int) -> None:
+    """What `quantize` on `ranks` processes refuses before loading anything, checked before they start."""
+    from qoq.calibration.data import check_calibration_path
+
+    opts.validate()
+    if opts.calib_samples is not None:
+        DataParallelGroup(world=ranks).sample_range(opts.calib_samples)
+    check_calibration_path(opts.calib)
+    check_output(output_path(opts), opts.model, opts.overwrite)
+
+
+def output_path(opts: QuantizeOptions) -> Path:
+    from qoq.models.sources import model_name
+
+    return Path(opts.output) if opts.output is not None else default_output(model_name(opts.model), opts.group_size)
+
+
+def _quantize_to_output(opts: QuantizeOptions, ranks: DataParallelGroup, reporter: Reporter) -> QuantizeResult:
+    device = ranks.device
+    output = check_output(output_path(opts), opts.model, opts.overwrite)
     remove_stale_partials(output, reporter)
     partial = create_partial(output)  # an unwritable output fails now, not after the whole run
     try:
-        return _quantize_into(partial, output, opts, device, reporter)
+        return _quantize_into(partial, output, opts, device, reporter, ranks)
     except BaseException:
         partial.discard()
         raise
 
 
-def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, device: torch.device,
-                   reporter: Reporter) -> QuantizeResult:
+def _quantize_into(partial: PartialFolder | None, output: Path | None, opts: QuantizeOptions, device: torch.device,
+                   reporter: Reporter, ranks: DataParallelGroup = SINGLE_PROCESS) -> QuantizeResult:
     from qoq.calibration.data import load_calibration, plan_calibration
     from qoq.models.sources import load_model
 
@@ -149,8 +178,10 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     t0 = time.perf_counter()
     tensors, modules, layer_reports = recipe_mod.quantize_decoder_blocks(
         loaded.model, calib.input_ids, opts.group_size, opts.recipe_options(), device, batch_size=opts.batch_size,
-        reporter=reporter, compute_dtype=opts.compute_dtype(device))
+        reporter=reporter, compute_dtype=opts.compute_dtype(device), parallel=ranks)
     timings["quantize_s"] = time.perf_counter() - t0
+    if not ranks.is_first:  # rank 0 holds the same tensors and writes them
+        return QuantizeResult(path=None, model=loaded.model)
 
     recipe = opts.recipe(loaded.model.config)
     config = artifact_config(loaded.model, opts.group_size, modules, recipe)
@@ -160,6 +191,7 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
         "calibration": {"description": calib.description, "sha256": calib.sha256, **plan.record()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "device": str(device),
+        **_data_parallel_record(ranks, calib.input_ids.shape[0]),
         "recipe": recipe,
         "calibration_compute_dtype": str(opts.compute_dtype(device)).removeprefix("torch."),
         "layers": layer_reports,
@@ -175,6 +207,14 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     report["peak_host_memory_bytes"] = peak_host_memory_bytes()
     remember_last_artifact(path)
     return QuantizeResult(path=path, report=report, model=loaded.model)
+
+
+def _data_parallel_record(ranks: DataParallelGroup, n_samples: int) -> dict:
+    """How the calibration samples were shared (nothing for one process)."""
+    if ranks.world == 1:
+        return {}
+    shares = [DataParallelGroup(rank=r, world=ranks.world).sample_range(n_samples) for r in range(ranks.world)]
+    return {"data_parallel": {"ranks": ranks.world, "samples_per_rank": [end - start for start, end in shares]}}
 
 
 def artifact_config(model, group_size: int, modules: dict, recipe: dict) -> dict:
