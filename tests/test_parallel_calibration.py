@@ -167,7 +167,7 @@ def test_sample_slices_are_contiguous_and_balanced():
     for n, world in ((7, 2), (128, 8), (10, 3), (3, 3)):
         ranges = [DataParallelGroup(rank=r, world=world).sample_range(n) for r in range(world)]
         assert ranges[0][0] == 0 and ranges[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(a[1] == b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True))
         sizes = [end - start for start, end in ranges]
         assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
     with pytest.raises(QoqError, match="--calib-samples 4 or more"):
