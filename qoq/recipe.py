@@ -141,9 +141,10 @@ def quantize_block(layer, runner, ropts: RecipeOptions, group_size: int, rotatio
                    attn_tokens=ropts.attn_search_tokens)
     with cap.hooks(layer), _autocast(runner.device, compute_dtype):
         fp_out, stats = runner.forward_with_stats(layer)
-    cap.combine_ranks()
     # NaN/Inf here would reach GPTQ as a non-positive-definite Hessian: stop with the block's name instead
+    # (before the ranks combine, so the rank whose slice overflowed says so, not another rank's GPTQ)
     require_finite_activations(index, "the calibration outputs before quantization", fp_out)
+    cap.combine_ranks()
     t_capture = time.perf_counter()
 
     gate, up, down = linears["mlp.gate_proj"], linears["mlp.up_proj"], linears["mlp.down_proj"]
