@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +15,7 @@ from rich.table import Table
 
 from qoq.errors import QoqError, flags
 from qoq.console import err, out, user_errors
-from qoq.progress import RichReporter, quiet_third_party
+from qoq.progress import Reporter, RichReporter, quiet_third_party
 from qoq.summary import generate_summary, quantize_summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -75,12 +77,16 @@ def quantize(
                                 "(same model, calibration data and options) from its last finished blocks"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="read an HF safetensors model one block at a "
                                 "time (host memory: one block, not the model); --no-stream loads it whole"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="data-parallel calibration on N GPUs of this machine: "
+                                       "N processes (torchrun), each calibrating on its share of the samples"),
     verbose: bool = VERBOSE_OPT,
 ):
     """Calibrate and quantize a model to a QoQ W4A8KV4 artifact."""
-    from qoq.pipeline import QuantizeOptions, quantize as run_quantize
+    from qoq.calibration.launch import launch_ranks, require_gpus, require_launched_as, under_launcher
+    from qoq.pipeline import QuantizeOptions, check_before_launch, quantize as run_quantize
 
     _require_positive("--batch-size", batch_size)
+    _require_positive("--gpus", gpus)
 
     opts = QuantizeOptions(model=model, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                            group_size=group, recipe_name=recipe, rotation=rotation, smooth_linear=smooth_linear,
@@ -88,8 +94,18 @@ def quantize(
                            smooth_attn_alpha=smooth_attn_alpha, calib_dtype=calib_dtype, device=device,
                            output=output, overwrite=overwrite, batch_size=batch_size, resume=resume,
                            stream=stream)
-    with quiet_third_party(verbose):
-        result = run_quantize(opts, RichReporter(err))
+    if gpus is not None and under_launcher():
+        require_launched_as(gpus)
+    elif gpus is not None:
+        require_gpus(gpus, device)
+        if gpus > 1:
+            check_before_launch(opts, gpus)  # one line now rather than one per rank later
+            raise typer.Exit(launch_ranks(gpus, sys.argv[1:]))
+    rank = _launched_rank()
+    with quiet_third_party(verbose), _rank_errors(rank):
+        result = run_quantize(opts, RichReporter(err) if rank == 0 else Reporter())
+    if rank != 0:  # rank 0 holds the same weights, writes the artifact and reports
+        return
     sizes, timings = result.report["sizes"], result.report["timings"]
     worst = max(result.report["layers"], key=lambda r: _nan_as_inf(r["block_output_rel_error"]))
     out.print(f"wrote [bold]{result.path}[/]: {_mb(sizes['artifact_bytes'])} vs {_mb(sizes['fp16_bytes'])} FP16 "
@@ -131,6 +147,25 @@ def inspect(
     source, calib = art.report.get("source", {}), art.report.get("calibration", {})
     out.print(f"source sha256 {source.get('sha256') or '?'}; calibration {calib.get('description') or '?'}, "
               f"sha256 {calib.get('sha256') or '?'}", highlight=False, soft_wrap=True)
+
+
+def _launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextmanager
+def _rank_errors(rank: int):
+    """Ranks after the first name themselves in their errors and stay quiet when the launcher stops them
+    (because another rank failed, or on Ctrl-C: rank 0 says so)."""
+    if rank == 0:
+        yield
+        return
+    try:
+        yield
+    except QoqError as e:
+        raise QoqError(f"rank {rank}: {e}") from None
+    except KeyboardInterrupt as e:
+        raise typer.Exit(getattr(e, "exit_code", 130)) from None
 
 
 def _require_positive(option: str, value: Optional[int]) -> None:

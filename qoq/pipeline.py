@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from qoq import recipe as recipe_mod
+from qoq.calibration.parallel import SINGLE_PROCESS, DataParallelGroup, join_ranks, leave_ranks
 from qoq.checks import require_finite_source
 from qoq.errors import QoqError, arg
 from qoq.runtime.backend import resolve_device
@@ -107,20 +108,56 @@ def default_output(name: str, group_size: int) -> Path:
 def quantize(opts: QuantizeOptions, reporter: Reporter | None = None) -> QuantizeResult:
     """Quantize a model to a QoQ W4A8KV4 artifact and return where it was written.
 
-    The output is checked and its hidden partial folder created before the model is loaded."""
+    The output is checked and its hidden partial folder created before the model is loaded. Started as
+    several torchrun ranks, the ranks share the calibration samples (`calibration.parallel`) and rank 0
+    alone checks the output and writes the artifact; the others return a result without a path."""
     from qoq.calibration.data import check_calibration_path
-    from qoq.models.sources import model_name
 
     reporter = reporter or Reporter()
     opts.validate()
     check_calibration_path(opts.calib)
-    device = resolve_device(opts.device)
-    output = Path(opts.output) if opts.output is not None else default_output(model_name(opts.model), opts.group_size)
-    output = check_output(output, opts.model, opts.overwrite)
+    ranks = join_ranks(resolve_device(opts.device))
+    _require_one_process_for_resume(opts, ranks.world)
+    if ranks.is_first:
+        result = _quantize_to_output(opts, ranks, reporter)
+    else:
+        result = _quantize_into(None, None, opts, ranks.device, Reporter(), ranks)
+    # only after success: a rank that failed exits at once, and the launcher stops the ones still waiting for it
+    leave_ranks(ranks)
+    return result
+
+
+def check_before_launch(opts: QuantizeOptions, ranks: int) -> None:
+    """What `quantize` on `ranks` processes refuses before loading anything, checked before they start."""
+    from qoq.calibration.data import check_calibration_path
+
+    opts.validate()
+    _require_one_process_for_resume(opts, ranks)
+    if opts.calib_samples is not None:
+        DataParallelGroup(world=ranks).sample_range(opts.calib_samples)
+    check_calibration_path(opts.calib)
+    check_output(output_path(opts), opts.model, opts.overwrite)
+
+
+def _require_one_process_for_resume(opts: QuantizeOptions, ranks: int) -> None:
+    if opts.resume and ranks > 1:
+        raise QoqError(f"{arg('resume')} continues a run of one process (data-parallel runs take no resume "
+                       "points); run it without the extra GPUs")
+
+
+def output_path(opts: QuantizeOptions) -> Path:
+    from qoq.models.sources import model_name
+
+    return Path(opts.output) if opts.output is not None else default_output(model_name(opts.model), opts.group_size)
+
+
+def _quantize_to_output(opts: QuantizeOptions, ranks: DataParallelGroup, reporter: Reporter) -> QuantizeResult:
+    device = ranks.device
+    output = check_output(output_path(opts), opts.model, opts.overwrite)
     remove_stale_partials(output, reporter)
     partial = _partial_for(output, opts.resume, reporter)  # an unwritable output fails now, not after the run
     try:
-        return _quantize_into(partial, output, opts, device, reporter)
+        return _quantize_into(partial, output, opts, device, reporter, ranks)
     except BaseException as e:
         # an adopted folder outlives any failure: its resume point is the interrupted run's work
         keep = isinstance(e, RESUMABLE_FAILURES) or partial.adopted
@@ -153,8 +190,8 @@ def _partial_for(output: Path, resume: bool, reporter: Reporter) -> PartialFolde
     return create_partial(output)
 
 
-def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, device: torch.device,
-                   reporter: Reporter) -> QuantizeResult:
+def _quantize_into(partial: PartialFolder | None, output: Path | None, opts: QuantizeOptions, device: torch.device,
+                   reporter: Reporter, ranks: DataParallelGroup = SINGLE_PROCESS) -> QuantizeResult:
     from qoq.calibration.data import load_calibration, plan_calibration
     from qoq.models.sources import load_model
 
@@ -190,20 +227,16 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     timings["calibration_data_s"] = time.perf_counter() - t0
 
     fp16_bytes = 2 * n_params  # before rotation unties lm_head
-    fingerprint = resume_fingerprint(opts, loaded, calib, device)
-    if opts.resume and saved_state(partial.path) is not None:
-        point = load_resume_point(partial.path, fingerprint, SHARD_BYTES)
-        writer = point.writer
-    else:
-        point, writer = None, ShardWriter(partial.path, SHARD_BYTES, stage_units=True)
-    checkpoints = Checkpoints(partial.path, writer, fingerprint, checkpoint_seconds())
+    point, writer, checkpoints = _block_loop_output(partial, opts, loaded, calib, device, ranks)
     _reset_gpu_peak(device)
     t0 = time.perf_counter()
     _, modules, layer_reports = recipe_mod.quantize_decoder_blocks(
         loaded.model, calib.input_ids, opts.group_size, opts.recipe_options(), device, batch_size=opts.batch_size,
-        reporter=reporter, compute_dtype=opts.compute_dtype(device),
+        reporter=reporter, compute_dtype=opts.compute_dtype(device), parallel=ranks,
         loop=recipe_mod.BlockLoop(reader=loaded.reader, sink=writer, checkpoints=checkpoints, resume=point))
     timings["quantize_s"] = time.perf_counter() - t0
+    if not ranks.is_first:  # rank 0 holds the same tensors and writes them
+        return QuantizeResult(path=None, model=loaded.model)
 
     recipe = opts.recipe(loaded.model.config)
     config = artifact_config(loaded.model, opts.group_size, modules, recipe)
@@ -213,6 +246,7 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
         "calibration": {"description": calib.description, "sha256": calib.sha256, **plan.record()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "device": str(device),
+        **_data_parallel_record(ranks, calib.input_ids.shape[0]),
         "recipe": recipe,
         "calibration_compute_dtype": str(opts.compute_dtype(device)).removeprefix("torch."),
         "layers": layer_reports,
@@ -222,7 +256,8 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
         "resumed_at_block": point.next_block if point is not None else None,
         "versions": versions(),
     }
-    checkpoints.discard()
+    if checkpoints is not None:
+        checkpoints.discard()
     t0 = time.perf_counter()
     with reporter.status(f"writing {output}"):
         path = write_artifact(output, config, None, report, tokenizer=loaded.tokenizer, overwrite=opts.overwrite,
@@ -233,6 +268,29 @@ def _quantize_into(partial: PartialFolder, output: Path, opts: QuantizeOptions, 
     remember_last_artifact(path)
     model = loaded.model if loaded.reader is None else None
     return QuantizeResult(path=path, report=report, model=model)
+
+
+class _Discarded:
+    """The tensors of a rank > 0: rank 0 holds the same ones and writes them."""
+
+    def add(self, tensors: dict) -> None:
+        pass
+
+
+def _block_loop_output(partial: PartialFolder | None, opts: QuantizeOptions, loaded, calib, device: torch.device,
+                       ranks: DataParallelGroup):
+    """(resume point or None, shard writer, resume points) for the block loop; nothing on ranks > 0, which
+    write nothing, and no resume points under data parallelism (each rank holds only its own hidden states)."""
+    if partial is None:
+        return None, _Discarded(), None
+    fingerprint = resume_fingerprint(opts, loaded, calib, device)
+    if opts.resume and saved_state(partial.path) is not None:
+        point = load_resume_point(partial.path, fingerprint, SHARD_BYTES)
+        writer = point.writer
+    else:
+        point, writer = None, ShardWriter(partial.path, SHARD_BYTES, stage_units=ranks.world == 1)
+    checkpoints = Checkpoints(partial.path, writer, fingerprint, checkpoint_seconds()) if ranks.world == 1 else None
+    return point, writer, checkpoints
 
 
 def resume_fingerprint(opts: QuantizeOptions, loaded, calib, device: torch.device) -> dict:
@@ -263,6 +321,14 @@ def memory_record(device: torch.device) -> dict:
 def _reset_gpu_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def _data_parallel_record(ranks: DataParallelGroup, n_samples: int) -> dict:
+    """How the calibration samples were shared (nothing for one process)."""
+    if ranks.world == 1:
+        return {}
+    shares = [DataParallelGroup(rank=r, world=ranks.world).sample_range(n_samples) for r in range(ranks.world)]
+    return {"data_parallel": {"ranks": ranks.world, "samples_per_rank": [end - start for start, end in shares]}}
 
 
 def artifact_config(model, group_size: int, modules: dict, recipe: dict) -> dict:

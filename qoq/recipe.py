@@ -15,6 +15,10 @@ before the first block and lm_head after the last (`quantize_decoder_blocks`). P
    each W_hat into the block;
 4. pass B: the quantized block's outputs become the next block's inputs ("quantized" propagation;
    "fp" keeps the FP outputs of pass A, as plain RTN does).
+
+Under data-parallel calibration (`calibration.parallel`) each rank runs both passes over its own slice
+of the samples; what pass A collected is reduced across the ranks before step 2, so the steps after it
+see the statistics of the whole calibration set and every rank quantizes identically.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from qoq.algorithm.rotation import (rotate_embedding, rotate_layer, rotate_lm_he
 from qoq.algorithm.smooth_attention import (fuse_smooth_attention, search_smooth_attention, smooth_attention_grid,
                                             smooth_attention_scales)
 from qoq.algorithm.smooth_linear import DEFAULT_ALPHAS, apply_down_smoothing, search_down_smoothing
+from qoq.calibration.parallel import SINGLE_PROCESS, DataParallelGroup
 from qoq.checks import require_finite_activations
 from qoq.models.arch import block_linears, decoder_layers, head_dims
 from qoq.scheme.ops import apply_rope
@@ -128,7 +133,9 @@ def quantize_block(layer, runner, ropts: RecipeOptions, group_size: int, rotatio
     with cap.hooks(layer), _autocast(runner.device, compute_dtype):
         fp_out, stats = runner.forward_with_stats(layer)
     # NaN/Inf here would reach GPTQ as a non-positive-definite Hessian: stop with the block's name instead
+    # (before the ranks combine, so the rank whose slice overflowed says so, not another rank's GPTQ)
     require_finite_activations(index, "the calibration outputs before quantization", fp_out)
+    cap.combine_ranks()
     t_capture = time.perf_counter()
 
     gate, up, down = linears["mlp.gate_proj"], linears["mlp.up_proj"], linears["mlp.down_proj"]
@@ -183,6 +190,7 @@ def quantize_block(layer, runner, ropts: RecipeOptions, group_size: int, rotatio
             linear.weight.data.copy_(w_hat)
             weights[name] = qw
     weights = {name: weights[name] for name in linears}
+    runner.parallel.align_to_first(layer)  # before pass B: every rank propagates through the same weights
     cap.release()
     t_quant = time.perf_counter()
 
@@ -203,22 +211,28 @@ def quantize_block(layer, runner, ropts: RecipeOptions, group_size: int, rotatio
 
 
 class _Capture:
-    """Forward hooks on one block collecting what the recipe's steps need, batch by batch."""
+    """Forward hooks on one block collecting what the recipe's steps need, batch by batch.
+
+    Sample and token positions are global (the runner's slice starts at `runner.sample_offset`), so the
+    strided row sample and the first `attn_samples` samples, gathered in rank order by `combine_ranks`,
+    are exactly those one process would have taken."""
 
     def __init__(self, runner, hessians: bool, down_stats: bool, search_rows: int, attn_samples: int,
                  attn_tokens: int):
         self.runner = runner
         self.want_hessians = hessians
         self.want_down = down_stats
-        n, t = runner.hidden.shape[:2]
+        n, t = runner.total_samples, runner.hidden.shape[1]
         self.row_stride = max(1, math.ceil(n * t / search_rows)) if search_rows > 0 else 0
         self.attn_samples = attn_samples
+        # this rank's share of the first `attn_samples` samples
+        self.attn_quota = min(max(attn_samples - runner.sample_offset, 0), runner.hidden.shape[0])
         self.attn_tokens = min(attn_tokens, t)
         self.acc: dict[str, HessianAccumulator] = {}
         self.down_absmax = None
         self.down_rows = None
         self._rows: list[torch.Tensor] = []
-        self._offset = 0  # running token index, for the strided row sample
+        self._offset = runner.sample_offset * t  # running global token index, for the strided row sample
         self._attn: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": []}
         self._attn_seen = {"q": 0, "k": 0, "v": 0}
 
@@ -244,6 +258,22 @@ class _Capture:
             if self._rows:
                 self.down_rows = torch.cat(self._rows)
                 self._rows = []
+
+    def combine_ranks(self) -> None:
+        """Reduce what every rank collected: Hessian sums and row counts added, channel maxima maxed, the
+        row and attention samples gathered in rank order (nothing changes for one process)."""
+        parallel = self.runner.parallel
+        if parallel.world == 1:
+            return
+        for key in sorted(self.acc):  # the same order of collectives on every rank
+            acc = self.acc[key]
+            acc.h, acc.n = parallel.sum(acc.h), parallel.sum_count(acc.n)
+        if self.down_absmax is not None:
+            self.down_absmax = parallel.max(self.down_absmax)
+        if self.down_rows is not None:
+            self.down_rows = parallel.gather_rows(self.down_rows)
+        for key in ("q", "k", "v") if self.attn_samples > 0 else ():
+            self._attn[key] = [parallel.gather_rows(torch.cat(self._attn[key]))]
 
     def hessian(self, key: str):
         acc = self.acc.get(key)
@@ -282,13 +312,14 @@ class _Capture:
     def _attn_hook(self, key):
         def fn(_module, _args, output):
             seen = self._attn_seen[key]
-            if seen >= self.attn_samples:
+            if seen >= self.attn_quota and self._attn[key]:
                 return
-            b = min(output.shape[0], self.attn_samples - seen)
+            # a rank past the first samples keeps one empty [0, heads, tokens, d] piece for the gather
+            b = min(output.shape[0], self.attn_quota - seen)
             self._attn_seen[key] = seen + b
             t = self.attn_tokens
             d = self.runner.head_dim
-            x = output[:b, :t].float().view(b, t, -1, d).transpose(1, 2)
+            x = output[:b, :t].float().view(b, t, output.shape[-1] // d, d).transpose(1, 2)
             if key in ("q", "k"):
                 x = apply_rope(x, self.runner.cos[:, :t], self.runner.sin[:, :t])
             self._attn[key].append(x.contiguous())
@@ -342,12 +373,14 @@ class _TensorDict:
 def quantize_decoder_blocks(model, input_ids: torch.Tensor, group_size: int, ropts: RecipeOptions,
                             device: torch.device, batch_size: int = 4, reporter=None,
                             compute_dtype: torch.dtype = torch.float32,
-                            loop: BlockLoop | None = None) -> tuple[dict, dict, list]:
+                            loop: BlockLoop | None = None,
+                            parallel: DataParallelGroup = SINGLE_PROCESS) -> tuple[dict, dict, list]:
     """Every block through `quantize_block`; returns (artifact tensors, {linear: (N, K)}, per-layer reports).
 
     The tensors go to `loop.sink` as they are made (then the returned dict is empty) in the artifact's
     order: the embedding, each block, the final norm and lm_head. The embedding is rotated (and written)
-    first, lm_head last, so with `loop.reader` only one of them is in memory at a time."""
+    first, lm_head last, so with `loop.reader` only one of them is in memory at a time.
+    `parallel`: the data-parallel ranks sharing `input_ids` (every rank returns the same tensors)."""
     from qoq.calibration.blocks import BlockRunner
     from qoq.formats.artifact import quantized_tensors
 
@@ -365,7 +398,7 @@ def quantize_decoder_blocks(model, input_ids: torch.Tensor, group_size: int, rop
             untie_lm_head(model)
             rotate_embedding(embed, rotation[0], device)
         sink.add({"model.embed_tokens.weight": embed.weight.detach().half().cpu()})
-        runner = BlockRunner(model, input_ids, device, batch_size=batch_size)
+        runner = BlockRunner(model, input_ids, device, batch_size=batch_size, parallel=parallel)
         _release(loop.reader, embed)
         if reporter is not None:
             reporter.info(runner.store.describe())
@@ -373,7 +406,8 @@ def quantize_decoder_blocks(model, input_ids: torch.Tensor, group_size: int, rop
     else:
         if rotation is not None:
             untie_lm_head(model)
-        runner = BlockRunner(model, input_ids, device, batch_size=batch_size, hidden=resume.hidden)
+        runner = BlockRunner(model, input_ids, device, batch_size=batch_size, parallel=parallel,
+                             hidden=resume.hidden)
         start, layer_reports = resume.next_block, list(resume.layer_reports)
     layers = list(runner.layers)
     for i in track(range(start, len(layers)), "quantizing blocks"):

@@ -1,6 +1,7 @@
 """Block-by-block calibration: one decoder block on the device at a time, its inputs cached.
 
-Peak device memory is one block in fp32 plus the cached hidden states of the calibration set.
+Peak device memory is one block in fp32 plus the cached hidden states of the calibration set (of this
+rank's share of it under data-parallel calibration, `calibration.parallel`).
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qoq.calibration.parallel import SINGLE_PROCESS, DataParallelGroup
+from qoq.errors import QoqError
 from qoq.models.arch import decoder_layers, head_dims, rotary_cos_sin
 from qoq.scheme.ops import apply_rope
 
@@ -52,14 +55,23 @@ class BlockStats:
 
 
 class BlockRunner:
-    """Runs the decoder blocks of `model` on `device` over cached calibration hidden states."""
+    """Runs the decoder blocks of `model` on `device` over cached calibration hidden states.
+
+    Under data-parallel calibration the runner holds only its rank's contiguous slice of the samples,
+    rank 0's `input_ids` taken on every rank (so all ranks share one calibration set by construction);
+    `sample_offset` is the slice's first global sample and `total_samples` the whole set's size.
+    `hidden`: this rank's cached inputs to start from (a resumed run), else the embeddings of its samples."""
 
     def __init__(self, model, input_ids: torch.Tensor, device: torch.device, batch_size: int = 4,
-                 hidden: torch.Tensor | None = None):
-        """`hidden`: the cached inputs to start from (a resumed run), else the embeddings of `input_ids`."""
+                 parallel: DataParallelGroup = SINGLE_PROCESS, hidden: torch.Tensor | None = None):
         self.model = model
         self.device = device
         self.batch_size = batch_size
+        self.parallel = parallel
+        input_ids = parallel.from_first(_same_shape_as_first(input_ids, parallel))
+        self.total_samples = input_ids.shape[0]
+        self.sample_offset, end = parallel.sample_range(self.total_samples)
+        input_ids = input_ids[self.sample_offset:end]
         self.heads, self.kv_heads, self.head_dim = head_dims(model.config)
         self.cos, self.sin = rotary_cos_sin(model, input_ids.shape[1], device)
         n, t = input_ids.shape
@@ -86,11 +98,12 @@ class BlockRunner:
 
     @torch.no_grad()
     def forward_with_stats(self, layer) -> tuple[torch.Tensor, BlockStats]:
-        """Outputs for the cached inputs, and max |post-RoPE q/k| per channel, in one pass."""
+        """Outputs for the cached inputs, and max |post-RoPE q/k| per channel (over all ranks), in one pass."""
         absmax = {}
         with _capture_rope_absmax(layer, self.cos, self.sin, self.head_dim, absmax):
             out = self.forward(layer)
-        return out, BlockStats(query_absmax=absmax["self_attn.q_proj"], key_absmax=absmax["self_attn.k_proj"])
+        return out, BlockStats(query_absmax=self.parallel.max(absmax["self_attn.q_proj"]),
+                               key_absmax=self.parallel.max(absmax["self_attn.k_proj"]))
 
     def advance(self, outputs: torch.Tensor) -> None:
         """The next block's inputs are this block's outputs."""
@@ -114,6 +127,15 @@ class BlockRunner:
         out = layer(x, attention_mask=None, position_ids=positions,
                     position_embeddings=(self.cos[:, :t], self.sin[:, :t]))
         return out[0] if isinstance(out, tuple) else out
+
+
+def _same_shape_as_first(input_ids: torch.Tensor, parallel: DataParallelGroup) -> torch.Tensor:
+    first = parallel.first_shape(input_ids)
+    if first != tuple(input_ids.shape):
+        raise QoqError(f"rank {parallel.rank} built {'x'.join(map(str, input_ids.shape))} calibration tokens, rank 0 "
+                       f"{'x'.join(map(str, first))}; give every rank the same --calib, --calib-samples and "
+                       "--calib-seqlen")
+    return input_ids
 
 
 @contextmanager
