@@ -7,7 +7,8 @@
 #   scripts/big_model_check.sh llama-3-8b 32 /tmp/big               # the whole 8B
 #   scripts/big_model_check.sh llama-3-70b 4 /tmp/big               # 4 blocks of the 70B shape
 #
-# A run cut short (a time limit, Ctrl-C) keeps its finished blocks; the same command continues it (--resume).
+# A run cut short (Ctrl-C, or QUANTIZE_TIMEOUT seconds: SIGTERM) keeps its resume point; the same command
+# continues it (--resume).
 set -euo pipefail
 shape=${1:?shape}; layers=${2:?layers}; work=${3:?workdir}; shift 3
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,8 +19,14 @@ if [ ! -f "$ckpt/config.json" ]; then
   python3 "$here/scripts/synthetic_checkpoint.py" --shape "$shape" --layers "$layers" --out "$ckpt"
 fi
 start=$(date +%s)
-python3 -m qoq.cli quantize --model "$ckpt" --group 128 --output "$art" --overwrite --resume "$@"
+rc=0
+timeout -s TERM "${QUANTIZE_TIMEOUT:-0}" python3 -m qoq.cli quantize --model "$ckpt" --group 128 --output "$art" \
+  --overwrite --resume "$@" || rc=$?
 end=$(date +%s)
+if [ $rc -ne 0 ]; then
+  echo "quantize stopped (exit $rc) after $((end - start)) s; run the same command again to resume"
+  exit $rc
+fi
 python3 - "$art/qoq_report.json" "$((end - start))" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
