@@ -23,7 +23,7 @@ from qoq.checks import require_finite_tensors
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SHARD_BYTES = 4 * 2**30
+SHARD_BYTES = 2 * 2**30  # safetensors serializes a whole shard in memory: 2 GiB keeps that bounded
 STAGING_DIR = "staging"
 # one key: safetensors writes metadata in hash-map order, so a second key would make the bytes of two
 # identical runs differ; config.json says what the tensors are

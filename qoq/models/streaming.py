@@ -26,7 +26,6 @@ class CheckpointReader:
         self.folder = Path(folder)
         self.dtype = dtype
         self.weight_map = _weight_map(self.folder)
-        self._files: dict[str, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -36,8 +35,10 @@ class CheckpointReader:
         file = self.weight_map.get(name)
         if file is None:
             raise QoqError(f"the checkpoint in {self.folder} has no tensor {name}; pass a complete HF model folder")
-        # a copy: safetensors may hand out views of one memory map, and the recipe edits weights in place
-        t = self._open(file).get_tensor(name).to(self.dtype, copy=True)
+        # opened per tensor: a mapping kept open keeps every page read so far resident (the whole model, after
+        # the NaN scan); and a copy, since safetensors may hand out views of the map, which the recipe edits
+        with safe_open(str(self.folder / file), framework="pt") as f:
+            t = f.get_tensor(name).to(self.dtype, copy=True)
         bad = count_non_finite(t)
         if bad:
             raise QoqError(f"the source model's tensor {name} has {bad} NaN/Inf value{'' if bad == 1 else 's'} "
@@ -63,12 +64,6 @@ class CheckpointReader:
     @staticmethod
     def release(module: torch.nn.Module) -> None:
         module.to("meta")
-
-    def _open(self, file: str):
-        handle = self._files.get(file)
-        if handle is None:
-            handle = self._files[file] = safe_open(str(self.folder / file), framework="pt")
-        return handle
 
 
 def can_stream(folder: Path) -> bool:
