@@ -14,7 +14,9 @@ def count_non_finite(t: torch.Tensor) -> int:
     """How many NaN/Inf values `t` holds (0 for integer tensors)."""
     if not t.is_floating_point():
         return 0
-    return int((~torch.isfinite(t)).sum())
+    flat = t.reshape(-1)
+    step = 1 << 26  # in pieces: the boolean mask of a whole embedding would be another half of it
+    return sum(int((~torch.isfinite(flat[i:i + step])).sum()) for i in range(0, flat.numel(), step))
 
 
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int] | None:

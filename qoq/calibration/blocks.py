@@ -60,10 +60,11 @@ class BlockRunner:
     Under data-parallel calibration the runner holds only its rank's contiguous slice of the samples,
     rank 0's `input_ids` taken on every rank (so all ranks share one calibration set by construction);
     `sample_offset` is the slice's first global sample and `total_samples` the whole set's size.
-    `hidden`: this rank's cached inputs to start from (a resumed run), else the embeddings of its samples."""
+    `hidden`: this rank's cached inputs to start from (a resumed run, an iterable of row chunks), else the
+    embeddings of its samples."""
 
     def __init__(self, model, input_ids: torch.Tensor, device: torch.device, batch_size: int = 4,
-                 parallel: DataParallelGroup = SINGLE_PROCESS, hidden: torch.Tensor | None = None):
+                 parallel: DataParallelGroup = SINGLE_PROCESS, hidden=None):
         self.model = model
         self.device = device
         self.batch_size = batch_size
@@ -76,8 +77,8 @@ class BlockRunner:
         self.cos, self.sin = rotary_cos_sin(model, input_ids.shape[1], device)
         n, t = input_ids.shape
         self.store = hidden_store(device, n * t * model.config.hidden_size * 4)
-        if hidden is not None:
-            self.hidden = self._stored(list(hidden.split(batch_size)))
+        if hidden is not None:  # chunks, each moved to the store as it is read
+            self.hidden = self._stored(hidden)
             return
         embed = model.get_input_embeddings()
         with torch.no_grad():
@@ -109,10 +110,12 @@ class BlockRunner:
         """The next block's inputs are this block's outputs."""
         self.hidden = outputs
 
-    def _stored(self, batches: list[torch.Tensor]) -> torch.Tensor:
-        """The batches, concatenated where the hidden states live (pinned host memory is filled in place)."""
+    def _stored(self, batches) -> torch.Tensor:
+        """The batches (any iterable), concatenated where the hidden states live (pinned host memory is filled
+        in place); each batch is moved as it comes, so an iterable that reads them holds one at a time."""
         if self.store.device.type == "cuda" or not self.store.pinned:
             return torch.cat([b.to(self.store.device) for b in batches])
+        batches = list(batches)
         out = torch.empty((sum(b.shape[0] for b in batches), *batches[0].shape[1:]), dtype=batches[0].dtype,
                           pin_memory=True)
         row = 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qoq.checks import strict_json
@@ -33,7 +34,7 @@ _CHUNK_BYTES = 256 << 20
 @dataclass
 class ResumePoint:
     next_block: int
-    hidden: torch.Tensor  # [samples, tokens, hidden] fp32: block `next_block`'s calibration inputs
+    hidden: "HiddenChunks"  # block `next_block`'s calibration inputs, [samples, tokens, hidden] fp32 in chunks
     layer_reports: list
     writer: ShardWriter
 
@@ -113,7 +114,7 @@ def load_resume_point(folder: Path, fingerprint: dict, shard_bytes: int) -> Resu
                        "of the interrupted run, or delete that folder to start over")
     point = folder / RESUME_DIR / state["point"]
     try:
-        hidden = _load_chunks(point, state["hidden_chunks"], state["hidden_shape"])
+        hidden = HiddenChunks(point, state["hidden_chunks"], state["hidden_shape"])
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise QoqError(f"the resume point in {folder} is damaged ({type(e).__name__}); delete that folder and "
                        f"run without {arg('resume')}") from None
@@ -134,8 +135,20 @@ def _save_chunks(hidden: torch.Tensor, point: Path) -> list[str]:
     return names
 
 
-def _load_chunks(point: Path, names: list[str], shape: list[int]) -> torch.Tensor:
-    hidden = torch.cat([load_file(point / name)["hidden"] for name in names])
-    if list(hidden.shape) != list(shape):
-        raise ValueError(f"hidden states {list(hidden.shape)} != {shape}")
-    return hidden
+class HiddenChunks:
+    """The saved hidden states, read one chunk at a time as they are iterated (never a full host copy);
+    the chunk files' headers are checked against the recorded shape up front."""
+
+    def __init__(self, point: Path, names: list[str], shape: list[int]):
+        self.files = [point / name for name in names]
+        shapes = []
+        for file in self.files:
+            with safe_open(str(file), framework="pt") as f:
+                shapes.append(list(f.get_slice("hidden").get_shape()))
+        rows = sum(s[0] for s in shapes)
+        if rows != shape[0] or any(s[1:] != list(shape[1:]) for s in shapes):
+            raise ValueError(f"hidden state chunks {shapes} do not make up {shape}")
+
+    def __iter__(self):
+        for file in self.files:
+            yield load_file(file)["hidden"]
