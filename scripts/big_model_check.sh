@@ -6,6 +6,7 @@
 #   scripts/big_model_check.sh SHAPE LAYERS WORKDIR [extra qoq quantize options]
 #   scripts/big_model_check.sh llama-3-8b 32 /tmp/big               # the whole 8B
 #   scripts/big_model_check.sh llama-3-70b 4 /tmp/big               # 4 blocks of the 70B shape
+#   scripts/big_model_check.sh llama-3-8b 32 /tmp/big --gpus 2      # data-parallel on 2 GPUs
 #
 # A run cut short (Ctrl-C, or QUANTIZE_TIMEOUT seconds: SIGTERM) keeps its resume point; the same command
 # continues it (--resume).
@@ -19,9 +20,11 @@ if [ ! -f "$ckpt/config.json" ]; then
   python3 "$here/scripts/synthetic_checkpoint.py" --shape "$shape" --layers "$layers" --out "$ckpt"
 fi
 start=$(date +%s)
+resume=--resume
+case " $* " in *" --gpus "*) resume= ;; esac  # data-parallel runs take no resume points
 rc=0
 timeout -s TERM "${QUANTIZE_TIMEOUT:-0}" python3 -m qoq.cli quantize --model "$ckpt" --group 128 --output "$art" \
-  --overwrite --resume "$@" || rc=$?
+  --overwrite $resume "$@" || rc=$?
 end=$(date +%s)
 if [ $rc -ne 0 ]; then
   echo "quantize stopped (exit $rc) after $((end - start)) s; run the same command again to resume"
