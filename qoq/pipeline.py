@@ -276,6 +276,9 @@ class _Discarded:
     def add(self, tensors: dict) -> None:
         pass
 
+    def make_room(self, size: int) -> None:
+        pass
+
 
 def _block_loop_output(partial: PartialFolder | None, opts: QuantizeOptions, loaded, calib, device: torch.device,
                        ranks: DataParallelGroup):

@@ -350,7 +350,8 @@ class BlockLoop:
     """Where the block loop's weights come from and where its tensors go.
 
     `reader`: the checkpoint to stream each module from (None: the model holds its weights);
-    `sink`: receives the artifact's tensors unit by unit (`add`), e.g. a `ShardWriter`;
+    `sink`: receives the artifact's tensors unit by unit (`add`; `make_room` before a big unit is read),
+    e.g. a `ShardWriter`;
     `checkpoints`: saves a resume point after a block (`after_block`); `resume`: the point to start from."""
 
     reader: object = None
@@ -367,6 +368,9 @@ class _TensorDict:
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors.update(tensors)
+
+    def make_room(self, size: int) -> None:
+        pass
 
 
 @torch.no_grad()
@@ -430,6 +434,7 @@ def quantize_decoder_blocks(model, input_ids: torch.Tensor, group_size: int, rop
             layer.to("cpu")
         if loop.checkpoints is not None:
             loop.checkpoints.after_block(i + 1, runner.hidden, layer_reports)
+    sink.make_room(_final_bytes(model))
     sink.add(_final_tensors(model, loop.reader, rotation, device, tied_source))
     tensors = sink.tensors if isinstance(sink, _TensorDict) else {}
     return tensors, modules, layer_reports
@@ -451,6 +456,14 @@ def _final_tensors(model, reader, rotation, device: torch.device, tied_source: b
         _release(reader, head)
     _release(reader, norm)
     return tensors
+
+
+def _final_bytes(model) -> int:
+    """What `_final_tensors` will give, in bytes (fp16), known from the shapes before anything is read."""
+    shapes = [model.model.norm.weight.shape]
+    if not model.config.tie_word_embeddings:
+        shapes.append(model.get_output_embeddings().weight.shape)
+    return sum(2 * math.prod(s) for s in shapes)
 
 
 def _loaded(reader, module, prefix: str):

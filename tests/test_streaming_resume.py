@@ -159,3 +159,21 @@ def test_report_records_memory(model4, calib, tmp_path):
     assert saved["memory"]["peak_host_rss_bytes"] > 10 * 2**20
     assert saved["memory"]["peak_gpu_bytes"] is None  # CPU run
     assert saved["source"]["streamed"] is True
+
+
+def test_reader_casts_big_tensors_a_block_of_rows_at_a_time(tmp_path):
+    from safetensors.torch import save_file
+
+    from qoq.models.streaming import CheckpointReader
+
+    stored = {"w": torch.randn(37, 5, dtype=torch.bfloat16), "b": torch.randn(3), "s": torch.tensor([2.0]),
+              "row": torch.randn(1, 4, dtype=torch.bfloat16)}
+    save_file(stored, tmp_path / "model.safetensors")
+    reader = CheckpointReader(tmp_path, torch.float16, chunk_bytes=30)  # 3 rows of "w" per read
+    for name, t in stored.items():
+        read = reader.tensor(name)
+        assert read.dtype == torch.float16 and torch.equal(read, t.to(torch.float16)), name
+    stored["w"][4, 1] = float("nan")
+    save_file(stored, tmp_path / "model.safetensors")
+    with pytest.raises(QoqError, match="tensor w has 1 NaN/Inf"):
+        reader.tensor("w")

@@ -49,15 +49,19 @@ class ShardWriter:
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         """One unit; refused (nothing written) when any tensor holds NaN/Inf."""
         require_finite_tensors(tensors)
-        size = nbytes(tensors)
-        if self._pending and nbytes(self._pending) + size > self.shard_bytes:
-            self._flush()
+        self.make_room(nbytes(tensors))
         unit = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         if self.stage_units:
             _save_atomic(unit, self._staged(self.units))
         self._pending.update(unit)
         self._pending_units.append(self.units)
         self.units += 1
+
+    def make_room(self, size: int) -> None:
+        """Write the pending shard now if a unit of `size` bytes will not fit it: called before a big unit is
+        even read, the pending tensors are not held alongside it (the shards are the same either way)."""
+        if self._pending and nbytes(self._pending) + size > self.shard_bytes:
+            self._flush()
 
     def finish(self) -> list[str]:
         """Write what is pending, give the shards their final names (and the index); returns the file names."""

@@ -17,14 +17,16 @@ from qoq.checks import count_non_finite
 from qoq.errors import QoqError
 
 INDEX_FILE = "model.safetensors.index.json"
+CHUNK_BYTES = 256 << 20  # a tensor is read and cast this many stored bytes at a time
 
 
 class CheckpointReader:
     """Tensors of the checkpoint in `folder` by name, each read on demand."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype):
+    def __init__(self, folder: Path, dtype: torch.dtype, chunk_bytes: int = CHUNK_BYTES):
         self.folder = Path(folder)
         self.dtype = dtype
+        self.chunk_bytes = chunk_bytes
         self.weight_map = _weight_map(self.folder)
 
     def __contains__(self, name: str) -> bool:
@@ -36,9 +38,9 @@ class CheckpointReader:
         if file is None:
             raise QoqError(f"the checkpoint in {self.folder} has no tensor {name}; pass a complete HF model folder")
         # opened per tensor: a mapping kept open keeps every page read so far resident (the whole model, after
-        # the NaN scan); and a copy, since safetensors may hand out views of the map, which the recipe edits
+        # the NaN scan)
         with safe_open(str(self.folder / file), framework="pt") as f:
-            t = f.get_tensor(name).to(self.dtype, copy=True)
+            t = _read_rows(f.get_slice(name), self.dtype, self.chunk_bytes)
         bad = count_non_finite(t)
         if bad:
             raise QoqError(f"the source model's tensor {name} has {bad} NaN/Inf value{'' if bad == 1 else 's'} "
@@ -64,6 +66,24 @@ class CheckpointReader:
     @staticmethod
     def release(module: torch.nn.Module) -> None:
         module.to("meta")
+
+
+def _read_rows(stored, dtype: torch.dtype, chunk_bytes: int) -> torch.Tensor:
+    """The tensor behind a safetensors slice, cast to `dtype` a block of rows at a time into a new tensor:
+    never the stored tensor and its cast copy at once (an 8B model's embedding would be 2 GB of them). Always
+    a copy of its own, since safetensors may hand out views of the memory map, and the recipe edits weights."""
+    shape = stored.get_shape()
+    if not shape or shape[0] <= 1:
+        return stored[:].to(dtype, copy=True)
+    out = torch.empty(shape, dtype=dtype)
+    row_bytes = max(1, out[0].numel() * _STORED_BYTES.get(stored.get_dtype(), 4))
+    rows = max(1, chunk_bytes // row_bytes)
+    for start in range(0, shape[0], rows):
+        out[start:start + rows].copy_(stored[start:start + rows])
+    return out
+
+
+_STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def can_stream(folder: Path) -> bool:
