@@ -404,8 +404,6 @@ def quantize_decoder_blocks(model, input_ids: torch.Tensor, group_size: int, rop
         sink.add({"model.embed_tokens.weight": embed.weight.detach().half().cpu()})
         runner = BlockRunner(model, input_ids, device, batch_size=batch_size, parallel=parallel)
         _release(loop.reader, embed)
-        if reporter is not None:
-            reporter.info(runner.store.describe())
         start, layer_reports = 0, []
     else:
         if rotation is not None:
@@ -413,6 +411,8 @@ def quantize_decoder_blocks(model, input_ids: torch.Tensor, group_size: int, rop
         runner = BlockRunner(model, input_ids, device, batch_size=batch_size, parallel=parallel,
                              hidden=resume.hidden)
         start, layer_reports = resume.next_block, list(resume.layer_reports)
+    if reporter is not None:
+        reporter.info(runner.store.describe())
     layers = list(runner.layers)
     for i in track(range(start, len(layers)), "quantizing blocks"):
         started = time.perf_counter()
