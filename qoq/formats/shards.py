@@ -41,7 +41,7 @@ class ShardWriter:
     folder: Path
     shard_bytes: int = SHARD_BYTES
     stage_units: bool = False  # keep each pending unit on disk too, for resuming
-    shards: list[dict] = field(default_factory=list)  # {"file", "names", "bytes"} of written shards
+    shards: list[dict] = field(default_factory=list)  # {"file", "names", "bytes", "units"} of written shards
     units: int = 0  # units added so far
     _pending: dict[str, torch.Tensor] = field(default_factory=dict)
     _pending_units: list[int] = field(default_factory=list)
