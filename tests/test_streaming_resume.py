@@ -177,3 +177,27 @@ def test_reader_casts_big_tensors_a_block_of_rows_at_a_time(tmp_path):
     save_file(stored, tmp_path / "model.safetensors")
     with pytest.raises(QoqError, match="tensor w has 1 NaN/Inf"):
         reader.tensor("w")
+
+
+def test_shard_writer_keeps_units_whole_and_restores_its_state(tmp_path):
+    from qoq.formats.shards import ShardWriter
+
+    unit = lambda i: {f"u{i}.a": torch.full((10,), float(i)), f"u{i}.b": torch.full((5,), float(i))}  # 60 bytes
+    writer = ShardWriter(tmp_path, shard_bytes=130, stage_units=True)
+    for i in range(3):
+        writer.add(unit(i))
+    assert [s["units"] for s in writer.shards] == [[0, 1]]  # unit 2 would not fit: never split
+    state = writer.state()
+    writer.add(unit(3))
+    writer.make_room(100)  # a big unit is coming: the pending shard (units 2, 3) goes now
+    assert [s["units"] for s in writer.shards] == [[0, 1], [2, 3]]
+
+    restored = ShardWriter.restore(tmp_path, state, shard_bytes=130)  # as if killed before the next state
+    assert [s["units"] for s in restored.shards] == [[0, 1]] and restored.units == 3
+    assert sorted(f.name for f in tmp_path.glob("shard-*")) == ["shard-00001.partial.safetensors"]
+    restored.add(unit(3))
+    names = restored.finish()
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    second = load_file(tmp_path / names[1])
+    assert set(second) == {"u2.a", "u2.b", "u3.a", "u3.b"} and torch.equal(second["u3.a"], unit(3)["u3.a"])
+    assert not (tmp_path / "staging").exists()
