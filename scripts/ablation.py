@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from qoq.scheme.fakequant import fake_act8  # noqa: E402
-from qoq.models.arch import BLOCK_LINEARS, decoder_layers  # noqa: E402
+from qoq.scheme.fakequant import fake_act8
+from qoq.models.arch import BLOCK_LINEARS, decoder_layers
 
 QOQ_STEPS = dict(smooth_linear=False, reorder=False, gptq=False, smooth_attn_search=False, smooth_attn_alpha=0.5)
 ROWS = [

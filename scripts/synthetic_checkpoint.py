@@ -36,13 +36,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from qoq.bench.synthetic import HAS_QKV_BIAS, SHAPES  # noqa: E402
-from qoq.errors import QoqError  # noqa: E402
-from qoq.output import create_partial, drop_owner_record, finish_partial, remove_stale_partials  # noqa: E402
-from qoq.progress import Reporter  # noqa: E402
-from qoq.signals import interrupts_deferred  # noqa: E402
+from qoq.bench.synthetic import HAS_QKV_BIAS, SHAPES
+from qoq.errors import QoqError
+from qoq.output import create_partial, drop_owner_record, finish_partial, remove_stale_partials
+from qoq.progress import Reporter
+from qoq.signals import interrupts_deferred
 
 # Published shapes: the bench's table, plus the two it lacks. Qwen2.5-7B has exactly Qwen2-7B's shape.
 PRESETS: dict[str, dict] = {
