@@ -172,7 +172,7 @@ def _quantize_to_output(opts: QuantizeOptions, ranks: DataParallelGroup, reporte
 
 
 # an interrupted or out-of-memory run keeps its resume point; any other failure would fail again
-RESUMABLE_FAILURES = (KeyboardInterrupt, MemoryError, torch.OutOfMemoryError)
+RESUMABLE_FAILURES = (KeyboardInterrupt, MemoryError, torch.cuda.OutOfMemoryError)  # torch >= 2.4 spells it so
 
 
 def _partial_for(output: Path, resume: bool, reporter: Reporter) -> PartialFolder:
