@@ -189,15 +189,9 @@ def remove_stale_partials(output: Path, reporter: Reporter | None = None) -> lis
     holding a resume point (`resumable_partials`).
     """
     reporter = reporter or Reporter()
-    output = Path(output)
-    pattern = _partial_name_pattern(output)
-    try:
-        siblings = list(output.parent.iterdir())
-    except OSError:
-        return []
     removed = []
-    for p in siblings:
-        if not pattern.match(p.name) or p.is_symlink() or not p.is_dir() or _resumable(p):
+    for p in _partial_folders(output):
+        if _resumable(p):
             continue
         owner = _owner(p)
         if owner is None:
@@ -212,21 +206,26 @@ def remove_stale_partials(output: Path, reporter: Reporter | None = None) -> lis
     return removed
 
 
-def _resumable(partial: Path) -> bool:
-    return (partial / RESUME_STATE).is_file()
-
-
-def resumable_partials(output: Path) -> list[Path]:
-    """Partial folders of `output` that an interrupted run left with a resume point, newest first."""
+def _partial_folders(output: Path) -> list[Path]:
+    """The hidden `.<name>.<random>.partial` folders beside `output` (none when its parent is unreadable)."""
     output = Path(output)
     pattern = _partial_name_pattern(output)
     try:
         siblings = list(output.parent.iterdir())
     except OSError:
         return []
+    return [p for p in siblings if pattern.match(p.name) and not p.is_symlink() and p.is_dir()]
+
+
+def _resumable(partial: Path) -> bool:
+    return (partial / RESUME_STATE).is_file()
+
+
+def resumable_partials(output: Path) -> list[Path]:
+    """Partial folders of `output` that an interrupted run left with a resume point, newest first."""
     found = []
-    for p in siblings:
-        if not pattern.match(p.name) or p.is_symlink() or not p.is_dir() or not _resumable(p):
+    for p in _partial_folders(output):
+        if not _resumable(p):
             continue
         owner = _owner(p)
         if owner is not None and owner.get("host") == socket.gethostname() and _process_alive(owner["pid"]):

@@ -19,7 +19,7 @@ from qoq.runtime.backend import resolve_device
 from qoq.scheme.progressive import group_label, group_size_problem
 from qoq.formats.artifact import quantization_config, write_artifact
 from qoq.formats.resume import CHECKPOINT_SECONDS, Checkpoints, load_resume_point, saved_state
-from qoq.formats.shards import SHARD_BYTES, ShardWriter, nbytes
+from qoq.formats.shards import SHARD_BYTES, ShardWriter
 from qoq.output import (PartialFolder, adopt_partial, check_output, create_partial, drop_owner_record,
                         remove_stale_partials, resumable_partials)
 from qoq.progress import Reporter
@@ -264,7 +264,6 @@ def _quantize_into(partial: PartialFolder | None, output: Path | None, opts: Qua
                               partial=partial, shards=writer)
     timings["write_s"] = time.perf_counter() - t0  # after the report was written: in the result only
     report["memory"] = memory_record(device)
-    report["peak_host_memory_bytes"] = report["memory"]["peak_host_rss_bytes"]
     remember_last_artifact(path)
     model = loaded.model if loaded.reader is None else None
     return QuantizeResult(path=path, report=report, model=model)
@@ -343,9 +342,8 @@ def artifact_config(model, group_size: int, modules: dict, recipe: dict) -> dict
     return config
 
 
-def artifact_sizes(written, fp16_bytes: int) -> dict:
-    """`written`: the artifact's tensors (a dict) or the `ShardWriter` that holds them."""
-    stored = nbytes(written) if isinstance(written, dict) else written.total_bytes()
+def artifact_sizes(writer: ShardWriter, fp16_bytes: int) -> dict:
+    stored = writer.total_bytes()
     return {"fp16_bytes": fp16_bytes, "artifact_bytes": stored, "compression": fp16_bytes / stored}
 
 

@@ -18,7 +18,7 @@ def quantize_summary(path: Path, report: dict) -> list[str]:
     phases = [f"{name} {format_duration(timings[key])}" for name, key in QUANTIZE_PHASES if key in timings]
     total = sum(timings.get(key, 0.0) for _, key in QUANTIZE_PHASES)
     mem = report.get("memory", {})
-    peak, gpu = mem.get("peak_host_rss_bytes", report.get("peak_host_memory_bytes")), mem.get("peak_gpu_bytes")
+    peak, gpu = mem.get("peak_host_rss_bytes"), mem.get("peak_gpu_bytes")
     memory = (f"peak host memory {_size(peak)}, " if peak else "") + (f"peak GPU memory {_size(gpu)}, " if gpu else "")
     return [f"time: {', '.join(phases)} (total {format_duration(total)})",
             f"{memory}artifact {_size(folder_bytes(path))} on disk",
