@@ -200,6 +200,12 @@ def _quantize_into(partial: PartialFolder | None, output: Path | None, opts: Qua
     load_dtype = torch.float32 if device.type == "cpu" else torch.float16
     with reporter.status("loading the model"):
         loaded = load_model(opts.model, dtype=load_dtype, stream=opts.stream)
+    plan = plan_calibration(opts.calib, device, opts.calib_samples, opts.calib_seqlen,
+                            context=getattr(loaded.model.config, "max_position_embeddings", None))
+    if plan.source == "data-free" and loaded.reader is not None:
+        reporter.info("data-free calibration samples text from the whole model: loading it in memory")
+        with reporter.status("loading the model"):
+            loaded = load_model(opts.model, dtype=load_dtype, stream=False)
     if loaded.reader is None:
         require_finite_source(loaded.model)
     else:
@@ -211,14 +217,7 @@ def _quantize_into(partial: PartialFolder | None, output: Path | None, opts: Qua
     timings["load_model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plan = plan_calibration(opts.calib, device, opts.calib_samples, opts.calib_seqlen,
-                            context=getattr(loaded.model.config, "max_position_embeddings", None))
     reporter.info(plan.message)
-    if plan.source == "data-free" and loaded.reader is not None:
-        reporter.info("data-free calibration samples text from the whole model: loading it in memory")
-        with reporter.status("loading the model"):
-            loaded = load_model(opts.model, dtype=load_dtype, stream=False)
-        require_finite_source(loaded.model)
     reading = nullcontext() if plan.source == "data-free" else reporter.status("reading calibration text")
     with reading:
         calib = load_calibration(plan.spec, loaded.tokenizer, n_samples=plan.n_samples, seqlen=plan.seqlen,
