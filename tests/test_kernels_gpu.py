@@ -56,6 +56,7 @@ def _precompiled():
 
     extra = [variant_for(cfg, grouped)[0] for grouped in (True, False) for _, _, cfg in _configs()]
     extra += [variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in _wgmma_configs()]
+    extra += [variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in _swap_configs()]
     for kp in (128, 576, 1536, 4096, 4128, 4160, 14336):
         threads, ch = launch_shape(kp)
         extra += [B.rowquant_variant(dt, mode, ch, threads) for dt in (0, 1, 2) for mode in (0, 1, 2)]
@@ -262,6 +263,32 @@ def test_w4a8_wgmma_kernel(group, n, k):
         a = _act(m, k, w.padded_in, w.per_channel, seed=m + 3)
         ref_acc = _ref_acc(a, w)
         for cfg in _wgmma_configs():
+            acc = K.w4a8_linear(a, w, out_dtype=torch.int32, config=cfg)
+            assert torch.equal(acc, ref_acc), f"{cfg} int32 differs at M={m}: {(acc - ref_acc).abs().max()}"
+            for dt in (torch.float16, torch.bfloat16, torch.float32):
+                y, ref = K.w4a8_linear(a, w, out_dtype=dt, config=cfg), ops.w4a8_linear(a, w, out_dtype=dt)
+                assert torch.equal(y, ref), f"{cfg} {dt} differs at M={m}"
+
+
+def _swap_configs():
+    from qoq.runtime_kernels.gemm import SwapConfig
+    # token tiles 16..128, register prefetch 1..4, cluster split-K with trailing CTAs that get no k-tiles
+    return [SwapConfig(16, 4, 2, 1), SwapConfig(64, 4, 2, 4), SwapConfig(128, 3, 3, 2), SwapConfig(32, 2, 1, 8),
+            SwapConfig(48, 4, 4, 1)]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("n,k", [(576, 4128), (4096, 4096), (40, 100), (192, 1536)])
+def test_w4a8_swap_kernel(group, n, k):
+    """sm_90a swapped-operand kernel (weights as wgmma's register operand, tokens as N, cluster split-K): int32
+    accumulators exact and every output dtype bit-equal to ops.py, with M, N (Np not a multiple of 128) and K tails."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma needs sm_90a")
+    w = _linear(n, k, group, bias=(n == 40))
+    for m in (1, 17, 64, 100, 257):
+        a = _act(m, k, w.padded_in, w.per_channel, seed=m + 5)
+        ref_acc = _ref_acc(a, w)
+        for cfg in _swap_configs():
             acc = K.w4a8_linear(a, w, out_dtype=torch.int32, config=cfg)
             assert torch.equal(acc, ref_acc), f"{cfg} int32 differs at M={m}: {(acc - ref_acc).abs().max()}"
             for dt in (torch.float16, torch.bfloat16, torch.float32):

@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 import qoq.runtime_kernels as K
-from qoq.bench.gemm_tuner import tune
+from qoq.bench.gemm_tuner import tune, tune_swap
 from qoq.bench.kernel_timing import LLAMA3_8B_SHAPES, copies_beyond_l2, quantized_weights, time_calls
 from qoq.bench.profile_case import CASES, run_case
 from qoq.runtime_kernels.attention import decode_attention_kv4 as attention_with_cta_shape
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--tune", action="store_true", help="sweep the W4A8 kernel configurations instead")
     p.add_argument("--tune-gemv", action="store_true", help="sweep the small-M (GEMV) configurations only")
+    p.add_argument("--tune-swap", action="store_true",
+                   help="sweep the swapped-operand Hopper kernel's shapes against the dispatch and FP8")
     p.add_argument("--tune-attention", action="store_true", help="also time alternative attention CTA shapes")
     p.add_argument("--one", choices=CASES,
                    help="run one case a few times (for a profiler)")
@@ -222,7 +224,9 @@ def main(argv=None) -> int:
     if args.one:
         run_case(args.one)
         return 0
-    if args.tune or args.tune_gemv:
+    if args.tune_swap:
+        rows = tune_swap()
+    elif args.tune or args.tune_gemv:
         rows = tune(large_ms=() if args.tune_gemv else (1024, 2048, 4096))
     else:
         rows = run(quick=args.quick, tune_attention=args.tune_attention)

@@ -75,3 +75,61 @@ def tune(log=print, shapes=LLAMA3_8B_SHAPES, gemv_ms=(1, 4, 16), large_ms=(1024,
             del lins
             torch.cuda.empty_cache()
     return rows
+
+
+SWAP_MS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def swap_candidates(m: int, np_: int, kt: int, sms: int) -> list:
+    """SwapConfig shapes worth timing at M: the smallest token tile that holds M (and 128 above it), every
+    cluster split-K from 1 to 8 that leaves each CTA at least 8 k-tiles and no more than 6 CTAs per SM, and two
+    register prefetch depths."""
+    bt_fit = min(128, max(16, -(-m // 16) * 16))
+    bts = sorted({bt_fit, 64, 128} if m > 64 else {bt_fit})
+    out = []
+    for bt in bts:
+        tiles = -(-np_ // 128) * -(-m // bt)
+        for cl in (1, 2, 4, 8):
+            if cl > 1 and (kt // cl < 8 or tiles * cl > 6 * sms):
+                continue
+            out += [G.SwapConfig(bt, stages=4, pf=pf, cluster=cl) for pf in (2, 4)]
+    return out
+
+
+def _swap_name(cfg) -> str:
+    return f"swap_t{cfg.bt}_p{cfg.pf}_c{cfg.cluster}"
+
+
+def tune_swap(log=print, shapes=LLAMA3_8B_SHAPES, ms=SWAP_MS, group: int = 128) -> list[dict]:
+    """Sweep the swapped-operand kernel's shapes (sm_90a) against the current dispatch and FP8 `_scaled_mm`,
+    timed in the same process (g128 by default)."""
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    plans = {(n, k, m): swap_candidates(m, -(-n // 32) * 32, k // 32, sms) for n, k in shapes for m in ms}
+    variants = {G.variant_for(cfg, not is_per_channel(group))[0] for cfgs in plans.values() for cfg in cfgs}
+    K.precompile(sorted(variants, key=lambda v: v.name))
+    one = torch.ones((), device=dev)
+    rows = []
+    for n, k in shapes:
+        lins = quantized_weights(n, k, group, copies_beyond_l2(n * k // 2), dev)
+        w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
+        wf8s = [w16.to(torch.float8_e4m3fn) for _ in range(copies_beyond_l2(n * k))]
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            a = ops.quantize_act(x, lins[0].padded_in, with_qsum=is_per_channel(group))
+            xf8 = x.to(torch.float8_e4m3fn)
+            res = {"fp8": time_calls([lambda w=w, xf8=xf8: torch._scaled_mm(
+                xf8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float16) for w in wf8s])["us"],
+                   "dispatch": time_calls([lambda lin=lin, a=a: K.w4a8_linear(a, lin) for lin in lins])["us"]}
+            for cfg in plans[(n, k, m)]:
+                res[_swap_name(cfg)] = time_calls([lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg)
+                                                   for lin in lins])["us"]
+            best = min((nm for nm in res if nm.startswith("swap")), key=res.get, default=None)
+            for name, us in res.items():
+                rows.append({"bench": "tune_swap", "n": n, "k": k, "m": m, "group": group, "config": name, "us": us})
+            log(f"swap {n}x{k} M={m:<5d} fp8 {res['fp8']:.1f} dispatch {res['dispatch']:.1f} best "
+                + (f"{best} {res[best]:.1f} ({res['fp8'] / res[best]:.2f}x fp8)" if best else "-")
+                + "  | " + " ".join(f"{nm[5:]} {us:.1f}" for nm, us in res.items() if nm.startswith("swap")))
+        del lins, wf8s
+        torch.cuda.empty_cache()
+    return rows

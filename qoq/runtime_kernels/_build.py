@@ -100,6 +100,22 @@ def wgmma_smem_bytes(stages: int) -> int:
     return stages * 128 * (128 + 128) + 1024  # + alignment slack for the 1024-byte swizzle atoms
 
 
+def wgmma_swap_variant(bt: int, stages: int, pf: int, cluster: int, grouped: bool, min_blocks: int = 1) -> Variant:
+    """The swapped-operand kernel (weights as wgmma's register A operand, tokens as N; wgmma.cu): `bt` tokens per
+    CTA, `stages` activation buffers, weights `pf` stages ahead in registers, split-K over a `cluster` of CTAs."""
+    name = (f"qoq_wgswap_t{bt}_s{stages}_p{pf}_b{min_blocks}_{'g' if grouped else 'c'}"
+            + (f"_cl{cluster}" if cluster > 1 else ""))
+    dims = f"__cluster_dims__(1, 1, {cluster}) " if cluster > 1 else ""
+    body = (f'extern "C" __global__ void {dims}__launch_bounds__(128, {min_blocks}) {name}(GEMM_PARAMS) '
+            f'{{ wgmma_swap_body<{bt}, {stages}, {pf}, {cluster}, {str(grouped).lower()}>(GEMM_ARGS); }}')
+    return Variant("wgmma.cu", name, body)
+
+
+def wgmma_swap_smem_bytes(bt: int, stages: int, cluster: int) -> int:
+    ring, tile = stages * bt * 128, bt * 132 * 4  # the epilogue's int32 accumulator tile reuses the ring
+    return max(ring, tile) + 1024  # + alignment slack for the 1024-byte swizzle atoms
+
+
 def rowquant_variant(dt: int, mode: int, ch: int, threads: int) -> Variant:
     name = f"qoq_rowquant_d{dt}_m{mode}_c{ch}_t{threads}"
     body = (f'extern "C" __global__ void __launch_bounds__({threads}) {name}(ROWQUANT_PARAMS) '

@@ -63,6 +63,20 @@ class WgmmaConfig:
     min_blocks: int = 2
 
 
+@dataclass(frozen=True)
+class SwapConfig:
+    """Hopper (sm_90a) swapped-operand kernel (wgmma.cu): Y^T = W X^T with the dequantized weights as `wgmma`'s
+    register A operand (never in shared memory) and `bt` tokens as its N dimension; one warpgroup per 128 output
+    channels; activations through a `stages`-deep cp.async ring; weights `pf` stages ahead in registers; K split
+    over a thread-block `cluster` of CTAs whose int32 sums meet in distributed shared memory."""
+
+    bt: int = 64
+    stages: int = 4
+    pf: int = 2
+    cluster: int = 1
+    min_blocks: int = 1
+
+
 PDL_ENABLED = os.environ.get("QOQ_PDL", "1") != "0"  # QOQ_PDL=0: never use programmatic dependent launch
 GEMV_MAX_M = 32  # 17-32 tokens: 2-3x faster than the tiled kernel on Llama-3-8B shapes (NOTES.md)
 GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-64 tokens: 1.1-1.7x)
@@ -146,6 +160,9 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
         return (DEQUANT_G if grouped else DEQUANT_C), 0
     if isinstance(cfg, WgmmaConfig):
         return B.wgmma_variant(cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.stages)
+    if isinstance(cfg, SwapConfig):
+        return (B.wgmma_swap_variant(cfg.bt, cfg.stages, cfg.pf, cfg.cluster, grouped, cfg.min_blocks),
+                B.wgmma_swap_smem_bytes(cfg.bt, cfg.stages, cfg.cluster))
     if isinstance(cfg, GemvConfig):
         return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u, cfg.red, cfg.cluster, cfg.early_trigger), 0
     stages = cfg.stages
@@ -194,7 +211,7 @@ def _workspace(device: int, name: str, numel: int, dtype: torch.dtype) -> torch.
 
 
 def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
-                config: GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig | None = None) -> torch.Tensor:
+                config: GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig | SwapConfig | None = None) -> torch.Tensor:
     """y [M, N] = ops.w4a8_linear(a, w, out_dtype); out_dtype=torch.int32 returns the raw int32 accumulators."""
     q = a.q
     if q.dim() != 2 or q.dtype != torch.int8:
@@ -255,6 +272,14 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
         grid, block = (math.ceil(m / 128), math.ceil(np_ / 128), 1), (256, 1, 1)
         splits, tps, ncounters = 1, kt, 0
         s1, szeros = _aligned4(s1), _aligned4(szeros)  # its epilogue reads channel-scale pairs as 32-bit words
+    elif isinstance(cfg, SwapConfig):
+        if info["cc"] != 90:
+            raise ValueError(f"SwapConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
+        if cfg.bt % 16 or not 16 <= cfg.bt <= 128 or not 1 <= cfg.cluster <= 8:
+            raise ValueError(f"{cfg}: bt must be 16, 32, ..., 128 and cluster 1..8")
+        splits, tps = cfg.cluster, _swap_k_tiles(kt, cfg.cluster)
+        grid, block = (math.ceil(np_ / 128), math.ceil(m / cfg.bt), splits), (128, 1, 1)
+        ncounters = 0
     elif isinstance(cfg, GemvConfig):
         if m > 8 * cfg.tb:
             raise ValueError(f"GemvConfig(tb={cfg.tb}) handles M <= {8 * cfg.tb}, got {m}")
@@ -282,6 +307,11 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     pdl = isinstance(cfg, GemvConfig) and cfg.pdl and info["cc"] >= 90 and PDL_ENABLED
     B.launch(variant, device, grid, block, args, smem, pdl=pdl)
     return out
+
+
+def _swap_k_tiles(kt: int, cluster: int) -> int:
+    """k-tiles per CTA of a swap-kernel cluster: whole 128-wide stages (trailing CTAs may get none)."""
+    return math.ceil(math.ceil(kt / cluster) / 4) * 4
 
 
 def _aligned4(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -250,3 +250,298 @@ QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
   __trap();  // sm_90a only (gemm.py launches it on compute capability 9.0)
 #endif
 }
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// W4A8 GEMM with swapped operands (Hopper, sm_90a): Y^T = W X^T, so the weights are wgmma's A operand, taken from
+// registers, and the tokens its N dimension (BT tokens per CTA, 16..128). Each warp of the single warpgroup streams
+// one 32-channel n-tile's packed 16-byte lane chunks from global memory straight into registers (PF stages ahead)
+// and dequantizes them in registers: in the artifact layout the low nibbles of a lane's four words are exactly the
+// m16n8k32 / wgmma A fragment of the tile's rows 0-15 and the high nibbles that of rows 16-31. So per k32 step the
+// warpgroup issues two m64nBTk32 wgmmas: the first computes channels 32w + 0..15 of warp w, the second 32w + 16..31.
+// The dequantized weights never touch shared memory; only the activations do (cp.async ring of STAGES buffers,
+// [BT][128] int8 K-major with the 128-byte swizzle, the same descriptor as above).
+// Split-K over a thread-block cluster of CL CTAs along z (sm_90): every CTA writes its int32 accumulators to its
+// shared memory; CTA rank r then adds token rows r mod CL of all CL CTAs (DSMEM; integer sums, exact in any
+// order) and runs the epilogue for them.
+// grid = (ceil(Np/128), ceil(M/BT), CL); tps: k-tiles per split (a multiple of 4; trailing splits may get none).
+
+#if defined(QOQ_WGMMA)
+// wgmma m64n{BT}k32 s8 with A (4 registers, the m16n8k32 A fragment of each warp's 16 rows) from registers
+QOQ_DEV void wgmma_rs(int (&d)[8], const u32 (&a)[4], u64 db) {  // m64n16k32
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, {%8, %9, %10, %11}, %12, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+QOQ_DEV void wgmma_rs(int (&d)[16], const u32 (&a)[4], u64 db) {  // m64n32k32
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, {%16, %17, %18, %19}, %20, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+QOQ_DEV void wgmma_rs(int (&d)[24], const u32 (&a)[4], u64 db) {  // m64n48k32
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %29, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n48k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23"
+      "}, {%24, %25, %26, %27}, %28, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+QOQ_DEV void wgmma_rs(int (&d)[32], const u32 (&a)[4], u64 db) {  // m64n64k32
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+QOQ_DEV void wgmma_rs(int (&d)[40], const u32 (&a)[4], u64 db) {  // m64n80k32
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n80k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39"
+      "}, {%40, %41, %42, %43}, %44, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+      "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+QOQ_DEV void wgmma_rs(int (&d)[48], const u32 (&a)[4], u64 db) {  // m64n96k32
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+      "}, {%48, %49, %50, %51}, %52, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+      "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+      "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+QOQ_DEV void wgmma_rs(int (&d)[56], const u32 (&a)[4], u64 db) {  // m64n112k32
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %61, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n112k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55"
+      "}, {%56, %57, %58, %59}, %60, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+      "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+      "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+      "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+QOQ_DEV void wgmma_rs(int (&d)[64], const u32 (&a)[4], u64 db) {  // m64n128k32
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+      "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+      "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+      "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+      "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+#endif
+
+template <int U> struct WgW {  // one stage of a warp's packed weights: U k-tiles (16-byte lane chunks, s2 / -z words)
+  uint4 w[U];
+  u32 s[U], z[U];
+};
+
+template <int BT, int STAGES, int PF, int CL, bool GROUPED>
+QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
+#if defined(QOQ_WGMMA)
+  constexpr int BK = 128, KTS = BK / 32, THREADS = 128, NACC = BT / 2;
+  constexpr int STAGE = BT * BK, A_IT = BT * 8 / THREADS;  // activation bytes per stage, 16-byte chunks per thread
+  static_assert(BT % 16 == 0 && BT <= 128 && STAGES >= 2 && PF >= 1, "swap kernel shape");
+  extern __shared__ uint4 dsmem[];
+  const u32 sraw = smem_u32(dsmem), sbase = (sraw + 1023u) & ~1023u;  // swizzle atoms need 1024-byte alignment
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int c = lane >> 2, l = lane & 3;
+  const int n0 = blockIdx.x * 128, t0 = blockIdx.y * BT;
+  const int KT = Kp >> 5, NTILES = Np >> 5;
+  const int kb = blockIdx.z * tps, ke = min(KT, kb + tps);
+  const int nst = ke > kb ? (ke - kb + KTS - 1) / KTS : 0;
+
+  const int a_row0 = tid >> 3, a_ch = tid & 7;
+  const i8* a_base = A + (i64)(t0 + a_row0) * Kp + a_ch * 16;
+  const u32 a_dst0 = a_row0 * BK + ((a_ch ^ (a_row0 & 7)) << 4);  // (row & 7) is the same for every it
+  auto load_a = [&](int buf, int kt0) {
+    const bool k_ok = kt0 * 32 + a_ch * 16 < ke * 32;
+#pragma unroll
+    for (int it = 0; it < A_IT; ++it) {
+      const bool ok = k_ok && t0 + a_row0 + it * (THREADS / 8) < M;
+      cp_async16(sbase + buf * STAGE + a_dst0 + it * (THREADS / 8) * BK,
+                 ok ? a_base + (i64)it * (THREADS / 8) * Kp + kt0 * 32 : A, ok ? 16 : 0);
+    }
+  };
+  const int nt = (n0 >> 5) + warp;
+  const u8* w_base = W + (i64)nt * KT * 512 + lane * 16;
+  auto load_w = [&](WgW<KTS>& r, int kt0) {
+#pragma unroll
+    for (int kk = 0; kk < KTS; ++kk) {
+      const int kt = kt0 + kk;
+      const bool ok = nt < NTILES && kt < ke;
+      r.w[kk] = ok ? ldg_stream16(w_base + (i64)kt * 512) : make_uint4(0u, 0u, 0u, 0u);
+      if (GROUPED) {
+        const i64 gi = (i64)((kt << 5) >> log2g) * Np + nt * 32 + 4 * c;
+        r.s[kk] = ok ? ldg_nc32(s2 + gi) : 0u;
+        r.z[kk] = ok ? ldg_nc32(z2 + gi) : 0u;
+      }
+    }
+  };
+
+  int acc0[NACC], acc1[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc0[i] = acc1[i] = 0;
+
+  WgW<KTS> wr[PF];
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nst) load_a(s, kb + s * KTS);
+    cp_async_commit();
+  }
+#pragma unroll
+  for (int p = 0; p < PF; ++p)
+    if (p < nst) load_w(wr[p], kb + p * KTS);
+
+  // step t: stage t's activations are in buffer t % STAGES, its weights in wr[t % PF]; the wgmmas of step t - 1
+  // have completed (wait_group 0), so buffer (t - 1) % STAGES takes stage t + STAGES - 1
+  auto step = [&](int t, WgW<KTS>& r) {
+    cp_async_wait<STAGES - 2>();
+    fence_proxy_async();
+    __syncthreads();
+    u32 lo[KTS][4], hi[KTS][4];
+#pragma unroll
+    for (int kk = 0; kk < KTS; ++kk) {
+      u32 s[4] = {0u, 0u, 0u, 0u}, zb[4] = {0u, 0u, 0u, 0u};
+      if (GROUPED) deq_params(r.s[kk], r.z[kk], s, zb);
+      dequant_tile<GROUPED>(r.w[kk], s, zb, lo[kk], hi[kk]);
+    }
+    const int nx = t + PF;
+    if (nx < nst) load_w(r, kb + nx * KTS);
+    const u32 sb = sbase + (t % STAGES) * STAGE;
+    reg_fence(acc0);
+    reg_fence(acc1);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KTS; ++kk) {
+      wgmma_rs(acc0, lo[kk], wg_desc(sb + kk * 32));
+      wgmma_rs(acc1, hi[kk], wg_desc(sb + kk * 32));
+    }
+    wgmma_commit();
+    const int na = t + STAGES - 1;
+    if (na < nst) load_a(na % STAGES, kb + na * KTS);
+    cp_async_commit();
+    wgmma_wait<0>();
+    reg_fence(acc0);
+    reg_fence(acc1);
+  };
+  for (int t = 0; t < nst; t += PF) {
+#pragma unroll
+    for (int p = 0; p < PF; ++p)
+      if (t + p < nst) step(t + p, wr[p]);
+  }
+  cp_async_wait<0>();
+
+  // The accumulators go through shared memory as a [BT][128] int32 tile (row pitch 132 words: the four token
+  // rows of a store land in different banks), so that thread tid owns output channel n0 + tid: its channel scales
+  // are loaded once and every warp stores 32 consecutive channels of a token row. With a cluster, CTA rank r adds
+  // token rows r, r + CL, ... of all CL tiles (DSMEM) and stores those.
+  constexpr int PITCH = 132;
+  __syncthreads();  // every warp is past its last read of the ring, which now holds the tile
+  int* tile = (int*)((u8*)dsmem + (sbase - sraw));
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {  // register 4j + 2hh + e: token 8j + 2l + e, channel 32 warp + 16h + 8hh + c
+    const int row = 8 * (i >> 2) + 2 * l + (i & 1), col = 32 * warp + 8 * ((i >> 1) & 1) + c;
+    tile[row * PITCH + col] = acc0[i];
+    tile[row * PITCH + col + 16] = acc1[i];
+  }
+  u32 rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (CL > 1) {
+    cluster_sync();
+    rank = cluster_rank();
+  } else {
+    __syncthreads();
+  }
+#endif
+  const EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
+  const int ch = n0 + tid;
+  EpiIn p;
+  if (ch < N && out_dt != DT_I32) epi_load_channel(e, p, ch);
+  for (int row = (int)rank; row < BT && t0 + row < M; row += CL) {
+    const u32 slot = (u32)(row * PITCH + tid);
+    int v = 0;
+    if (CL == 1) {
+      v = tile[slot];
+    } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#pragma unroll
+      for (int r = 0; r < CL; ++r) v += ld_dsmem_s32(sbase + slot * 4u, (u32)r);
+#endif
+    }
+    if (ch >= N) continue;
+    const int tok = t0 + row;
+    if (out_dt == DT_I32) {
+      ((int*)out)[(i64)tok * N + ch] = v;
+    } else {
+      epi_load_row(e, p, tok);
+      st_any(out, (i64)tok * N + ch, out_dt, epi_apply(e, p, v));
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (CL > 1) cluster_sync();  // the other CTAs keep their shared memory alive until every rank has read it
+#endif
+#else
+  __trap();  // sm_90a only (gemm.py launches it on compute capability 9.0)
+#endif
+}
