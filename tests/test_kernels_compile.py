@@ -108,21 +108,31 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
 
 
 def test_choose_config_large_m_paths():
-    """sm_90: the wgmma kernel once its 128 x 128 tiles cover half the SMs; else (and below sm_90) dequant +
-    _int_mm from M = 256, the tiled kernel below that."""
+    """sm_90: the swapped-operand kernel at M = 17-128, from M = 1024 and on long K above 128; the wgmma kernel
+    in between once its 128 x 128 tiles cover half the SMs; else (and below sm_90) dequant + _int_mm from
+    M = 256, the tiled kernel below that."""
     from qoq.runtime_kernels import gemm
 
-    W, I, T = gemm.WgmmaConfig, gemm.IntMMConfig, gemm.GemmConfig
-    for m, n, k, cc, kind in [(4096, 4096, 4096, 90, W), (1024, 28672, 4096, 90, W), (256, 6144, 4096, 90, W),
-                              (64, 28672, 4096, 90, W), (256, 4096, 4096, 90, I), (65, 4096, 14336, 90, T),
-                              (33, 28672, 4096, 90, W), (100, 4096, 4096, 90, T), (4096, 4096, 4096, 80, I),
-                              (4096, 4096, 4096, 89, I),
-                              (100, 4096, 4096, 80, T)]:
+    W, I, T, S = gemm.WgmmaConfig, gemm.IntMMConfig, gemm.GemmConfig, gemm.SwapConfig
+    for m, n, k, cc, kind in [(4096, 4096, 4096, 90, S), (1024, 28672, 4096, 90, S), (256, 6144, 4096, 90, W),
+                              (512, 28672, 4096, 90, W), (256, 4096, 4096, 90, I), (65, 4096, 14336, 90, S),
+                              (256, 4096, 14336, 90, S), (33, 28672, 4096, 90, S), (100, 4096, 4096, 90, S),
+                              (16, 4096, 4096, 90, gemm.GemvConfig), (4096, 4096, 4096, 80, I),
+                              (4096, 4096, 4096, 89, I), (100, 4096, 4096, 80, T), (64, 28672, 4096, 89, T)]:
         assert isinstance(gemm.choose_config(m, n, k, 132, cc=cc), kind), (m, n, k, cc)
     assert isinstance(gemm.choose_config(4096, 4096, 4096, 132, intmm=False, cc=90), T)
-    assert gemm.choose_config(32, 4096, 4096, 132, cc=90) == gemm.GemvConfig(4, warps=8, u=2, pdl=False)
+    # token tile by M; cluster split-K by how many 128-channel tiles there are per SM (Llama-3-8B, 132 SMs)
+    assert gemm.choose_config(32, 4096, 4096, 132, cc=90) == S(32, cluster=8)
+    assert gemm.choose_config(32, 6144, 4096, 132, cc=90) == S(32, cluster=4)
+    assert gemm.choose_config(64, 4096, 14336, 132, cc=90) == S(64, cluster=4)
+    assert gemm.choose_config(128, 28672, 4096, 132, cc=90) == S(128, cluster=1)
+    assert gemm.choose_config(512, 4096, 14336, 132, cc=90) == S(128, cluster=2)
+    assert gemm.choose_config(2048, 4096, 14336, 132, cc=90) == S(128, cluster=1)
+    assert gemm.choose_config(40, 128, 256, 132, cc=90).cluster == 1  # 8 k-tiles: no split
+    assert gemm.choose_config(32, 4096, 4096, 132, cc=80) == gemm.GemvConfig(4, warps=8, u=2, pdl=False)
     assert gemm.choose_config(17, 28672, 4096, 132, cc=80) == gemm.GemvConfig(3, nt=2, warps=4, u=1, pdl=False)
-    assert gemm.choose_config(64, 4096, 14336, 132, cc=90) == gemm.GemvConfig(8, warps=4, u=2, cluster=2, pdl=False)
-    assert gemm.choose_config(40, 4096, 4096, 132, cc=90) == gemm.GemvConfig(5, warps=8, u=2, pdl=False)
+    assert gemm.choose_config(64, 4096, 14336, 132, cc=80) == gemm.GemvConfig(8, warps=8, u=2, pdl=False)
+    assert gemm.choose_config(40, 4096, 4096, 132, cc=80) == gemm.GemvConfig(5, warps=8, u=2, pdl=False)
     assert not B.runs_on(gemm.variant_for(gemm.WgmmaConfig(), True)[0], "100")
+    assert not B.runs_on(gemm.variant_for(S(), True)[0], "89")
     assert gemm.choose_config(16, 6144, 4096, 132, cc=89).cluster == 1

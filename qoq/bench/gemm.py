@@ -27,7 +27,7 @@ from qoq.bench.gemm_tuner import tune, tune_swap
 from qoq.bench.kernel_timing import LLAMA3_8B_SHAPES, copies_beyond_l2, quantized_weights, time_calls
 from qoq.bench.profile_case import CASES, run_case
 from qoq.runtime_kernels.attention import decode_attention_kv4 as attention_with_cta_shape
-from qoq.runtime_kernels.gemm import GemvConfig, IntMMConfig, WgmmaConfig, choose_config
+from qoq.runtime_kernels.gemm import GemmConfig, GemvConfig, IntMMConfig, WgmmaConfig, choose_config
 from qoq.scheme import ops
 from qoq.scheme.progressive import is_per_channel
 
@@ -83,8 +83,8 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                 for suffix, cfg in paths.items():
                     res[name + suffix] = time_calls([lambda w=w, cfg=cfg, a=a: K.w4a8_linear(a, w, config=cfg)
                                                      for w in lins])
-                picked = {IntMMConfig: "_intmm", WgmmaConfig: "_wgmma"}.get(type(picked_cfg), "_tiled")
-                if name + picked in res:
+                picked = {GemmConfig: "_tiled", IntMMConfig: "_intmm", WgmmaConfig: "_wgmma"}.get(type(picked_cfg))
+                if picked and name + picked in res:
                     res[name] = res[name + picked]
                 else:
                     res[name] = time_calls([lambda w=w, a=a: K.w4a8_linear(a, w) for w in lins])

@@ -81,6 +81,7 @@ PDL_ENABLED = os.environ.get("QOQ_PDL", "1") != "0"  # QOQ_PDL=0: never use prog
 GEMV_MAX_M = 32  # 17-32 tokens: 2-3x faster than the tiled kernel on Llama-3-8B shapes (NOTES.md)
 GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-64 tokens: 1.1-1.7x)
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
+SWAP_MIN_M, SWAP_MID_M, SWAP_LARGE_M = 17, 128, 1024  # sm_90a swapped-operand kernel ranges (_swap_wins)
 WGMMA_MIN_M = 33  # (M <= 64 reaches it only with >= 4 channel groups per SM; below that the GEMV wins)
 
 DEQUANT_G = B.Variant("gemm.cu", "qoq_w4_dequant_g")
@@ -97,6 +98,8 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
     every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound). `cc`: compute
     capability (90 enables the thread-block-cluster split-K and the sm_90a wgmma kernel). `intmm=False`: the
     tiled mma.sync kernel only (benchmark baseline)."""
+    if intmm and cc == 90 and _swap_wins(m, kp // 32):
+        return _choose_swap(m, np_, kp // 32, sms)
     if m <= GEMV_MAX_M or (m <= GEMV_MID_M and np_ // 32 < 4 * sms):
         return _choose_gemv(m, np_ // 32, kp // 32, sms, cc)
     if intmm and cc == 90 and m >= WGMMA_MIN_M and 2 * math.ceil(m / 128) * math.ceil(np_ / 128) >= sms:
@@ -109,6 +112,29 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
     if m >= 64 and ntile(64, 128) >= sms:
         return GemmConfig(64, 128, 2, 2, stages=4, min_blocks=2)
     return GemmConfig(32, 128, 1, 4, stages=4, min_blocks=3)
+
+
+def _swap_wins(m: int, kt: int) -> bool:
+    """Where the swapped-operand kernel beat every other path on H100 (`--tune-swap`, NOTES.md): M = 17-128 on
+    every Llama-3-8B shape, M >= 1024 (ties at 4096 x 4096 M = 1024), and M > 128 on long K (K >= 8192, where
+    the 128 x 128 wgmma kernel has no split-K). M <= 16 stays with the GEMV."""
+    return SWAP_MIN_M <= m <= SWAP_MID_M or m >= SWAP_LARGE_M or (m > SWAP_MID_M and kt >= 256)
+
+
+def _choose_swap(m: int, np_: int, kt: int, sms: int) -> SwapConfig:
+    """Token tile: the smallest of 32 / 64 / 128 that holds M (128 above). Cluster split-K: the smallest of
+    1 / 2 / 4 / 8 that gives at least 1.4 CTAs per SM with 32-token tiles (146 registers: three CTAs fit an SM)
+    and 0.9 with the larger ones (188-250 registers: two fit); above M = 128 (long K) 2 while the tiles cover
+    fewer than 1.5 CTAs per SM. Measured on H100 (NOTES.md)."""
+    bt = 32 if m <= 32 else 64 if m <= 64 else 128
+    tiles = math.ceil(np_ / 128) * math.ceil(m / bt)
+    if m > SWAP_MID_M:
+        return SwapConfig(bt, cluster=2 if tiles < 1.5 * sms else 1)
+    need = (1.4 if bt == 32 else 0.9) * sms
+    cluster = 1
+    while cluster < 8 and tiles * cluster < need and kt // (2 * cluster) >= 8:
+        cluster *= 2
+    return SwapConfig(bt, cluster=cluster)
 
 
 def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig:
@@ -387,7 +413,8 @@ DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2
     GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8)
     for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
-    WgmmaConfig())
+    WgmmaConfig()) + tuple(SwapConfig(bt, cluster=cl) for bt, cls in ((32, (1, 2, 4, 8)), (64, (1, 2, 4, 8)),
+                                                                      (128, (1, 2, 4, 8))) for cl in cls)
 
 
 def default_variants() -> list:

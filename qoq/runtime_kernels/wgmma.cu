@@ -32,6 +32,10 @@ template <int R> QOQ_DEV void reg_fence(int (&d)[R]) {  // keep accumulator acce
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+r"(d[i]) :: "memory");
 }
+template <int R> QOQ_DEV void reg_fence(u32 (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(d[i]) :: "memory");
+}
 QOQ_DEV void wgmma_m64n128k32_s8(int (&d)[64], u64 da, u64 db) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -469,6 +473,12 @@ QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
     const int nx = t + PF;
     if (nx < nst) load_w(r, kb + nx * KTS);
     const u32 sb = sbase + (t % STAGES) * STAGE;
+    // every fragment is computed before the fence (else ptxas injects a warpgroup.arrive before each wgmma)
+#pragma unroll
+    for (int kk = 0; kk < KTS; ++kk) {
+      reg_fence(lo[kk]);
+      reg_fence(hi[kk]);
+    }
     reg_fence(acc0);
     reg_fence(acc1);
     wgmma_fence();
