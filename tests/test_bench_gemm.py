@@ -59,3 +59,8 @@ def test_tuner_candidates_can_launch():
     for stages, min_blocks in gemm_tuner.WGMMA_CANDIDATES:  # min_blocks CTAs must fit one SM together
         _, smem = G.variant_for(G.WgmmaConfig(stages, min_blocks), True)
         assert min_blocks * (smem + reserved_per_cta) <= sm90_smem_per_sm, (stages, min_blocks)
+    for n, k in gemm_tuner.LLAMA3_8B_SHAPES:
+        for m in gemm_tuner.SWAP_MS:
+            for cfg in gemm_tuner.swap_candidates(m, n, k // 32, 132):
+                _, smem = G.variant_for(cfg, True)
+                assert smem + reserved_per_cta <= sm90_smem_per_sm and (not cfg.overlap or cfg.pf % 2 == 0), cfg

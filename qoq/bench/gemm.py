@@ -27,7 +27,7 @@ from qoq.bench.gemm_tuner import tune, tune_swap
 from qoq.bench.kernel_timing import LLAMA3_8B_SHAPES, copies_beyond_l2, quantized_weights, time_calls
 from qoq.bench.profile_case import CASES, run_case
 from qoq.runtime_kernels.attention import decode_attention_kv4 as attention_with_cta_shape
-from qoq.runtime_kernels.gemm import GemmConfig, GemvConfig, IntMMConfig, WgmmaConfig, choose_config
+from qoq.runtime_kernels.gemm import GemmConfig, GemvConfig, IntMMConfig, SwapConfig, WgmmaConfig, choose_config
 from qoq.scheme import ops
 from qoq.scheme.progressive import is_per_channel
 
@@ -80,6 +80,8 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                 picked_cfg = choose_config(m, np_, kp, sms, cc=cc)
                 if cc >= 90 and isinstance(picked_cfg, GemvConfig) and picked_cfg.pdl:  # the GEMV without PDL
                     paths["_nopdl"] = replace(picked_cfg, pdl=False)
+                if isinstance(picked_cfg, SwapConfig):  # the swapped-operand kernel with the other pipeline
+                    paths["_swapalt"] = replace(picked_cfg, overlap=not picked_cfg.overlap)
                 for suffix, cfg in paths.items():
                     res[name + suffix] = time_calls([lambda w=w, cfg=cfg, a=a: K.w4a8_linear(a, w, config=cfg)
                                                      for w in lins])
@@ -115,7 +117,7 @@ def _gemm_line(n, k, m, res):
     for name in ("w4a8_g128", "w4a8_pc"):
         if name in res:
             ratios.append(f"{b16 / res[name]['us']:5.2f}x" + (f"/{b8 / res[name]['us']:4.2f}x" if b8 else "/   - "))
-    paths = [p for p in ("tiled", "intmm", "wgmma", "nopdl") if f"w4a8_g128_{p}" in res]
+    paths = [p for p in ("tiled", "intmm", "wgmma", "nopdl", "swapalt") if f"w4a8_g128_{p}" in res]
     extra = ""
     if paths:
         extra = (f"   [{'/'.join(paths)}: g128 " + " ".join(f(f"w4a8_g128_{p}") for p in paths)

@@ -82,8 +82,9 @@ SWAP_MS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 def swap_candidates(m: int, np_: int, kt: int, sms: int) -> list:
     """SwapConfig shapes worth timing at M: the smallest token tile that holds M (and 128 above it), every
-    cluster split-K from 1 to 8 that leaves each CTA at least 8 k-tiles and no more than 6 CTAs per SM, and two
-    register prefetch depths."""
+    cluster split-K from 1 to 8 that leaves each CTA at least 8 k-tiles and no more than 6 CTAs per SM, with and
+    without overlapping the next stage's dequant with this one's wgmmas (weights 2 stages ahead: 4 measured no
+    faster)."""
     bt_fit = min(128, max(16, -(-m // 16) * 16))
     bts = sorted({bt_fit, 64, 128} if m > 64 else {bt_fit})
     out = []
@@ -92,12 +93,12 @@ def swap_candidates(m: int, np_: int, kt: int, sms: int) -> list:
         for cl in (1, 2, 4, 8):
             if cl > 1 and (kt // cl < 8 or tiles * cl > 6 * sms):
                 continue
-            out += [G.SwapConfig(bt, stages=4, pf=pf, cluster=cl) for pf in (2, 4)]
+            out += [G.SwapConfig(bt, stages=4, pf=2, cluster=cl, overlap=ov) for ov in (False, True)]
     return out
 
 
 def _swap_name(cfg) -> str:
-    return f"swap_t{cfg.bt}_p{cfg.pf}_c{cfg.cluster}"
+    return f"swap_t{cfg.bt}_p{cfg.pf}_c{cfg.cluster}" + ("_ov" if cfg.overlap else "")
 
 
 def tune_swap(log=print, shapes=LLAMA3_8B_SHAPES, ms=SWAP_MS, group: int = 128) -> list[dict]:

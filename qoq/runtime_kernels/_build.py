@@ -100,14 +100,17 @@ def wgmma_smem_bytes(stages: int) -> int:
     return stages * 128 * (128 + 128) + 1024  # + alignment slack for the 1024-byte swizzle atoms
 
 
-def wgmma_swap_variant(bt: int, stages: int, pf: int, cluster: int, grouped: bool, min_blocks: int = 1) -> Variant:
+def wgmma_swap_variant(bt: int, stages: int, pf: int, cluster: int, grouped: bool, min_blocks: int = 1,
+                       overlap: bool = False) -> Variant:
     """The swapped-operand kernel (weights as wgmma's register A operand, tokens as N; wgmma.cu): `bt` tokens per
-    CTA, `stages` activation buffers, weights `pf` stages ahead in registers, split-K over a `cluster` of CTAs."""
+    CTA, `stages` activation buffers, weights `pf` stages ahead in registers, split-K over a `cluster` of CTAs;
+    `overlap`: the next stage is dequantized while this one's wgmmas run."""
     name = (f"qoq_wgswap_t{bt}_s{stages}_p{pf}_b{min_blocks}_{'g' if grouped else 'c'}"
-            + (f"_cl{cluster}" if cluster > 1 else ""))
+            + (f"_cl{cluster}" if cluster > 1 else "") + ("_ov" if overlap else ""))
     dims = f"__cluster_dims__(1, 1, {cluster}) " if cluster > 1 else ""
     body = (f'extern "C" __global__ void {dims}__launch_bounds__(128, {min_blocks}) {name}(GEMM_PARAMS) '
-            f'{{ wgmma_swap_body<{bt}, {stages}, {pf}, {cluster}, {str(grouped).lower()}>(GEMM_ARGS); }}')
+            f'{{ wgmma_swap_body<{bt}, {stages}, {pf}, {cluster}, {str(grouped).lower()}, '
+            f'{str(overlap).lower()}>(GEMM_ARGS); }}')
     return Variant("wgmma.cu", name, body)
 
 

@@ -75,6 +75,7 @@ class SwapConfig:
     pf: int = 2
     cluster: int = 1
     min_blocks: int = 1
+    overlap: bool = False  # dequantize the next stage while this one's wgmmas run (two fragment buffers)
 
 
 PDL_ENABLED = os.environ.get("QOQ_PDL", "1") != "0"  # QOQ_PDL=0: never use programmatic dependent launch
@@ -187,7 +188,7 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
     if isinstance(cfg, WgmmaConfig):
         return B.wgmma_variant(cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.stages)
     if isinstance(cfg, SwapConfig):
-        return (B.wgmma_swap_variant(cfg.bt, cfg.stages, cfg.pf, cfg.cluster, grouped, cfg.min_blocks),
+        return (B.wgmma_swap_variant(cfg.bt, cfg.stages, cfg.pf, cfg.cluster, grouped, cfg.min_blocks, cfg.overlap),
                 B.wgmma_swap_smem_bytes(cfg.bt, cfg.stages, cfg.cluster))
     if isinstance(cfg, GemvConfig):
         return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u, cfg.red, cfg.cluster, cfg.early_trigger), 0
@@ -303,6 +304,8 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
             raise ValueError(f"SwapConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
         if cfg.bt % 16 or not 16 <= cfg.bt <= 128 or not 1 <= cfg.cluster <= 8:
             raise ValueError(f"{cfg}: bt must be 16, 32, ..., 128 and cluster 1..8")
+        if cfg.overlap and (cfg.stages < 3 or cfg.pf % 2):
+            raise ValueError(f"{cfg}: the overlapped kernel needs stages >= 3 and an even pf")
         splits, tps = cfg.cluster, _swap_k_tiles(kt, cfg.cluster)
         grid, block = (math.ceil(np_ / 128), math.ceil(m / cfg.bt), splits), (128, 1, 1)
         ncounters = 0

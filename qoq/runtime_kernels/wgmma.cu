@@ -400,7 +400,11 @@ template <int U> struct WgW {  // one stage of a warp's packed weights: U k-tile
   u32 s[U], z[U];
 };
 
-template <int BT, int STAGES, int PF, int CL, bool GROUPED>
+template <int U> struct WgFrag {  // wgmma A fragments of U k-tiles: rows 0-15 (lo) and 16-31 (hi) of a warp's n-tile
+  u32 lo[U][4], hi[U][4];
+};
+
+template <int BT, int STAGES, int PF, int CL, bool GROUPED, bool OV>
 QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
 #if defined(QOQ_WGMMA)
   constexpr int BK = 128, KTS = BK / 32, THREADS = 128, NACC = BT / 2;
@@ -448,58 +452,102 @@ QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
   for (int i = 0; i < NACC; ++i) acc0[i] = acc1[i] = 0;
 
   WgW<KTS> wr[PF];
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nst) load_a(s, kb + s * KTS);
-    cp_async_commit();
-  }
-#pragma unroll
-  for (int p = 0; p < PF; ++p)
-    if (p < nst) load_w(wr[p], kb + p * KTS);
-
-  // step t: stage t's activations are in buffer t % STAGES, its weights in wr[t % PF]; the wgmmas of step t - 1
-  // have completed (wait_group 0), so buffer (t - 1) % STAGES takes stage t + STAGES - 1
-  auto step = [&](int t, WgW<KTS>& r) {
-    cp_async_wait<STAGES - 2>();
-    fence_proxy_async();
-    __syncthreads();
-    u32 lo[KTS][4], hi[KTS][4];
+  auto dequant_stage = [&](const WgW<KTS>& r, WgFrag<KTS>& f) {
 #pragma unroll
     for (int kk = 0; kk < KTS; ++kk) {
       u32 s[4] = {0u, 0u, 0u, 0u}, zb[4] = {0u, 0u, 0u, 0u};
       if (GROUPED) deq_params(r.s[kk], r.z[kk], s, zb);
-      dequant_tile<GROUPED>(r.w[kk], s, zb, lo[kk], hi[kk]);
+      dequant_tile<GROUPED>(r.w[kk], s, zb, f.lo[kk], f.hi[kk]);
     }
-    const int nx = t + PF;
-    if (nx < nst) load_w(r, kb + nx * KTS);
-    const u32 sb = sbase + (t % STAGES) * STAGE;
+  };
+  auto issue_mma = [&](WgFrag<KTS>& f, int buf) {
+    const u32 sb = sbase + buf * STAGE;
     // every fragment is computed before the fence (else ptxas injects a warpgroup.arrive before each wgmma)
 #pragma unroll
     for (int kk = 0; kk < KTS; ++kk) {
-      reg_fence(lo[kk]);
-      reg_fence(hi[kk]);
+      reg_fence(f.lo[kk]);
+      reg_fence(f.hi[kk]);
     }
-    reg_fence(acc0);
-    reg_fence(acc1);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KTS; ++kk) {
-      wgmma_rs(acc0, lo[kk], wg_desc(sb + kk * 32));
-      wgmma_rs(acc1, hi[kk], wg_desc(sb + kk * 32));
+      wgmma_rs(acc0, f.lo[kk], wg_desc(sb + kk * 32));
+      wgmma_rs(acc1, f.hi[kk], wg_desc(sb + kk * 32));
     }
     wgmma_commit();
-    const int na = t + STAGES - 1;
-    if (na < nst) load_a(na % STAGES, kb + na * KTS);
-    cp_async_commit();
-    wgmma_wait<0>();
-    reg_fence(acc0);
-    reg_fence(acc1);
   };
-  for (int t = 0; t < nst; t += PF) {
+  reg_fence(acc0);
+  reg_fence(acc1);
+  if (!OV) {
+    // step t: stage t's activations are in buffer t % STAGES, its weights in wr[t % PF]; the wgmmas of step
+    // t - 1 have completed (wait_group 0), so buffer (t - 1) % STAGES takes stage t + STAGES - 1
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < nst) load_a(s, kb + s * KTS);
+      cp_async_commit();
+    }
 #pragma unroll
     for (int p = 0; p < PF; ++p)
-      if (t + p < nst) step(t + p, wr[p]);
+      if (p < nst) load_w(wr[p], kb + p * KTS);
+    auto step = [&](int t, WgW<KTS>& r) {
+      cp_async_wait<STAGES - 2>();
+      fence_proxy_async();
+      __syncthreads();
+      WgFrag<KTS> f;
+      dequant_stage(r, f);
+      if (t + PF < nst) load_w(r, kb + (t + PF) * KTS);
+      issue_mma(f, t % STAGES);
+      const int na = t + STAGES - 1;
+      if (na < nst) load_a(na % STAGES, kb + na * KTS);
+      cp_async_commit();
+      wgmma_wait<0>();
+    };
+    for (int t = 0; t < nst; t += PF) {
+#pragma unroll
+      for (int p = 0; p < PF; ++p)
+        if (t + p < nst) step(t + p, wr[p]);
+    }
+  } else {
+    // Overlapped: the wgmmas of step t run while the warp dequantizes stage t + 1 into the other fragment buffer;
+    // wait_group 1 after issuing step t frees step t - 1's fragments and (after the next barrier) its activation
+    // buffer, so stage t + STAGES - 2 is loaded at step t (into buffer (t - 2) % STAGES).
+    static_assert(STAGES >= 3 && PF % 2 == 0, "overlapped swap kernel: STAGES >= 3, even PF");
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) {
+      if (s < nst) load_a(s, kb + s * KTS);
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int p = 0; p < PF; ++p)
+      if (p < nst) load_w(wr[p], kb + p * KTS);
+    WgFrag<KTS> fr[2];
+    if (nst > 0) {
+      dequant_stage(wr[0], fr[0]);
+      if (PF < nst) load_w(wr[0], kb + PF * KTS);
+    }
+    auto step = [&](int t, WgFrag<KTS>& f, WgFrag<KTS>& fnext, WgW<KTS>& rnext) {
+      cp_async_wait<STAGES - 3>();
+      fence_proxy_async();
+      __syncthreads();
+      const int na = t + STAGES - 2;
+      if (na < nst) load_a(na % STAGES, kb + na * KTS);
+      cp_async_commit();
+      issue_mma(f, t % STAGES);
+      wgmma_wait<1>();
+      if (t + 1 < nst) {
+        dequant_stage(rnext, fnext);
+        if (t + 1 + PF < nst) load_w(rnext, kb + (t + 1 + PF) * KTS);
+      }
+    };
+    for (int t = 0; t < nst; t += PF) {
+#pragma unroll
+      for (int p = 0; p < PF; ++p)
+        if (t + p < nst) step(t + p, fr[p & 1], fr[(p + 1) & 1], wr[(p + 1) % PF]);
+    }
+    wgmma_wait<0>();
   }
+  reg_fence(acc0);
+  reg_fence(acc1);
   cp_async_wait<0>();
 
   // The accumulators go through shared memory as a [BT][128] int32 tile (row pitch 132 words: the four token
