@@ -15,7 +15,7 @@ def count_non_finite(t: torch.Tensor) -> int:
     if not t.is_floating_point():
         return 0
     flat = t.reshape(-1)
-    step = 1 << 26  # in pieces: the boolean mask of a whole embedding would be another half of it
+    step = 1 << 20  # in pieces: isfinite of a big piece makes several temporaries of its size (0.5 GiB at 2^26)
     return sum(int((~torch.isfinite(flat[i:i + step])).sum()) for i in range(0, flat.numel(), step))
 
 

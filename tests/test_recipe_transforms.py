@@ -151,3 +151,16 @@ def test_rotation_works_in_reduced_precision_models():
     model = tiny_model("llama").to(torch.bfloat16)
     rotate_model(model)
     assert model.lm_head.weight.dtype == torch.bfloat16 and torch.all(model.model.norm.weight == 1)
+
+
+def test_norm_folding_a_chunk_of_rows_at_a_time_equals_the_whole_matrix_at_once():
+    from qoq.algorithm.rotation import _fold
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=False, dtype=torch.float16)
+    head.weight.data.normal_(0, 0.5, generator=g)
+    norm = torch.nn.Module()
+    norm.weight = torch.nn.Parameter((1 + 0.3 * torch.randn(16, generator=g)).half(), requires_grad=False)
+    whole = (head.weight.double() * norm.weight.double()[None, :]).half()
+    _fold(norm, [head], rows=5)
+    assert torch.equal(head.weight.data, whole) and torch.equal(norm.weight, torch.ones(16, dtype=torch.float16))

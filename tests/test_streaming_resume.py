@@ -173,10 +173,18 @@ def test_reader_casts_big_tensors_a_block_of_rows_at_a_time(tmp_path):
     for name, t in stored.items():
         read = reader.tensor(name)
         assert read.dtype == torch.float16 and torch.equal(read, t.to(torch.float16)), name
+    same = CheckpointReader(tmp_path, torch.bfloat16, chunk_bytes=30)  # read straight into the result
+    assert torch.equal(same.tensor("w"), stored["w"]) and same.tensor("s").dtype == torch.bfloat16
+    reader.require_finite()
     stored["w"][4, 1] = float("nan")
+    stored["w"][30, 0] = 1e6  # finite in bfloat16, Inf once cast to float16
     save_file(stored, tmp_path / "model.safetensors")
-    with pytest.raises(QoqError, match="tensor w has 1 NaN/Inf"):
+    with pytest.raises(QoqError, match="tensor w has 2 NaN/Inf"):
         reader.tensor("w")
+    with pytest.raises(QoqError, match="tensor w has 2 NaN/Inf"):
+        reader.require_finite()
+    with pytest.raises(QoqError, match="tensor w has 1 NaN/Inf"):
+        CheckpointReader(tmp_path, torch.bfloat16, chunk_bytes=30).require_finite()
 
 
 def test_shard_writer_keeps_units_whole_and_restores_its_state(tmp_path):

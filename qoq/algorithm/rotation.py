@@ -122,10 +122,15 @@ def _set_chunked(weight: torch.Tensor, q: torch.Tensor, device=None, rows: int =
         chunk.copy_((chunk.to(dev, torch.float64) @ qd).to(chunk.device, chunk.dtype))
 
 
-def _fold(norm, linears) -> None:
+def _fold(norm, linears, rows: int = 8192) -> None:
+    """A chunk of rows at a time: a float64 copy of a whole lm_head (and its product) would be 8 GB of host
+    memory for an 8B model."""
     w = norm.weight.double()
     for lin in linears:
-        _set(lin.weight, lin.weight.double() * w.to(lin.weight.device)[None, :])
+        wd = w.to(lin.weight.device)[None, :]
+        for i in range(0, lin.weight.shape[0], rows):
+            chunk = lin.weight.data[i:i + rows]
+            chunk.copy_((chunk.double() * wd).to(chunk.dtype))
     norm.weight.data.fill_(1.0)
 
 

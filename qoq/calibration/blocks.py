@@ -81,9 +81,9 @@ class BlockRunner:
             self.hidden = self._stored(hidden)
             return
         embed = model.get_input_embeddings()
-        with torch.no_grad():
-            self.hidden = self._stored([embed(ids.to(embed.weight.device)).float()
-                                        for ids in input_ids.split(batch_size)])
+        with torch.no_grad():  # a generator: the embedding lives on the host, one batch at a time goes to the store
+            self.hidden = self._stored(embed(ids.to(embed.weight.device)).float()
+                                       for ids in input_ids.split(batch_size))
 
     @property
     def layers(self):
