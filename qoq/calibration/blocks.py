@@ -78,12 +78,12 @@ class BlockRunner:
         n, t = input_ids.shape
         self.store = hidden_store(device, n * t * model.config.hidden_size * 4)
         if hidden is not None:  # chunks, each moved to the store as it is read
-            self.hidden = self._stored(hidden)
+            self.hidden = self._stored(hidden, n)
             return
         embed = model.get_input_embeddings()
         with torch.no_grad():  # a generator: the embedding lives on the host, one batch at a time goes to the store
-            self.hidden = self._stored(embed(ids.to(embed.weight.device)).float()
-                                       for ids in input_ids.split(batch_size))
+            self.hidden = self._stored((embed(ids.to(embed.weight.device)).float()
+                                        for ids in input_ids.split(batch_size)), n)
 
     @property
     def layers(self):
@@ -95,7 +95,8 @@ class BlockRunner:
         hidden = self.hidden if hidden is None else hidden
         if limit is not None:
             hidden = hidden[:limit]
-        return self._stored([self._call(layer, x.to(self.device)) for x in hidden.split(self.batch_size)])
+        return self._stored((self._call(layer, x.to(self.device)) for x in hidden.split(self.batch_size)),
+                            hidden.shape[0])
 
     @torch.no_grad()
     def forward_with_stats(self, layer) -> tuple[torch.Tensor, BlockStats]:
@@ -110,18 +111,19 @@ class BlockRunner:
         """The next block's inputs are this block's outputs."""
         self.hidden = outputs
 
-    def _stored(self, batches) -> torch.Tensor:
-        """The batches (any iterable), concatenated where the hidden states live (pinned host memory is filled
-        in place); each batch is moved as it comes, so an iterable that reads them holds one at a time."""
-        if self.store.device.type == "cuda" or not self.store.pinned:
-            return torch.cat([b.to(self.store.device) for b in batches])
-        batches = list(batches)
-        out = torch.empty((sum(b.shape[0] for b in batches), *batches[0].shape[1:]), dtype=batches[0].dtype,
-                          pin_memory=True)
-        row = 0
+    def _stored(self, batches, rows: int) -> torch.Tensor:
+        """The batches (any iterable; `rows` samples in all) copied one by one into one tensor where the hidden
+        states live (GPU, pinned or plain host memory): never a list of them plus their concatenation, and an
+        iterable that computes or reads them holds one batch at a time."""
+        out, row = None, 0
         for b in batches:
-            out[row:row + b.shape[0]].copy_(b, non_blocking=False)
+            if out is None:
+                out = torch.empty((rows, *b.shape[1:]), dtype=b.dtype, device=self.store.device,
+                                  pin_memory=self.store.pinned)
+            out[row:row + b.shape[0]].copy_(b)
             row += b.shape[0]
+        if out is None or row != rows:
+            raise ValueError(f"expected {rows} calibration samples, got {row}")
         return out
 
     def _call(self, layer, x: torch.Tensor) -> torch.Tensor:
