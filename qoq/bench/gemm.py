@@ -9,7 +9,8 @@ on Llama-3-8B linear shapes (N x K) for M in 1..4096; weight copies are rotated 
 timed graph exceeds the L2 cache (weights stream from HBM, as in a real decode step);
 - KV4 decode attention vs torch SDPA on fp16 K/V (GQA), batch 64 x context 1024, Llama-3-8B heads.
 `run()` returns the rows as dicts (reused by `qoq bench --json`); `main()` prints a compact table, or runs the
-configuration sweeps (`--tune`, qoq.bench.gemm_tuner) or one case for a profiler (`--one`, qoq.bench.profile_case).
+configuration sweeps (`--tune`, `--tune-gemv`, `--tune-swap`: qoq.bench.gemm_tuner) or one case for a profiler
+(`--one`, qoq.bench.profile_case).
 Timing and the workload: qoq.bench.kernel_timing.
 """
 from __future__ import annotations
