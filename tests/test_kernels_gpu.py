@@ -59,7 +59,7 @@ def _precompiled():
     extra += [variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in _swap_configs()]
     for kp in (128, 576, 1536, 4096, 4128, 4160, 14336):
         threads, ch = launch_shape(kp)
-        extra += [B.rowquant_variant(dt, mode, ch, threads) for dt in (0, 1, 2) for mode in (0, 1, 2)]
+        extra += [B.rowquant_variant(dt, mode, ch, threads) for dt in (0, 1, 2) for mode in (0, 1, 2, 3)]
     K.precompile(K.all_variants() + extra)
 
 
@@ -104,6 +104,31 @@ def test_rmsnorm_quantize(dtype, m, k, kp):
     got = K.rmsnorm_quantize(x, w, 1e-5, kp, with_qsum=True)
     _assert_nearly_equal_q(got, ref)
     assert (got.qsum - ref.qsum).abs().max() <= max(1, int(1e-3 * k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,kp", [(1, 576, 576), (16, 4096, 4096), (300, 1536, 1536), (7, 14336, 14336),
+                                    (33, 100, 128), (5, 4099, 4160)])
+def test_add_rmsnorm_quantize(dtype, m, k, kp):
+    h = _randn(m, k, seed=k + 7, dtype=dtype, scale=2.0)
+    delta = _randn(m, k, seed=k + 8, dtype=dtype, scale=0.5)
+    w = (1 + _randn(k, seed=k + 1, scale=0.1)).to(dtype)
+    want_h = h + delta
+    ref = ops.add_rmsnorm_quantize(h.clone(), delta, w, 1e-5, kp, with_qsum=True)
+    same_kernel = K.rmsnorm_quantize(want_h, w, 1e-5, kp, with_qsum=True)
+    got_h = h.clone()
+    got = K.add_rmsnorm_quantize(got_h, delta, w, 1e-5, kp, with_qsum=True)
+    assert torch.equal(got_h, want_h)  # the residual stream: the same bits as torch's add
+    for f in ("q", "scale", "qsum"):  # the fused add changes nothing downstream of the sum
+        assert torch.equal(getattr(got, f), getattr(same_kernel, f))
+    _assert_nearly_equal_q(got, ref)
+
+
+def test_add_rmsnorm_quantize_needs_contiguous_rows():
+    h = _randn(4, 2 * 576, seed=3, dtype=torch.float16).t()  # columns: rows not contiguous
+    w = torch.ones(4, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="in place"):
+        K.add_rmsnorm_quantize(h, h.clone(), w, 1e-5, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

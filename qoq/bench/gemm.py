@@ -191,6 +191,7 @@ def run(quick: bool = False, log=print, tune_attention: bool = False) -> list[di
     shapes = LLAMA3_8B_SHAPES[:2] if quick else LLAMA3_8B_SHAPES
     rows = bench_gemm(shapes, ms, log=log)
     rows += bench_attention(log=log, tune=tune_attention)
+    rows += bench_attention(batch=16, ctx=4096, log=log, tune=tune_attention)
     for r in rows:
         r["device"] = props.name
     return rows

@@ -22,7 +22,8 @@ from qoq.scheme import ops
 KERNELS = ("quantize_act", "rmsnorm_quantize", "silu_mul_quantize", "w4a8_linear", "kv4_append",
            "kv4_quantize", "kv4_dequantize", "apply_rope", "decode_attention_kv4")
 OPTIONAL = ("rmsnorm",)
-FUSED = ("rope_kv4_append",)  # kernels with no reference op of their own: the engine composes them when absent
+# fused kernels the engine's fast mode uses when the backend has them (and composes from the ops above otherwise)
+FUSED = ("rope_kv4_append", "add_rmsnorm_quantize")
 BACKENDS = ("auto", "reference", "cupy")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -68,7 +69,7 @@ def cupy_available() -> tuple[bool, str]:
 
 
 def reference_backend() -> Backend:
-    fns = {name: getattr(ops, name) for name in KERNELS + OPTIONAL}
+    fns = {name: getattr(ops, name) for name in KERNELS + OPTIONAL + FUSED if hasattr(ops, name)}
     fns["w4a8_linear"] = cached_w4a8_linear
     return Backend("reference", fns)
 

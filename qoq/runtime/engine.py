@@ -114,6 +114,7 @@ class Engine(fast_mode.HostMirroredLengths):
         self._graphs = fast_mode.DecodeGraphs()
         # resolved once: qoq.verify swaps `backend` after construction, but only on plain engines
         self._rope_append = fast_mode.rope_append_op(self.backend) if self.fast else None
+        self._add_norm = self.backend.fns.get("add_rmsnorm_quantize") if self.fast else None
         self._attn_max_len = self.fast and fast_mode.attention_takes_max_len(self.backend)
         if self.fast:
             for layer in self.layers:
@@ -240,29 +241,46 @@ class Engine(fast_mode.HostMirroredLengths):
         qsum = self.per_channel
         dt = self.act_dtype
         attn_len = {"max_len": graph_len or top + 1} if self._attn_max_len else {}
+        end = start + t
+        delta = None  # fast mode: the pending residual update, added by the next norm's fused kernel
         for layer, cache in zip(self.layers, caches, strict=True):
-            a = be.rmsnorm_quantize(h, layer.input_layernorm, self.eps, layer.q_proj.padded_in, qsum)
+            a, h = self._norm_quantize(h, delta, layer.input_layernorm, layer.q_proj.padded_in)
             q, k, v = self._qkv(layer, a, b, t)
             q, k = self._rope_append_kv(q, k, v, cos, sin, cache, start)
             if t == 1:
-                o = be.decode_attention_kv4(q[:, :, 0].contiguous(), cache, start + 1, self.sm_scale, **attn_len)
+                o = be.decode_attention_kv4(q[:, :, 0].contiguous(), cache, end, self.sm_scale, **attn_len)
                 o = o.reshape(b, self.heads * self.head_dim)
             elif fresh:
                 o = fast_mode.prefill_attention_fp16(q, k, v, self.sm_scale, dt)
             else:
                 o = self._prefill_attention(q, cache, start, t, top + t)
             a = be.quantize_act(o.reshape(b * t, -1), layer.o_proj.padded_in, qsum)
-            h = h + be.w4a8_linear(a, layer.o_proj, dt)
-            a = be.rmsnorm_quantize(h, layer.post_attention_layernorm, self.eps, layer.gate_proj.padded_in, qsum)
+            delta = be.w4a8_linear(a, layer.o_proj, dt)
+            a, h = self._norm_quantize(h, delta, layer.post_attention_layernorm, layer.gate_proj.padded_in)
             gate, up = self._gate_up(layer, a)
             a = be.silu_mul_quantize(gate, up, layer.down_proj.padded_in, qsum)
-            h = h + be.w4a8_linear(a, layer.down_proj, dt)
+            delta = be.w4a8_linear(a, layer.down_proj, dt)
+            if self._add_norm is None:
+                h, delta = h + delta, None
+        if delta is not None:
+            h = h + delta
         if full:
-            self.lengths.copy_(start + t)  # in place: a captured decode graph reads and advances this tensor
+            self.lengths.copy_(end)  # in place: a captured decode graph reads and advances this tensor
         else:
-            self.lengths[rows] = start + t
+            self.lengths[rows] = end
         host += t
         return be.rmsnorm(h, self.norm, self.eps).view(b, t, self.hidden)
+
+    def _norm_quantize(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, padded_in: int):
+        """(INT8 RMSNorm(h + delta), h + delta): the residual add, when one is pending, is fused into the norm
+        kernel and updates h in place (h is the step's own tensor); without a pending add, RMSNorm alone."""
+        be = self.backend
+        if delta is None:
+            return be.rmsnorm_quantize(h, weight, self.eps, padded_in, self.per_channel), h
+        if self._add_norm is not None:
+            return self._add_norm(h, delta, weight, self.eps, padded_in, self.per_channel), h
+        h = h + delta
+        return be.rmsnorm_quantize(h, weight, self.eps, padded_in, self.per_channel), h
 
     def _qkv(self, layer: Layer, a, b: int, t: int):
         """q [B, Hq, T, D], k and v [B, Hkv, T, D] (one fused GEMM when the layer has one)."""

@@ -54,6 +54,13 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, padded_i
     return rowquant(MODE_RMSNORM, x, weight, eps, padded_in, with_qsum, out)
 
 
+def add_rmsnorm_quantize(x: torch.Tensor, res: torch.Tensor, weight: torch.Tensor, eps: float, padded_in: int,
+                         with_qsum: bool = False, out: QuantAct | None = None) -> QuantAct:
+    from .quant import MODE_ADD_RMSNORM, rowquant
+
+    return rowquant(MODE_ADD_RMSNORM, x, weight, eps, padded_in, with_qsum, out, res=res)
+
+
 def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, padded_in: int, with_qsum: bool = False,
                       out: QuantAct | None = None) -> QuantAct:
     from .quant import MODE_SILU_MUL, rowquant

@@ -1,4 +1,5 @@
-// Per-token symmetric INT8 activation quantization, fused with RMSNorm or SiLU(gate)*up (ops.py twins).
+// Per-token symmetric INT8 activation quantization, fused with RMSNorm, residual add + RMSNorm or SiLU(gate)*up
+// (ops.py twins).
 // One CTA per row; the row is held in registers (CH chunks of 8 elements per thread) for a single pass over
 // global memory. Every fp32 step is the same IEEE op as the torch reference (explicit _rn intrinsics: no FMA
 // contraction), division x / s_a is IEEE, rounding half-to-even (__float2int_rn). Writes q [M, Kp] (zero-padded),
@@ -7,6 +8,7 @@
 #define MODE_QUANT 0
 #define MODE_RMSNORM 1
 #define MODE_SILU_MUL 2
+#define MODE_ADD_RMSNORM 3  // x += res (rounded to x's dtype, written back through x_out), then MODE_RMSNORM
 
 // Block-wide reduction of one value per thread: butterfly within each warp, then every thread folds the warps'
 // results in the same order (so every thread gets the same bits). `sh`: THREADS / 32 slots.
@@ -51,10 +53,42 @@ QOQ_DEV void load8(const void* p, i64 row_off, int base, int K, bool vec, float 
   }
 }
 
+// v rounded to dtype DT (the element type of a torch op's result), back in fp32
+template <int DT>
+QOQ_DEV float round_to(float v) {
+  if (DT == DT_F16) return h2f(f2h(v));
+  if (DT == DT_BF16) return bf2f(f2bf(v));
+  return v;
+}
+
+// stores 8 consecutive elements [base, base+8) of a row of dtype DT (elements >= K are not written)
+template <int DT>
+QOQ_DEV void store8(void* p, i64 row_off, int base, int K, bool vec, const float v[8]) {
+  if (vec && base + 8 <= K) {
+    if (DT == DT_F32) {
+      float4* o = (float4*)((float*)p + row_off + base);
+      o[0] = make_float4(v[0], v[1], v[2], v[3]);
+      o[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      u32 w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        w[i] = DT == DT_F16 ? pack_h2(v[2 * i], v[2 * i + 1])
+                            : ((u32)f2bf(v[2 * i]) | ((u32)f2bf(v[2 * i + 1]) << 16));
+      *(uint4*)((u16*)p + row_off + base) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (base + i < K) st_any(p, row_off + base + i, DT, v[i]);
+  }
+}
+
 template <int DT, int MODE, int CH, int THREADS>
 QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ x2, int dt2, float eps,
                            i8* __restrict__ q, float* __restrict__ scale, int* __restrict__ qsum, int K, int Kp,
-                           i64 ldx, i64 ldx2, int vec) {
+                           i64 ldx, i64 ldx2, int vec, const void* __restrict__ res, i64 ldres,
+                           void* __restrict__ x_out) {
   pdl_trigger();  // a GEMV launched after this kernel with PDL may start streaming its weights
   __shared__ double shd[32];
   __shared__ float shf[32];
@@ -72,7 +106,21 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
       for (int e = 0; e < 8; ++e) v[i][e] = 0.f;
     }
   }
-  if (MODE == MODE_RMSNORM) {
+  if (MODE == MODE_ADD_RMSNORM) {
+    // the residual stream's `x + res` in x's dtype (torch adds in fp32 and rounds once), stored in place
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int j = tid + i * THREADS;
+      if (j < nchunk) {
+        float u[8];
+        load8<DT>(res, (i64)row * ldres, 8 * j, K, vec != 0, u);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[i][e] = round_to<DT>(__fadd_rn(v[i][e], u[e]));
+        store8<DT>(x_out, (i64)row * ldx, 8 * j, K, vec != 0, v[i]);
+      }
+    }
+  }
+  if (MODE == MODE_RMSNORM || MODE == MODE_ADD_RMSNORM) {
     // ops.rmsnorm: the sum of squares in fp64 (each square exact, the sum within 1e-16 in any order, so its
     // fp32 rounding is the reference's), then IEEE fp32 sqrt and division: the same bits as the reference
     double ss = 0.0;
@@ -143,5 +191,6 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
 
 #define ROWQUANT_PARAMS                                                                                     \
   const void *__restrict__ x, const void *__restrict__ x2, int dt2, float eps, i8 *__restrict__ q, \
-      float *__restrict__ scale, int *__restrict__ qsum, int K, int Kp, i64 ldx, i64 ldx2, int vec
-#define ROWQUANT_ARGS x, x2, dt2, eps, q, scale, qsum, K, Kp, ldx, ldx2, vec
+      float *__restrict__ scale, int *__restrict__ qsum, int K, int Kp, i64 ldx, i64 ldx2, int vec,         \
+      const void *__restrict__ res, i64 ldres, void *__restrict__ x_out
+#define ROWQUANT_ARGS x, x2, dt2, eps, q, scale, qsum, K, Kp, ldx, ldx2, vec, res, ldres, x_out

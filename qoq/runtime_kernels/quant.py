@@ -1,4 +1,5 @@
-"""Launchers of the per-token INT8 activation quantization kernels (plain, fused RMSNorm, fused SiLU*up)."""
+"""Launchers of the per-token INT8 activation quantization kernels (plain, fused RMSNorm, fused residual add +
+RMSNorm, fused SiLU*up)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ from qoq.scheme.ops import QuantAct
 from . import _build as B
 
 IN_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-MODE_QUANT, MODE_RMSNORM, MODE_SILU_MUL = 0, 1, 2
+MODE_QUANT, MODE_RMSNORM, MODE_SILU_MUL, MODE_ADD_RMSNORM = 0, 1, 2, 3
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,10 @@ def _vec_ok(x: torch.Tensor) -> bool:
 
 
 def rowquant(mode: int, x: torch.Tensor, x2: torch.Tensor | None, eps: float, padded_in: int, with_qsum: bool,
-             out: QuantAct | None = None) -> QuantAct:
+             out: QuantAct | None = None, res: torch.Tensor | None = None) -> QuantAct:
+    """Quantize the rows of x (after `mode`'s fused op). MODE_ADD_RMSNORM adds `res` to x in place first."""
+    if mode == MODE_ADD_RMSNORM and (x.dim() != 2 or x.stride(-1) != 1):
+        raise ValueError("the residual stream must be a 2-D tensor with contiguous rows (it is updated in place)")
     x = _rows(x)
     m, k = x.shape
     if padded_in < k or padded_in % 8:
@@ -53,11 +57,20 @@ def rowquant(mode: int, x: torch.Tensor, x2: torch.Tensor | None, eps: float, pa
             raise ValueError("gate and up must have the same shape and dtype")
         ld2 = x2.stride(0)
         vec = vec and _vec_ok(x2)
-    elif mode == MODE_RMSNORM:
+    elif mode in (MODE_RMSNORM, MODE_ADD_RMSNORM):
         x2 = x2.contiguous()
         if x2.numel() != k or x2.dtype not in IN_DTYPES:
             raise ValueError("RMSNorm weight must be [K] of a float dtype")
         dt2 = IN_DTYPES[x2.dtype]
+    ldres = 0
+    if mode == MODE_ADD_RMSNORM:
+        res = _rows(res)
+        if res.shape != x.shape or res.dtype != x.dtype:
+            raise ValueError("the residual and its update must have the same shape and dtype")
+        ldres = res.stride(0)
+        vec = vec and _vec_ok(res)
+    else:
+        res = None
     if out is None:
         out = QuantAct(q=torch.empty(m, padded_in, dtype=torch.int8, device=dev),
                        scale=torch.empty(m, dtype=torch.float32, device=dev),
@@ -76,7 +89,8 @@ def rowquant(mode: int, x: torch.Tensor, x2: torch.Tensor | None, eps: float, pa
     variant = B.rowquant_variant(IN_DTYPES[x.dtype], mode, ch, threads)
     qsum = out.qsum if with_qsum else None
     args = (B.ptr(x), B.ptr(x2), B.i32(dt2), B.f32(eps), B.ptr(out.q), B.ptr(out.scale), B.ptr(qsum),
-            B.i32(k), B.i32(padded_in), B.i64(x.stride(0)), B.i64(ld2), B.i32(int(vec)))
+            B.i32(k), B.i32(padded_in), B.i64(x.stride(0)), B.i64(ld2), B.i32(int(vec)),
+            B.ptr(res), B.i64(ldres), B.ptr(x if res is not None else None))
     B.launch(variant, device, (m, 1, 1), (threads, 1, 1), args)
     if not with_qsum and out.qsum is not None:
         out = QuantAct(q=out.q, scale=out.scale, qsum=None)
@@ -86,7 +100,7 @@ def rowquant(mode: int, x: torch.Tensor, x2: torch.Tensor | None, eps: float, pa
 def default_variants() -> list:
     out = []
     for dt in IN_DTYPES.values():
-        for mode in (MODE_QUANT, MODE_RMSNORM, MODE_SILU_MUL):
+        for mode in (MODE_QUANT, MODE_RMSNORM, MODE_SILU_MUL, MODE_ADD_RMSNORM):
             for kp in (576, 1536, 4096, 14336):
                 threads, ch = launch_shape(kp)
                 v = B.rowquant_variant(dt, mode, ch, threads)

@@ -101,6 +101,13 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, padded_i
     return quantize_act(rmsnorm(x, weight, eps), padded_in, with_qsum)
 
 
+def add_rmsnorm_quantize(x: torch.Tensor, res: torch.Tensor, weight: torch.Tensor, eps: float, padded_in: int,
+                         with_qsum: bool = False) -> QuantAct:
+    """The residual add x += res (in place, in x's dtype) fused with rmsnorm_quantize of the sum."""
+    x.add_(res)
+    return rmsnorm_quantize(x, weight, eps, padded_in, with_qsum)
+
+
 def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor, padded_in: int, with_qsum: bool = False) -> QuantAct:
     """SiLU(gate) * up in fp32, then per-token INT8 quantization (the down_proj input)."""
     g = gate.float()
