@@ -84,16 +84,19 @@ def swap_candidates(m: int, np_: int, kt: int, sms: int) -> list:
     """SwapConfig shapes worth timing at M: the smallest token tile that holds M (and 128 above it), every
     cluster split-K from 1 to 8 that leaves each CTA at least 8 k-tiles and no more than 6 CTAs per SM, with and
     without overlapping the next stage's dequant with this one's wgmmas (weights 2 stages ahead: 4 measured no
-    faster)."""
+    faster); up to M = 128 also the smaller token tiles (more CTAs, each weight tile read once per token tile),
+    without the overlap."""
     bt_fit = min(128, max(16, -(-m // 16) * 16))
     bts = sorted({bt_fit, 64, 128} if m > 64 else {bt_fit})
+    smaller = [bt for bt in (32, 64) if bt < bt_fit] if m <= 128 else []
     out = []
-    for bt in bts:
+    for bt in bts + smaller:
         tiles = -(-np_ // 128) * -(-m // bt)
         for cl in (1, 2, 4, 8):
             if cl > 1 and (kt // cl < 8 or tiles * cl > 6 * sms):
                 continue
-            out += [G.SwapConfig(bt, stages=4, pf=2, cluster=cl, overlap=ov) for ov in (False, True)]
+            overlaps = (False,) if bt in smaller else (False, True)
+            out += [G.SwapConfig(bt, stages=4, pf=2, cluster=cl, overlap=ov) for ov in overlaps]
     return out
 
 
