@@ -8,7 +8,7 @@ from qoq.bench.kernel_timing import quantized_weights
 from qoq.scheme import ops
 from qoq.scheme.progressive import is_per_channel
 
-CASES = ("gemm", "gemv", "gemv-pc", "gemv16", "attention")
+CASES = ("gemm", "gemm64", "gemv", "gemv-pc", "gemv16", "attention")
 
 
 def run_case(kind: str) -> None:
@@ -24,7 +24,7 @@ def run_case(kind: str) -> None:
         lengths = torch.full((b,), t, device=dev, dtype=torch.long)
         fn = lambda: K.decode_attention_kv4(q, c, lengths, d ** -0.5, max_len=t)  # noqa: E731
     else:
-        m = {"gemm": 4096, "gemv16": 16}.get(kind, 1)
+        m = {"gemm": 4096, "gemm64": 64, "gemv16": 16}.get(kind, 1)
         group = -1 if kind == "gemv-pc" else 128
         lin = quantized_weights(4096, 4096, group, 1, dev)[0]
         a = ops.quantize_act(torch.randn(m, 4096, device=dev, dtype=torch.float16), 4096,
