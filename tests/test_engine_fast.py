@@ -144,3 +144,29 @@ def test_lengths_bookkeeping_decode_graphs_rely_on(artifact):
     assert fast._host_len.tolist() == fast.lengths.tolist() == [17, 17]
     fast.restore_lengths(saved)
     assert saved[1].tolist() == [16, 16]  # restoring twice works: the saved copy is never advanced
+
+
+@pytest.mark.parametrize("shape", ["llama-3-8b", "qwen2-7b"])
+def test_rope_table_rows_are_the_rotary_embeddings_bits(shape):
+    from qoq.bench.synthetic import shape_config
+    from qoq.runtime.engine import hf_config, rotary_embedding
+    from qoq.runtime.fast import RopeTable
+
+    rotary = rotary_embedding(hf_config(shape_config(shape)))
+    assert RopeTable.applies(rotary)
+    table = RopeTable(rotary)
+    positions = torch.tensor([[0, 5, 1023], [4000, 17, 3]])
+    cos, sin = table.lookup(positions, 4096)
+    want_cos, want_sin = rotary(torch.zeros(1), positions)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    table.lookup(positions[:, :1], 8192)  # grows with the cache
+    assert table.table.shape[0] == 8192
+
+
+def test_rope_table_refuses_position_dependent_frequencies():
+    from qoq.runtime.fast import RopeTable
+
+    class Dynamic(torch.nn.Module):
+        rope_type = "dynamic"
+
+    assert not RopeTable.applies(Dynamic())

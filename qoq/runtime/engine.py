@@ -14,7 +14,8 @@ are mirrored on the host, so the engine itself never waits on the device inside 
 
 Two modes with the same integers: plain (one backend call per op, the order qoq.verify's lockstep and
 kernel checks rely on; the default on CPU) and fast (the default on CUDA: fused q|k|v and gate|up GEMMs,
-the RoPE + KV4 append kernel, CUDA-graph decode, and FP16 prefill attention for fresh prompts unless
+each residual add fused into the next RMSNorm + quant kernel, RoPE from a per-position table, the RoPE + KV4
+append kernel, CUDA-graph decode, and FP16 prefill attention for fresh prompts unless
 `prefill_fp16` is False; qoq.runtime.fast).
 """
 from __future__ import annotations
@@ -115,6 +116,8 @@ class Engine(fast_mode.HostMirroredLengths):
         # resolved once: qoq.verify swaps `backend` after construction, but only on plain engines
         self._rope_append = fast_mode.rope_append_op(self.backend) if self.fast else None
         self._add_norm = self.backend.fns.get("add_rmsnorm_quantize") if self.fast else None
+        self._rope_table = (fast_mode.RopeTable(self.rotary)
+                            if self.fast and fast_mode.RopeTable.applies(self.rotary) else None)
         self._attn_max_len = self.fast and fast_mode.attention_takes_max_len(self.backend)
         if self.fast:
             for layer in self.layers:
@@ -233,10 +236,14 @@ class Engine(fast_mode.HostMirroredLengths):
                 raise QoqError(f"the cache holds {self.capacity} positions, {top + t} are needed; reset with more")
             self.ensure_capacity(top + t)
         caches = self.cache if full else [fast_mode.rows_view(c, rows) for c in self.cache]
-        start = self.lengths.clone() if full else self.lengths[rows].clone()
+        # no copy: the lengths are advanced only after every kernel that reads `start` was enqueued
+        start = self.lengths if full else self.lengths[rows]
         fresh = graph_len is None and self.prefill_fp16 and top == 0  # every row starts at position 0
-        positions = start[:, None] + torch.arange(t, device=self.device)[None]
-        cos, sin = self.rotary(torch.zeros(1, device=self.device, dtype=torch.float32), positions)
+        positions = start[:, None] + torch.arange(t, device=self.device)[None] if t > 1 else start[:, None]
+        if self._rope_table is not None:
+            cos, sin = self._rope_table.lookup(positions, self.capacity)
+        else:
+            cos, sin = self.rotary(torch.zeros(1, device=self.device, dtype=torch.float32), positions)
         h = self.embed[input_ids].reshape(b * t, self.hidden)
         qsum = self.per_channel
         dt = self.act_dtype

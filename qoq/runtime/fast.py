@@ -4,6 +4,8 @@ the decoder loop in qoq.runtime.engine:
 - `fuse_qlinears`: q|k|v and gate|up as one W4A8 GEMM each (same int32 accumulators, same per-column
   epilogue, so the same numbers as separate linears, with fewer launches and one read of the activations);
 - `rope_append_op`: the backend's fused RoPE + KV4 append kernel, when it has one;
+- `RopeTable`: the cos/sin of every cache position computed once, so a step gathers its rows (one kernel) instead
+  of recomputing them (about ten small kernels);
 - `prefill_attention_fp16`: a fresh prompt's causal attention in FP16 over its own rotated K/V, before
   they are quantized (QServe's prefill; faster, but not the KV4 path perplexity is measured on);
 - `DecodeGraphs`: each decode step replays a CUDA graph captured per (batch, cache) on first use, with
@@ -74,6 +76,33 @@ def attention_takes_max_len(backend) -> bool:
         return "max_len" in inspect.signature(backend.fns["decode_attention_kv4"]).parameters
     except (TypeError, ValueError):
         return False
+
+
+class RopeTable:
+    """cos/sin of positions 0..n-1 from the model's own rotary embedding, grown with the cache. The rotary
+    embedding is elementwise in the position (position * inv_freq, then cos and sin), so a gathered row has the
+    bits a per-step computation gives. Not for RoPE types whose frequencies depend on the positions seen
+    (dynamic NTK, LongRoPE): `applies`."""
+
+    def __init__(self, rotary: torch.nn.Module):
+        self.rotary = rotary
+        self.table: torch.Tensor | None = None  # [n, 2, D]: cos, sin
+
+    @staticmethod
+    def applies(rotary: torch.nn.Module) -> bool:
+        rope_type = getattr(rotary, "rope_type", "default")
+        return isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope"
+
+    def lookup(self, positions: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [B, T, D] of positions [B, T] (each < `size`, the cache capacity)."""
+        if self.table is None or self.table.shape[0] < size:
+            self.table = None  # the old table is freed before the new one is built
+            dev = positions.device
+            cos, sin = self.rotary(torch.zeros(1, device=dev, dtype=torch.float32),
+                                   torch.arange(size, device=dev)[None])
+            self.table = torch.stack((cos[0], sin[0]), dim=1)
+        rows = self.table[positions]
+        return rows[:, :, 0], rows[:, :, 1]
 
 
 def prefill_attention_fp16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
