@@ -60,7 +60,6 @@ def _precompiled():
     for kp in (128, 576, 1536, 4096, 4128, 4160, 14336):
         threads, ch = launch_shape(kp)
         extra += [B.rowquant_variant(dt, mode, ch, threads) for dt in (0, 1, 2) for mode in (0, 1, 2, 3)]
-    extra += [B.attn_variant(d, 2, 4, fold=fold) for d in (64, 128) for fold in (False, True)]
     K.precompile(K.all_variants() + extra)
 
 
@@ -410,8 +409,7 @@ def test_rope_kv4_append_exact(dtype, d):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("ratio", [1, 3, 4, 8])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("fold", [False, True])
-def test_decode_attention_kv4(d, ratio, splits, fold):
+def test_decode_attention_kv4(d, ratio, splits):
     from qoq.runtime_kernels.attention import decode_attention_kv4 as attn
     b, hkv, tmax = 4, 2, 300
     hq = hkv * ratio
@@ -426,7 +424,7 @@ def test_decode_attention_kv4(d, ratio, splits, fold):
     # garbage past each length must be ignored (the reference itself would turn it into NaN)
     cache.k_scale[1, :, 17:] = float("nan")
     cache.v_scale[3, :, 129:] = float("inf")
-    got = attn(q, cache, lengths, sm, splits=splits, fold=fold)
+    got = attn(q, cache, lengths, sm, splits=splits)
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=3e-3)
 

@@ -126,12 +126,10 @@ def rowquant_variant(dt: int, mode: int, ch: int, threads: int) -> Variant:
     return Variant("quant.cu", name, body)
 
 
-def attn_variant(d: int, nw: int, stages: int, min_blocks: int = 1, fold: bool = False) -> Variant:
-    """Decode attention over the KV4 cache (attention.cu); `fold`: codes enter the MMAs with their fp16 offset,
-    taken out of the sums afterwards (fewer conversion instructions)."""
-    name = f"qoq_attn_d{d}_w{nw}_s{stages}" + (f"_b{min_blocks}" if min_blocks > 1 else "") + ("_f" if fold else "")
+def attn_variant(d: int, nw: int, stages: int, min_blocks: int = 1) -> Variant:
+    name = f"qoq_attn_d{d}_w{nw}_s{stages}" + (f"_b{min_blocks}" if min_blocks > 1 else "")
     body = (f'extern "C" __global__ void __launch_bounds__({nw * 32}, {min_blocks}) {name}(ATTN_PARAMS) '
-            f'{{ attn_body<{d}, {nw}, {stages}, {"true" if fold else "false"}>(ATTN_ARGS); }}')
+            f'{{ attn_body<{d}, {nw}, {stages}>(ATTN_ARGS); }}')
     return Variant("attention.cu", name, body)
 
 

@@ -124,19 +124,6 @@ QOQ_DEV u32 cvt_v_pair(u32 w0, u32 w1, int byte, int hi) {  // half2(code of tok
   return hadd2((u & 0x000F000Fu) | 0x64006400u, 0xE400E400u);
 }
 
-// FOLD: the codes enter the MMAs as 1024 + c (lo nibbles) and 1024 + 16c (hi nibbles), one LOP3 each, and the
-// offsets come out of the sums afterwards (Q's hi-nibble entries are pre-scaled by 1/16, exactly)
-QOQ_DEV void raw_k_block(u32 w, int s, u32& b0, u32& b1) {
-  const u32 u = prmt(w, 0u, s ? 0x3322u : 0x1100u);
-  b0 = (u & 0x000F000Fu) | 0x64006400u;
-  b1 = (u & 0x00F000F0u) | 0x64006400u;
-}
-QOQ_DEV u32 raw_v_pair(u32 w0, u32 w1, int byte, int hi) {
-  const u32 sel = (u32)byte | ((u32)byte << 4) | ((u32)(4 + byte) << 8) | ((u32)(4 + byte) << 12);
-  const u32 u = prmt(w0, w1, sel);
-  return (u & (hi ? 0x00F000F0u : 0x000F000Fu)) | 0x64006400u;
-}
-
 template <int NWORDS>
 QOQ_DEV void ld_words(const u8* p, u32 w[NWORDS]) {
   if (NWORDS == 4) { const uint4 v = *(const uint4*)p; w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w; }
@@ -150,7 +137,7 @@ QOQ_DEV void ld_words(const u8* p, u32 w[NWORDS]) {
 template <int D>
 __host__ __device__ constexpr int attn_slot_bytes() { return 16 * D + 128; }  // K + V codes of 16 tokens, then 4 x 16 fp16 scales/zeros
 
-template <int D, int NW, int NSTAGE, bool FOLD>
+template <int D, int NW, int NSTAGE>
 QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, const u16* __restrict__ ksc,
                        const u16* __restrict__ kzc, const u8* __restrict__ vc, const u16* __restrict__ vsc,
                        const u16* __restrict__ vzc, const i64* __restrict__ lengths, float scale_log2, int Hq,
@@ -198,25 +185,8 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
     qs[hh] += __shfl_xor_sync(0xffffffffu, qs[hh], 1);
     qs[hh] += __shfl_xor_sync(0xffffffffu, qs[hh], 2);
   }
-  // FOLD: dot' = dot + 1024 * sum_lo q + 64 * sum_hi q (lo: d+0, d+2 in a0/a1; hi: d+1, d+3 in a2/a3, scaled by 1/16)
-  float qoff[2] = {0.f, 0.f};
-  if (FOLD) {
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-#pragma unroll
-      for (int kb = 0; kb < KB; ++kb) {
-        const u32 lo = qa[kb][hh];
-        qa[kb][2 + hh] = hmul2(qa[kb][2 + hh], 0x2C002C00u);  // x 1/16
-        const u32 hi = qa[kb][2 + hh];
-        qoff[hh] += 1024.f * (h2f((u16)lo) + h2f((u16)(lo >> 16))) + 1024.f * (h2f((u16)hi) + h2f((u16)(hi >> 16)));
-      }
-      qoff[hh] += __shfl_xor_sync(0xffffffffu, qoff[hh], 1);
-      qoff[hh] += __shfl_xor_sync(0xffffffffu, qoff[hh], 2);
-    }
-  }
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, z_run[2] = {0.f, 0.f};
-  float p_run[2] = {0.f, 0.f};  // FOLD: sum of p' (the 1024 offset of every V code)
   float acc[NJ][4];
 #pragma unroll
   for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -274,8 +244,7 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
 #pragma unroll
       for (int kb = 0; kb < KB; ++kb) {
         u32 b0, b1;
-        if (FOLD) raw_k_block(kw[kb >> 1], kb & 1, b0, b1);
-        else cvt_k_block(kw[kb >> 1], kb & 1, b0, b1);
+        cvt_k_block(kw[kb >> 1], kb & 1, b0, b1);
         mma_f16(sc[tile], qa[kb], b0, b1);
       }
     }
@@ -302,7 +271,7 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = 2 * tile + (e & 1), hh = e >> 1;
-        float sv = ((FOLD ? sc[tile][e] - qoff[hh] : sc[tile][e]) - kz[r] * qs[hh]) * (ks[r] * scale_log2);
+        float sv = (sc[tile][e] - kz[r] * qs[hh]) * (ks[r] * scale_log2);
         if (!FULL && !valid[r]) sv = -INFINITY;
         sc[tile][e] = sv;
         mx[hh] = fmaxf(mx[hh], sv);
@@ -322,7 +291,6 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
       for (int hh = 0; hh < 2; ++hh) {
         l_run[hh] *= alpha[hh];
         z_run[hh] *= alpha[hh];
-        if (FOLD) p_run[hh] *= alpha[hh];
       }
 #pragma unroll
       for (int j = 0; j < NJ; ++j) {
@@ -340,7 +308,6 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
         l_run[hh] += p0 + p1;
         const u32 h = pack_h2(p0 * vs[r0], p1 * vs[r0 + 1]);  // p' = p * v_scale, rounded to fp16 once
         z_run[hh] += h2f((u16)h) * vz[r0] + h2f((u16)(h >> 16)) * vz[r0 + 1];
-        if (FOLD) p_run[hh] += h2f((u16)h) + h2f((u16)(h >> 16));
         pa[2 * tile + hh] = h;
       }
     // V words of tokens r (8*(r>>1) + 2l + (r&1)), bytes [g*D/16, (g+1)*D/16) of the row, un-swizzled
@@ -356,8 +323,8 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
       const int byte = j >> 1, wi = byte >> 2, bi = byte & 3;
-      const u32 b0 = FOLD ? raw_v_pair(vw[0][wi], vw[1][wi], bi, j & 1) : cvt_v_pair(vw[0][wi], vw[1][wi], bi, j & 1);
-      const u32 b1 = FOLD ? raw_v_pair(vw[2][wi], vw[3][wi], bi, j & 1) : cvt_v_pair(vw[2][wi], vw[3][wi], bi, j & 1);
+      const u32 b0 = cvt_v_pair(vw[0][wi], vw[1][wi], bi, j & 1);
+      const u32 b1 = cvt_v_pair(vw[2][wi], vw[3][wi], bi, j & 1);
       mma_f16(acc[j], pa, b0, b1);
     }
   };
@@ -384,10 +351,6 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
     l_run[hh] += __shfl_xor_sync(0xffffffffu, l_run[hh], 2);
     z_run[hh] += __shfl_xor_sync(0xffffffffu, z_run[hh], 1);
     z_run[hh] += __shfl_xor_sync(0xffffffffu, z_run[hh], 2);
-    if (FOLD) {
-      p_run[hh] += __shfl_xor_sync(0xffffffffu, p_run[hh], 1);
-      p_run[hh] += __shfl_xor_sync(0xffffffffu, p_run[hh], 2);
-    }
   }
   if (l == 0) { sm_m[warp][g] = m_run[0]; sm_m[warp][g + 8] = m_run[1]; }
   __syncthreads();
@@ -407,8 +370,7 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, hl = g + 8 * hh;
           const int d = (D / 8) * (2 * l + (e & 1)) + j;
-          const float a = FOLD ? (acc[j][e] - 1024.f * p_run[hh]) * ((j & 1) ? 0.0625f : 1.f) : acc[j][e];
-          const float v = (a - z_run[hh]) * wsc[hh];
+          const float v = (acc[j][e] - z_run[hh]) * wsc[hh];
           sm_o[hl][d] = w == 0 ? v : sm_o[hl][d] + v;
         }
       if (l == 0) {

@@ -14,7 +14,6 @@ from .gemm import _workspace
 X_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 ATTN_HEAD_DIMS = (64, 128, 256)
 ATTN_WARPS = 2  # measured on H100 (bench --tune-attention): 2-warp CTAs beat 4 and 8 at B=64 x 1024
-ATTN_FOLD = False  # codes enter the MMAs with their fp16 offset (attn_variant's `fold`)
 
 
 def attn_stages(d: int) -> int:
@@ -107,8 +106,7 @@ def plan_splits(bsz: int, hkv: int, t_eff: int, sms: int, warps: int = ATTN_WARP
 
 def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor, sm_scale: float,
                          max_len: int | None = None, out: torch.Tensor | None = None,
-                         splits: int | None = None, warps: int = ATTN_WARPS, min_blocks: int = 1,
-                         fold: bool = ATTN_FOLD) -> torch.Tensor:
+                         splits: int | None = None, warps: int = ATTN_WARPS, min_blocks: int = 1) -> torch.Tensor:
     """ops.decode_attention_kv4: q [B, Hq, D] over the first lengths[b] cached tokens (GQA) -> [B, Hq, D].
 
     `max_len` (an upper bound of lengths known on the host, else the cache capacity) only sizes the split over the
@@ -145,7 +143,7 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
             B.i32(hq), B.i32(hkv), B.i32(tmax), B.i32(nsplit), B.i32(chunk), B.ptr(out), B.i32(out_dt),
             B.ptr(part_o), B.ptr(part_ml))
     stages = attn_stages(d)
-    B.launch(B.attn_variant(d, warps, stages, min_blocks, fold), device, (hkv, bsz, nsplit), (32 * warps, 1, 1), args,
+    B.launch(B.attn_variant(d, warps, stages, min_blocks), device, (hkv, bsz, nsplit), (32 * warps, 1, 1), args,
              B.attn_smem_bytes(d, warps, stages))
     if nsplit > 1:
         B.launch(B.ATTN_COMBINE, device, (bsz * hq, 1, 1), (min(256, d), 1, 1),
@@ -154,5 +152,4 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
 
 
 def default_variants() -> list:
-    return [B.KV4_APPEND, B.ATTN_COMBINE] + [B.attn_variant(d, ATTN_WARPS, attn_stages(d), fold=ATTN_FOLD)
-                                             for d in ATTN_HEAD_DIMS]
+    return [B.KV4_APPEND, B.ATTN_COMBINE] + [B.attn_variant(d, ATTN_WARPS, attn_stages(d)) for d in ATTN_HEAD_DIMS]
