@@ -409,7 +409,8 @@ def test_rope_kv4_append_exact(dtype, d):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("ratio", [1, 3, 4, 8])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-def test_decode_attention_kv4(d, ratio, splits):
+@pytest.mark.parametrize("warps", [None, 2, 4])
+def test_decode_attention_kv4(d, ratio, splits, warps):
     from qoq.runtime_kernels.attention import decode_attention_kv4 as attn
     b, hkv, tmax = 4, 2, 300
     hq = hkv * ratio
@@ -424,9 +425,23 @@ def test_decode_attention_kv4(d, ratio, splits):
     # garbage past each length must be ignored (the reference itself would turn it into NaN)
     cache.k_scale[1, :, 17:] = float("nan")
     cache.v_scale[3, :, 129:] = float("inf")
-    got = attn(q, cache, lengths, sm, splits=splits)
+    got = attn(q, cache, lengths, sm, splits=splits, warps=warps)
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=3e-3)
+
+
+def test_decode_attention_kv4_more_splits_than_combine_threads():
+    from qoq.runtime_kernels.attention import decode_attention_kv4 as attn
+    b, hq, hkv, d, tmax = 2, 8, 2, 64, 4096
+    cache = KV4Cache.empty(b, hkv, tmax, d, DEV)
+    lengths = torch.tensor([4096, 333], device=DEV)
+    ops.kv4_append(cache, _randn(b, hkv, tmax, d, seed=35, dtype=torch.float16),
+                   _randn(b, hkv, tmax, d, seed=36, dtype=torch.float16), torch.zeros(b, dtype=torch.long, device=DEV))
+    q = _randn(b, hq, d, seed=37, dtype=torch.float16)
+    ref = ops.decode_attention_kv4(q.float(), cache, lengths, d ** -0.5)
+    for splits in (100, 256):  # 64 combine threads; most of the second row's splits are empty
+        got = attn(q, cache, lengths, d ** -0.5, splits=splits)
+        torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=3e-3)
 
 
 def test_decode_attention_kv4_public_api_and_max_len():

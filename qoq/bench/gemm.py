@@ -143,10 +143,12 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
     sm = d ** -0.5
     res = {"kv4": time_calls([lambda c=c: K.decode_attention_kv4(q, c, lengths, sm, max_len=ctx) for c in caches])}
     if tune:  # alternative CTA shapes of the same kernel
-        from qoq.runtime_kernels.attention import plan_splits
+        from qoq.runtime_kernels.attention import choose_warps, plan_splits
 
-        planned = plan_splits(batch, hkv, ctx, torch.cuda.get_device_properties(dev).multi_processor_count)[0]
-        cta_shapes = {"kv4_w4": dict(warps=4), "kv4_w1": dict(warps=1), "kv4_w2b6": dict(warps=2, min_blocks=6),
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        planned = plan_splits(batch, hkv, ctx, sms, choose_warps(batch, hkv, ctx, sms, d))[0]
+        cta_shapes = {"kv4_w2": dict(warps=2), "kv4_w4": dict(warps=4), "kv4_w1": dict(warps=1),
+                      "kv4_w2b6": dict(warps=2, min_blocks=6),
                       f"kv4_s{2 * planned}": dict(splits=2 * planned), f"kv4_s{4 * planned}": dict(splits=4 * planned),
                       f"kv4_w4s{2 * planned}": dict(warps=4, splits=2 * planned)}
         for name, kw in cta_shapes.items():

@@ -399,23 +399,50 @@ QOQ_DEV void attn_body(const u16* __restrict__ q, const u8* __restrict__ kc, con
   }
 }
 
-// merge the S splits of each (batch, head): grid B*Hq, block >= 32
+// merge the S splits (S <= ATTN_MAX_SPLITS) of each (batch, head): grid B*Hq, block of a multiple of 32 threads
+// (<= 256). The threads share the splits' weights (max and sum reduced across the block in a fixed order), then
+// thread d sums its column over the splits with independent loads.
+#define ATTN_MAX_SPLITS 1024
+template <typename Op>
+QOQ_DEV float attn_block_reduce(float v, float* sh, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  float r = sh[0];
+  for (int w = 1; w < nw; ++w) r = op(r, sh[w]);
+  return r;
+}
+struct AttnMax { QOQ_DEV float operator()(float a, float b) const { return fmaxf(a, b); } };
+struct AttnAdd { QOQ_DEV float operator()(float a, float b) const { return a + b; } };
+
 extern "C" __global__ void __launch_bounds__(256) qoq_attn_combine(const float* __restrict__ part_o,
                                                                    const float* __restrict__ part_ml, int S, int D,
                                                                    void* __restrict__ out, int out_dt) {
+  __shared__ float wsplit[ATTN_MAX_SPLITS];
+  __shared__ float red[8];
   const i64 bh = blockIdx.x;
+  const float* ml = part_ml + 2 * bh * S;
   float mm = -INFINITY;
-  for (int s = 0; s < S; ++s) mm = fmaxf(mm, part_ml[2 * (bh * S + s)]);
+  for (int s = threadIdx.x; s < S; s += blockDim.x) mm = fmaxf(mm, ml[2 * s]);
+  mm = attn_block_reduce(mm, red, AttnMax());
   float lsum = 0.f;
-  for (int s = 0; s < S; ++s) {
-    const float ms = part_ml[2 * (bh * S + s)];
-    if (ms != -INFINITY) lsum += exp2f(ms - mm) * part_ml[2 * (bh * S + s) + 1];
+  for (int s = threadIdx.x; s < S; s += blockDim.x) {
+    const float ms = ml[2 * s];
+    const float w = ms == -INFINITY ? 0.f : exp2f(ms - mm);
+    wsplit[s] = w;
+    lsum += w * ml[2 * s + 1];
   }
+  lsum = attn_block_reduce(lsum, red, AttnAdd());  // (its barriers also publish wsplit)
+  const float* po = part_o + bh * S * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
+#pragma unroll 8
     for (int s = 0; s < S; ++s) {
-      const float ms = part_ml[2 * (bh * S + s)];
-      if (ms != -INFINITY) o += exp2f(ms - mm) * part_o[(bh * S + s) * D + d];
+      const float w = wsplit[s], v = po[(i64)s * D + d];
+      o += w != 0.f ? w * v : 0.f;  // an empty split's weight is 0
     }
     st_any(out, bh * D + d, out_dt, lsum > 0.f ? o / lsum : 0.f);
   }

@@ -13,7 +13,11 @@ from .gemm import _workspace
 
 X_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 ATTN_HEAD_DIMS = (64, 128, 256)
-ATTN_WARPS = 2  # measured on H100 (bench --tune-attention): 2-warp CTAs beat 4 and 8 at B=64 x 1024
+ATTN_MAX_SPLITS = 1024  # attention.cu's combine kernel
+# 4-warp CTAs where all of them fit on the GPU at once (registers: 110 / 162 / 255 per thread at D = 64 / 128 / 256),
+# else 2-warp CTAs. Measured on H100 (bench --tune-attention): B 16 x 4096 44.4 us with 4 warps vs 55.7 with 2;
+# B 64 x 1024 (512 CTAs, more than fit with 4 warps) 43.3 with 2 vs 45.6 with 4.
+ATTN_W4_CTAS_PER_SM = {64: 4, 128: 3, 256: 2}
 
 
 def attn_stages(d: int) -> int:
@@ -95,7 +99,13 @@ def rope_kv4_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return _append(cache, k, v, start, q=q, cos=cos, sin=sin)
 
 
-def plan_splits(bsz: int, hkv: int, t_eff: int, sms: int, warps: int = ATTN_WARPS) -> tuple[int, int]:
+def choose_warps(bsz: int, hkv: int, t_eff: int, sms: int, d: int) -> int:
+    """4 warps per CTA when the 4-warp plan's CTAs all fit on the GPU at once, else 2."""
+    splits, _ = plan_splits(bsz, hkv, t_eff, sms, 4)
+    return 4 if bsz * hkv * splits <= ATTN_W4_CTAS_PER_SM[d] * sms else 2
+
+
+def plan_splits(bsz: int, hkv: int, t_eff: int, sms: int, warps: int) -> tuple[int, int]:
     """(splits, chunk tokens) so that B*Hkv*splits CTAs cover the SMs about twice."""
     ctas = bsz * hkv
     max_splits = max(1, math.ceil(t_eff / (warps * 16)))
@@ -106,7 +116,7 @@ def plan_splits(bsz: int, hkv: int, t_eff: int, sms: int, warps: int = ATTN_WARP
 
 def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor, sm_scale: float,
                          max_len: int | None = None, out: torch.Tensor | None = None,
-                         splits: int | None = None, warps: int = ATTN_WARPS, min_blocks: int = 1) -> torch.Tensor:
+                         splits: int | None = None, warps: int | None = None, min_blocks: int = 1) -> torch.Tensor:
     """ops.decode_attention_kv4: q [B, Hq, D] over the first lengths[b] cached tokens (GQA) -> [B, Hq, D].
 
     `max_len` (an upper bound of lengths known on the host, else the cache capacity) only sizes the split over the
@@ -126,6 +136,8 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
     device = _device(q)
     sms = B.device_info(device)["sms"]
     t_eff = min(tmax, max_len) if max_len is not None else tmax
+    if warps is None:
+        warps = choose_warps(bsz, hkv, t_eff, sms, d)
     if splits is None:
         nsplit, chunk = plan_splits(bsz, hkv, t_eff, sms, warps)
     else:
@@ -133,6 +145,8 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
         nsplit = max(1, math.ceil(t_eff / chunk))
     if nsplit == 1:
         chunk = max(tmax, 16)
+    if nsplit > ATTN_MAX_SPLITS:
+        raise ValueError(f"at most {ATTN_MAX_SPLITS} splits, got {nsplit}")
     part_o = part_ml = None
     if nsplit > 1:
         part_o = _workspace(device, "attn_o", bsz * hq * nsplit * d, torch.float32)
@@ -152,4 +166,5 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
 
 
 def default_variants() -> list:
-    return [B.KV4_APPEND, B.ATTN_COMBINE] + [B.attn_variant(d, ATTN_WARPS, attn_stages(d)) for d in ATTN_HEAD_DIMS]
+    return [B.KV4_APPEND, B.ATTN_COMBINE] + [B.attn_variant(d, w, attn_stages(d)) for d in ATTN_HEAD_DIMS
+                                             for w in (2, 4)]
