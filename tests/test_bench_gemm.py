@@ -64,3 +64,19 @@ def test_tuner_candidates_can_launch():
             for cfg in gemm_tuner.swap_candidates(m, n, k // 32, 132):
                 _, smem = G.variant_for(cfg, True)
                 assert smem + reserved_per_cta <= sm90_smem_per_sm and (not cfg.overlap or cfg.pf % 2 == 0), cfg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the profile")
+def test_decode_profile_without_a_gpu_says_so(capsys):
+    from qoq.bench import decode_profile
+
+    assert decode_profile.main(["--batches", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_decode_profile_rows_are_kernel_families():
+    from qoq.bench.decode_profile import short_name
+
+    assert short_name("void at::native::vectorized_elementwise_kernel<4, Foo>(int, Foo)") == \
+        "void at::native::vectorized_elementwise_kernel"
+    assert short_name("qoq_rowquant_d0_m3_c1_t512") == "qoq_rowquant_d0_m3_c1_t512"
