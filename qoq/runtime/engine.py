@@ -249,7 +249,7 @@ class Engine(fast_mode.HostMirroredLengths):
         dt = self.act_dtype
         attn_len = {"max_len": graph_len or top + 1} if self._attn_max_len else {}
         end = start + t
-        delta = None  # fast mode: the pending residual update, added by the next norm's fused kernel
+        delta = None  # the pending residual update, added by the next norm (`_norm_quantize`)
         for layer, cache in zip(self.layers, caches, strict=True):
             a, h = self._norm_quantize(h, delta, layer.input_layernorm, layer.q_proj.padded_in)
             q, k, v = self._qkv(layer, a, b, t)
@@ -267,8 +267,6 @@ class Engine(fast_mode.HostMirroredLengths):
             gate, up = self._gate_up(layer, a)
             a = be.silu_mul_quantize(gate, up, layer.down_proj.padded_in, qsum)
             delta = be.w4a8_linear(a, layer.down_proj, dt)
-            if self._add_norm is None:
-                h, delta = h + delta, None
         if delta is not None:
             h = h + delta
         if full:
@@ -279,8 +277,8 @@ class Engine(fast_mode.HostMirroredLengths):
         return be.rmsnorm(h, self.norm, self.eps).view(b, t, self.hidden)
 
     def _norm_quantize(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, padded_in: int):
-        """(INT8 RMSNorm(h + delta), h + delta): the residual add, when one is pending, is fused into the norm
-        kernel and updates h in place (h is the step's own tensor); without a pending add, RMSNorm alone."""
+        """(INT8 RMSNorm(h + delta), h + delta); without a pending add, RMSNorm alone. Fast mode fuses the add
+        into the norm kernel, which updates h in place (h is the step's own tensor)."""
         be = self.backend
         if delta is None:
             return be.rmsnorm_quantize(h, weight, self.eps, padded_in, self.per_channel), h
