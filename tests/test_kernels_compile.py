@@ -153,8 +153,8 @@ def test_rows_split_over_clusters_only_on_sm90_and_while_rows_are_few():
 
     assert row_cluster(1, 14336, 132, 90) == 8 and row_cluster(64, 14336, 132, 90) == 2
     assert row_cluster(128, 4096, 132, 90) == 1 and row_cluster(1, 14336, 108, 80) == 1
-    assert row_cluster(1, 576, 132, 90) == 1  # too short to split
-    for m, kp in ((1, 14336), (1, 4096), (16, 1536), (64, 14336)):
+    assert row_cluster(1, 576, 132, 90) == 1 and row_cluster(1, 4096, 132, 90) == 1  # too short to split
+    for m, kp in ((1, 14336), (16, 14336), (64, 14336), (1, 8192)):
         cl = row_cluster(m, kp, 132, 90)
         threads, ch = launch_shape(kp, cl)
         assert threads * ch * cl * 8 >= kp  # the cluster's CTAs cover the row
