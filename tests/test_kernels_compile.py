@@ -68,7 +68,7 @@ def test_kernel_sources_compile(tmp_path):
         for unit in B.UNITS:
             if unit in B.ARCH_SPECIFIC and B.ARCH_SPECIFIC[unit] != arch:
                 continue
-            variants = [v for v in _variants(arch) if v.unit == unit]
+            variants = [v for v in _variants(arch) if v.unit == unit and B.runs_on(v, arch)]
             src = B.unit_source(unit) + "\n" + "\n".join(v.wrapper for v in variants if v.wrapper) + "\n"
             path = tmp_path / f"sm{arch}_{unit}"
             path.write_text(src)
@@ -146,3 +146,15 @@ def test_attention_takes_four_warps_only_where_every_cta_fits_at_once():
     assert choose_warps(1, 8, 1024, 132, 128) == 4
     assert choose_warps(64, 8, 1024, 132, 64) == 4  # D = 64: four fit an SM
     assert choose_warps(16, 8, 4096, 132, 256) == 2  # D = 256: two fit an SM
+
+
+def test_rows_split_over_clusters_only_on_sm90_and_while_rows_are_few():
+    from qoq.runtime_kernels.quant import launch_shape, row_cluster
+
+    assert row_cluster(1, 14336, 132, 90) == 8 and row_cluster(64, 14336, 132, 90) == 2
+    assert row_cluster(128, 4096, 132, 90) == 1 and row_cluster(1, 14336, 108, 80) == 1
+    assert row_cluster(1, 576, 132, 90) == 1 and row_cluster(1, 4096, 132, 90) == 1  # too short to split
+    for m, kp in ((1, 14336), (16, 14336), (64, 14336), (1, 8192)):
+        cl = row_cluster(m, kp, 132, 90)
+        threads, ch = launch_shape(kp, cl)
+        assert threads * ch * cl * 8 >= kp  # the cluster's CTAs cover the row

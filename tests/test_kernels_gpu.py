@@ -124,6 +124,30 @@ def test_add_rmsnorm_quantize(dtype, m, k, kp):
     _assert_nearly_equal_q(got, ref)
 
 
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("cluster", [2, 4, 8])
+@pytest.mark.parametrize("m,k,kp", [(1, 14336, 14336), (3, 4096, 4096), (5, 4099, 4160), (2, 576, 576)])
+def test_row_kernels_split_over_a_cluster(mode, cluster, m, k, kp):
+    from qoq.runtime_kernels.quant import rowquant
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    x = _randn(m, k, seed=k + mode, dtype=torch.float16, scale=2.0)
+    x2 = (1 + _randn(k, seed=k + 1, scale=0.1)).half() if mode in (1, 3) else (
+        _randn(m, k, seed=k + 2, dtype=torch.float16) if mode == 2 else None)
+    res = _randn(m, k, seed=k + 3, dtype=torch.float16, scale=0.5) if mode == 3 else None
+    x_want, x_got = x.clone(), x.clone()
+    want = rowquant(mode, x_want, x2, 1e-5, kp, True, res=res, cluster=1)
+    got = rowquant(mode, x_got, x2, 1e-5, kp, True, res=res, cluster=cluster)
+    assert torch.equal(x_got, x_want)  # (updated in place by mode 3)
+    if mode in (1, 3):  # the fp64 sum of squares is folded in another order: equal but for rounding ties
+        _assert_nearly_equal_q(got, want)
+        assert (got.qsum - want.qsum).abs().max() <= max(1, int(1e-3 * k))
+    else:
+        for f in ("q", "scale", "qsum"):
+            assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
 def test_add_rmsnorm_quantize_needs_contiguous_rows():
     h = _randn(4, 2 * 576, seed=3, dtype=torch.float16).t()  # columns: rows not contiguous
     w = torch.ones(4, dtype=torch.float16, device=DEV)

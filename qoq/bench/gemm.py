@@ -7,7 +7,8 @@ Times (CUDA events around CUDA-graph replays of many calls, warm-up first, media
 - cuBLAS FP16 `torch.matmul`, cuBLAS INT8 `torch._int_mm` (M > 16), FP8 `torch._scaled_mm` where supported,
 on Llama-3-8B linear shapes (N x K) for M in 1..4096; weight copies are rotated so that the working set of every
 timed graph exceeds the L2 cache (weights stream from HBM, as in a real decode step);
-- KV4 decode attention vs torch SDPA on fp16 K/V (GQA), batch 64 x context 1024, Llama-3-8B heads.
+- KV4 decode attention vs torch SDPA on fp16 K/V (GQA), batch 64 x context 1024, Llama-3-8B heads;
+- the decode step's row kernels, one CTA per row vs split over a thread-block cluster.
 `run()` returns the rows as dicts (reused by `qoq bench --json`); `main()` prints a compact table, or runs the
 configuration sweeps (`--tune`, `--tune-gemv`, `--tune-swap`: qoq.bench.gemm_tuner) or one case for a profiler
 (`--one`, qoq.bench.profile_case).
@@ -178,6 +179,31 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
     return rows
 
 
+def bench_rows(ms=(1, 16, 64), log=print) -> list[dict]:
+    """The decode step's row kernels (SiLU·up + quant at 14336, add + RMSNorm + quant at 4096) with one CTA per
+    row against the cluster split the dispatch picks (`quant.row_cluster`; 1 below sm_90)."""
+    from qoq.runtime_kernels.quant import MODE_ADD_RMSNORM, MODE_SILU_MUL, rowquant, row_cluster
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    cc = 10 * props.major + props.minor
+    rows = []
+    for mode, name, k in ((MODE_SILU_MUL, "silu_mul_quant", 14336), (MODE_ADD_RMSNORM, "add_rmsnorm_quant", 4096)):
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            res = torch.randn(m, k, device=dev, dtype=torch.float16) * 1e-3 if mode == MODE_ADD_RMSNORM else None
+            x2 = torch.ones(k, device=dev, dtype=torch.float16) if mode == MODE_ADD_RMSNORM else torch.randn_like(x)
+            auto = row_cluster(m, k, props.multi_processor_count, cc)
+            args = (mode, x, x2, 1e-5, k, True)
+            times = {cl: time_calls([lambda cl=cl, a=args, r=res: rowquant(*a, res=r, cluster=cl)])["us"]
+                     for cl in sorted({1, auto})}
+            rows.append({"bench": "rows", "kernel": name, "m": m, "k": k, "cluster": auto,
+                         "us_one_cta": round(times[1], 2), "us": round(times[auto], 2),
+                         "vs_one_cta": round(times[1] / times[auto], 2)})
+            log(f"{name} M={m} K={k}: one CTA/row {times[1]:.2f}us, cluster {auto} {times[auto]:.2f}us")
+    return rows
+
+
 def _time_sdpa_expanded(sdpa, q4, k16, v16, repeats: int) -> dict:
     """SDPA on K/V repeated up to the query heads; the expanded copies are freed on return."""
     kx, vx = k16.repeat_interleave(repeats, 1), v16.repeat_interleave(repeats, 1)
@@ -199,6 +225,7 @@ def run(quick: bool = False, log=print, tune_attention: bool = False) -> list[di
     rows = bench_gemm(shapes, ms, log=log)
     rows += bench_attention(log=log, tune=tune_attention)
     rows += bench_attention(batch=16, ctx=4096, log=log, tune=tune_attention)
+    rows += bench_rows(log=log)
     for r in rows:
         r["device"] = props.name
     return rows
@@ -229,13 +256,16 @@ def main(argv=None) -> int:
     p.add_argument("--tune-swap", action="store_true",
                    help="sweep the swapped-operand Hopper kernel's shapes against the dispatch and FP8")
     p.add_argument("--tune-attention", action="store_true", help="also time alternative attention CTA shapes")
+    p.add_argument("--rows", action="store_true", help="only the row kernels (one CTA per row vs a cluster)")
     p.add_argument("--one", choices=CASES,
                    help="run one case a few times (for a profiler)")
     args = p.parse_args(argv)
     if args.one:
         run_case(args.one)
         return 0
-    if args.tune_swap:
+    if args.rows:
+        rows = bench_rows()
+    elif args.tune_swap:
         rows = tune_swap()
     elif args.tune or args.tune_gemv:
         rows = tune(large_ms=() if args.tune_gemv else (1024, 2048, 4096))

@@ -281,6 +281,11 @@ def kernels_table(report: dict, max_rows: int = 60):
             cells = [label, r.get("impl", ""), _num(r.get("us"), 1)] + [""] * (len(impls) - 1)
             cells += [_ratio(r.get("vs_sdpa")), ""] + [""] * (2 * len(ours) - 2)
             table.add_row(*cells[: 2 + len(impls) + 2 * len(ours)])
+        elif r.get("bench") == "rows":  # ratio: against one CTA per row
+            label = f"{r.get('kernel')} M={r.get('m')} K={r.get('k')}"
+            cells = [label, f"cluster {r.get('cluster')}", _num(r.get("us"), 1)] + [""] * (len(impls) - 1)
+            cells += [_ratio(r.get("vs_one_cta")), ""] + [""] * (2 * len(ours) - 2)
+            table.add_row(*cells[: 2 + len(impls) + 2 * len(ours)])
     return table
 
 

@@ -119,10 +119,13 @@ def wgmma_swap_smem_bytes(bt: int, stages: int, cluster: int) -> int:
     return max(ring, tile) + 1024  # + alignment slack for the 1024-byte swizzle atoms
 
 
-def rowquant_variant(dt: int, mode: int, ch: int, threads: int) -> Variant:
-    name = f"qoq_rowquant_d{dt}_m{mode}_c{ch}_t{threads}"
-    body = (f'extern "C" __global__ void __launch_bounds__({threads}) {name}(ROWQUANT_PARAMS) '
-            f'{{ rowquant_body<{dt}, {mode}, {ch}, {threads}>(ROWQUANT_ARGS); }}')
+def rowquant_variant(dt: int, mode: int, ch: int, threads: int, cluster: int = 1) -> Variant:
+    """The row kernel (quant.cu); `cluster` > 1: each row split over a thread-block cluster of that many CTAs
+    (sm_90+)."""
+    name = f"qoq_rowquant_d{dt}_m{mode}_c{ch}_t{threads}" + (f"_cl{cluster}" if cluster > 1 else "")
+    dims = f"__cluster_dims__({cluster}, 1, 1) " if cluster > 1 else ""
+    body = (f'extern "C" __global__ void {dims}__launch_bounds__({threads}) {name}(ROWQUANT_PARAMS) '
+            f'{{ rowquant_body<{dt}, {mode}, {ch}, {threads}, {cluster}>(ROWQUANT_ARGS); }}')
     return Variant("quant.cu", name, body)
 
 

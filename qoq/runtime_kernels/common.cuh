@@ -114,6 +114,20 @@ QOQ_DEV int ld_dsmem_s32(u32 local, u32 rank) {
   asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(remote) : "memory");
   return v;
 }
+QOQ_DEV float ld_dsmem_f32(u32 local, u32 rank) {
+  u32 remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+QOQ_DEV double ld_dsmem_f64(u32 local, u32 rank) {
+  u32 remote;
+  double v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(remote) : "memory");
+  return v;
+}
 #endif
 
 // Programmatic dependent launch (sm_90+; no-ops below and when the grid was launched without the attribute):

@@ -1,5 +1,6 @@
 // Per-token symmetric INT8 activation quantization, fused with RMSNorm, residual add + RMSNorm or SiLU(gate)*up
-// (ops.py twins).
+// (ops.py twins). A row is one CTA, or (CL > 1, sm_90) CL CTAs of a thread-block cluster that each take a slice of
+// it and exchange their partial reductions through distributed shared memory, folded in rank order.
 // One CTA per row; the row is held in registers (CH chunks of 8 elements per thread) for a single pass over
 // global memory. Every fp32 step is the same IEEE op as the torch reference (explicit _rn intrinsics: no FMA
 // contraction), division x / s_a is IEEE, rounding half-to-even (__float2int_rn). Writes q [M, Kp] (zero-padded),
@@ -84,7 +85,31 @@ QOQ_DEV void store8(void* p, i64 row_off, int base, int K, bool vec, const float
   }
 }
 
-template <int DT, int MODE, int CH, int THREADS>
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+QOQ_DEV double dsmem_load(u32 a, u32 r, double) { return ld_dsmem_f64(a, r); }
+QOQ_DEV float dsmem_load(u32 a, u32 r, float) { return ld_dsmem_f32(a, r); }
+QOQ_DEV int dsmem_load(u32 a, u32 r, int) { return ld_dsmem_s32(a, r); }
+#endif
+
+// the cluster-wide fold of a value every thread of each CTA holds (its block reduction): CTA ranks in order, so
+// every CTA gets the same bits; `slot` is this reduction's own shared word
+template <int CL, typename T, typename Op>
+QOQ_DEV T cluster_fold(T v, T* slot, Op op) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (CL > 1) {
+    if (threadIdx.x == 0) *slot = v;
+    cluster_sync();
+    const u32 a = smem_u32(slot);
+    T r = dsmem_load(a, 0u, v);
+#pragma unroll
+    for (int c = 1; c < CL; ++c) r = op(r, dsmem_load(a, (u32)c, v));
+    return r;
+  }
+#endif
+  return v;
+}
+
+template <int DT, int MODE, int CH, int THREADS, int CL>
 QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ x2, int dt2, float eps,
                            i8* __restrict__ q, float* __restrict__ scale, int* __restrict__ qsum, int K, int Kp,
                            i64 ldx, i64 ldx2, int vec, const void* __restrict__ res, i64 ldres,
@@ -93,12 +118,16 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
   __shared__ double shd[32];
   __shared__ float shf[32];
   __shared__ int shi[32];
-  const int row = blockIdx.x, tid = threadIdx.x;
+  __shared__ double xss;
+  __shared__ float xamax;
+  __shared__ int xqsum;
+  const int row = blockIdx.x / CL, rank = CL > 1 ? blockIdx.x % CL : 0, tid = threadIdx.x;
   const int nchunk = Kp >> 3;
+  const int j0 = rank * (CH * THREADS);  // this CTA's first chunk of 8 elements
   float v[CH][8];
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
-    const int j = tid + i * THREADS;
+    const int j = j0 + tid + i * THREADS;
     if (j < nchunk) {
       load8<DT>(x, (i64)row * ldx, 8 * j, K, vec != 0, v[i]);
     } else {
@@ -110,7 +139,7 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
     // the residual stream's `x + res` in x's dtype (torch adds in fp32 and rounds once), stored in place
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
-      const int j = tid + i * THREADS;
+      const int j = j0 + tid + i * THREADS;
       if (j < nchunk) {
         float u[8];
         load8<DT>(res, (i64)row * ldres, 8 * j, K, vec != 0, u);
@@ -128,11 +157,12 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
     for (int i = 0; i < CH; ++i)
 #pragma unroll
       for (int e = 0; e < 8; ++e) ss += (double)v[i][e] * (double)v[i][e];
-    const float ms = __double2float_rn(block_reduce<THREADS>(ss, shd, AddOp()) / (double)K);
+    ss = cluster_fold<CL>(block_reduce<THREADS>(ss, shd, AddOp()), &xss, AddOp());
+    const float ms = __double2float_rn(ss / (double)K);
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
-      const int base = 8 * (tid + i * THREADS);
+      const int base = 8 * (j0 + tid + i * THREADS);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const float w = base + e < K ? ld_any(x2, base + e, dt2) : 0.f;
@@ -142,7 +172,7 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
   } else if (MODE == MODE_SILU_MUL) {
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
-      const int j = tid + i * THREADS;
+      const int j = j0 + tid + i * THREADS;
       float u[8];
       if (j < nchunk) {
         load8<DT>(x2, (i64)row * ldx2, 8 * j, K, vec != 0, u);
@@ -163,13 +193,13 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
   for (int i = 0; i < CH; ++i)
 #pragma unroll
     for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(v[i][e]));
-  amax = block_reduce<THREADS>(amax, shf, MaxOp());
+  amax = cluster_fold<CL>(block_reduce<THREADS>(amax, shf, MaxOp()), &xamax, MaxOp());
   // torch evaluates `amax / 127` (division by a Python scalar) on CUDA as amax * (1/127)
   const float s = amax > 0.f ? __fmul_rn(amax, 1.0f / 127.0f) : 1.0f;
   int lsum = 0;
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
-    const int j = tid + i * THREADS;
+    const int j = j0 + tid + i * THREADS;
     if (j < nchunk) {
       u32 packed[2] = {0u, 0u};
 #pragma unroll
@@ -182,11 +212,14 @@ QOQ_DEV void rowquant_body(const void* __restrict__ x, const void* __restrict__ 
       *(uint2*)(q + (i64)row * Kp + 8 * j) = make_uint2(packed[0], packed[1]);
     }
   }
-  if (qsum) lsum = block_reduce<THREADS>(lsum, shi, AddOp());
-  if (tid == 0) {
+  if (qsum) lsum = cluster_fold<CL>(block_reduce<THREADS>(lsum, shi, AddOp()), &xqsum, AddOp());
+  if (tid == 0 && rank == 0) {
     scale[row] = s;
     if (qsum) qsum[row] = lsum;
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (CL > 1) cluster_sync();  // every CTA keeps its shared memory alive until the others have read it
+#endif
 }
 
 #define ROWQUANT_PARAMS                                                                                     \
