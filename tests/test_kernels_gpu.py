@@ -297,7 +297,7 @@ def test_w4a8_large_m_intmm_path(group, n, k):
 
 def _wgmma_configs():
     from qoq.runtime_kernels.gemm import WgmmaConfig, WsConfig
-    return [WgmmaConfig(4, 1), WgmmaConfig(3, 2), WsConfig(128, 3), WsConfig(128, 6), WsConfig(256, 4)]
+    return [WgmmaConfig(4, 1), WgmmaConfig(3, 2), WsConfig(128, 3), WsConfig(256, 4), WsConfig(128, 4, 2)]
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -139,8 +139,8 @@ def tune_swap(log=print, shapes=LLAMA3_8B_SHAPES, ms=SWAP_MS, group: int = 128) 
     return rows
 
 
-WS_MS = (128, 256, 512, 1024, 2048, 4096)
-WS_CANDIDATES = [G.WsConfig(128, 3), G.WsConfig(128, 4), G.WsConfig(128, 6), G.WsConfig(256, 4)]
+WS_MS = (256, 1024, 4096)
+WS_CANDIDATES = [G.WsConfig(128, 4), G.WsConfig(128, 4, 2), G.WsConfig(128, 6, 2)]  # 256 x 2 producers spills
 
 
 def tune_ws(log=print, shapes=LLAMA3_8B_SHAPES, ms=WS_MS, groups=(128, -1)) -> list[dict]:
@@ -164,7 +164,7 @@ def tune_ws(log=print, shapes=LLAMA3_8B_SHAPES, ms=WS_MS, groups=(128, -1)) -> l
                     xf8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float16) for w in wf8s])["us"],
                        "dispatch": time_calls([lambda lin=lin, a=a: K.w4a8_linear(a, lin) for lin in lins])["us"]}
                 for cfg in cfgs:
-                    name = (f"ws{cfg.bn}_s{cfg.stages}" if isinstance(cfg, G.WsConfig) else
+                    name = (f"ws{cfg.bn}_s{cfg.stages}_p{cfg.producers}" if isinstance(cfg, G.WsConfig) else
                             f"wgmma_s{cfg.stages}b{cfg.min_blocks}")
                     res[name] = time_calls([lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg)
                                             for lin in lins])["us"]

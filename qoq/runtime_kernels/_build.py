@@ -100,11 +100,11 @@ def wgmma_smem_bytes(stages: int) -> int:
     return stages * 128 * (128 + 128) + 1024  # + alignment slack for the 1024-byte swizzle atoms
 
 
-def wgmma_ws_variant(stages: int, grouped: bool, bn: int) -> Variant:
-    """The warp-specialized large-M kernel (wgmma.cu): producer warpgroup + two consumer warpgroups, 128 x `bn`."""
-    name = f"qoq_wgws_128x{bn}_s{stages}_{'g' if grouped else 'c'}"
-    body = (f'extern "C" __global__ void __launch_bounds__(384, 1) {name}(GEMM_PARAMS) '
-            f'{{ wgmma_ws_body<{stages}, {str(grouped).lower()}, {bn}>(GEMM_ARGS); }}')
+def wgmma_ws_variant(stages: int, grouped: bool, bn: int, producers: int = 1) -> Variant:
+    """The warp-specialized large-M kernel (wgmma.cu): `producers` warpgroups + two consumer warpgroups, 128 x `bn`."""
+    name = f"qoq_wgws_128x{bn}_s{stages}_p{producers}_{'g' if grouped else 'c'}"
+    body = (f'extern "C" __global__ void __launch_bounds__({128 * (producers + 2)}, 1) {name}(GEMM_PARAMS) '
+            f'{{ wgmma_ws_body<{stages}, {str(grouped).lower()}, {bn}, {producers}>(GEMM_ARGS); }}')
     return Variant("wgmma.cu", name, body)
 
 

@@ -258,10 +258,10 @@ QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Warp-specialized large-M kernel (sm_90a): the same tile math as above, but the loads and the dequantization run
-// in their own warpgroup, so the tensor cores never wait for them. 384 threads: warpgroup 0 is the producer,
-// warpgroups 1 and 2 the consumers (64 rows each of a 128 x BN tile; BN = 256: two m64n128k32 per k32 step).
+// in their own warpgroups, so the tensor cores never wait for them. 128 (PWG + 2) threads: warpgroups 0 .. PWG-1
+// produce, the last two consume (64 rows each of a 128 x BN tile; BN = 256: two m64n128k32 per k32 step).
 // A ring of STAGES buffers, each A [128][128] + B [BN][128] int8 in the swizzled layout above, is handed over by
-// two mbarriers per buffer: `full` (128 producer arrivals: the stage's activations landed and its weights are
+// two mbarriers per buffer: `full` (one arrival per producer thread: the stage's activations landed and its weights are
 // stored) and `empty` (8 consumer-warp arrivals: the wgmmas that read it completed). The producer issues stage
 // t's cp.async and stores its dequantized weights at step t, then waits for stage t - 1's cp.async group and
 // marks t - 1 full, so the load latency hides behind a step of its own work; it fences its generic-proxy writes
@@ -271,13 +271,15 @@ QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
 // activation rows a wave of CTAs reads stay in L2 at large M. grid = (ceil(M/128) * ceil(Np/BN)).
 constexpr int WS_GROUP_M = 8;
 
-template <int STAGES, bool GROUPED, int BN>
+template <int STAGES, bool GROUPED, int BN, int PWG>
 QOQ_DEV void wgmma_ws_body(GEMM_PARAMS) {
 #if defined(QOQ_WGMMA)
   constexpr int BM = 128, BK = 128, KTS = BK / 32, NB = BN / 128, NACC = 64;
   constexpr int A_BYTES = BM * BK, B_BYTES = BN * BK, STAGE = A_BYTES + B_BYTES;
-  constexpr int PT = 128, A_IT = BM * 8 / PT, B_IT = (BN / 32) * KTS / 4;  // producer threads; per thread / warp
-  static_assert((BN == 128 || BN == 256) && STAGES >= 3, "warp-specialized wgmma kernel shape (3 stages: no deadlock)");
+  constexpr int PT = 128 * PWG, PW = 4 * PWG;  // producer threads and warps
+  constexpr int A_IT = BM * 8 / PT, B_IT = (BN / 32) * KTS / PW;  // 16-byte A chunks per thread, tiles per warp
+  static_assert((BN == 128 || BN == 256) && (PWG == 1 || PWG == 2) && STAGES >= 3,
+                "warp-specialized wgmma kernel shape (3 stages: no deadlock)");
   extern __shared__ uint4 dsmem[];
   __shared__ __align__(8) u64 bars[2 * STAGES];  // full[s] = bars[s], empty[s] = bars[STAGES + s]
   const u32 sraw = smem_u32(dsmem), sbase = (sraw + 1023u) & ~1023u;
@@ -301,7 +303,7 @@ QOQ_DEV void wgmma_ws_body(GEMM_PARAMS) {
   }
   __syncthreads();
 
-  if (wg == 0) {  // ---- producer
+  if (wg < PWG) {  // ---- producers
     const int pwarp = warp;
     const int a_row0 = tid >> 3, a_ch = tid & 7;
     const i8* a_base = A + (i64)(m0 + a_row0) * Kp + a_ch * 16;
@@ -315,11 +317,11 @@ QOQ_DEV void wgmma_ws_body(GEMM_PARAMS) {
                    ok ? a_base + (i64)it * (PT / 8) * Kp + kt0 * 32 : A, ok ? 16 : 0);
       }
     };
-    // packed tile t = pwarp + 4 it of a stage: n-tile t / KTS, k-tile t % KTS
+    // packed tile t = pwarp + PW it of a stage: n-tile t / KTS, k-tile t % KTS
     auto load_b = [&](WgB<B_IT>& r, int kt0) {
 #pragma unroll
       for (int it = 0; it < B_IT; ++it) {
-        const int t = pwarp + 4 * it, nt = (n0 >> 5) + t / KTS, kt = kt0 + t % KTS;
+        const int t = pwarp + PW * it, nt = (n0 >> 5) + t / KTS, kt = kt0 + t % KTS;
         const bool ok = nt < NTILES && kt < KT;
         r.w[it] = ok ? ldg_stream16(W + ((i64)nt * KT + kt) * 512 + lane * 16) : make_uint4(0u, 0u, 0u, 0u);
         if (GROUPED) {
@@ -333,7 +335,7 @@ QOQ_DEV void wgmma_ws_body(GEMM_PARAMS) {
       u8* const base = smem + st * STAGE + A_BYTES;
 #pragma unroll
       for (int it = 0; it < B_IT; ++it) {
-        const int t = pwarp + 4 * it, ntl = t / KTS, ktl = t % KTS;
+        const int t = pwarp + PW * it, ntl = t / KTS, ktl = t % KTS;
         u32 s[4] = {0u, 0u, 0u, 0u}, zb[4] = {0u, 0u, 0u, 0u}, L[4], H[4];
         if (GROUPED) deq_params(r.s[it], r.z[it], s, zb);
         dequant_tile<GROUPED>(r.w[it], s, zb, L, H);
@@ -371,7 +373,7 @@ QOQ_DEV void wgmma_ws_body(GEMM_PARAMS) {
   }
 
   // ---- consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of the tile
-  const int cw = wg - 1;
+  const int cw = wg - PWG;
   int acc[NB][NACC];
 #pragma unroll
   for (int b = 0; b < NB; ++b)
