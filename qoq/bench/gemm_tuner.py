@@ -139,16 +139,17 @@ def tune_swap(log=print, shapes=LLAMA3_8B_SHAPES, ms=SWAP_MS, group: int = 128) 
     return rows
 
 
-WS_MS = (256, 1024, 4096)
-WS_CANDIDATES = [G.WsConfig(128, 4), G.WsConfig(128, 4, 2), G.WsConfig(128, 6, 2)]  # 256 x 2 producers spills
+
+LARGE_MS = (1024, 4096, 16384)  # 16384: the engines' prefill chunk
 
 
-def tune_ws(log=print, shapes=LLAMA3_8B_SHAPES, ms=WS_MS, groups=(128, -1)) -> list[dict]:
-    """The warp-specialized large-M kernel's shapes (sm_90a) against the current dispatch, the 128 x 128 wgmma
-    kernel and FP8 `_scaled_mm`, timed in the same process."""
+def tune_large(log=print, shapes=LLAMA3_8B_SHAPES, ms=LARGE_MS, groups=(128, -1)) -> list[dict]:
+    """The two Hopper (sm_90a) large-M kernels, the 128 x 128 wgmma kernel and the swapped-operand kernel with
+    128-token tiles, against the current dispatch and FP8 `_scaled_mm`, timed in the same process."""
     dev = torch.device("cuda")
-    cfgs = WS_CANDIDATES + [G.WgmmaConfig()]
-    K.precompile(sorted({G.variant_for(cfg, g != -1)[0] for cfg in cfgs for g in groups}, key=lambda v: v.name))
+    cfgs = {"wgmma": G.WgmmaConfig(), "swap128": G.SwapConfig(128)}
+    K.precompile(sorted({G.variant_for(cfg, g != -1)[0] for cfg in cfgs.values() for g in groups},
+                        key=lambda v: v.name))
     one = torch.ones((), device=dev)
     rows = []
     for n, k in shapes:
@@ -163,17 +164,14 @@ def tune_ws(log=print, shapes=LLAMA3_8B_SHAPES, ms=WS_MS, groups=(128, -1)) -> l
                 res = {"fp8": time_calls([lambda w=w, xf8=xf8: torch._scaled_mm(
                     xf8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float16) for w in wf8s])["us"],
                        "dispatch": time_calls([lambda lin=lin, a=a: K.w4a8_linear(a, lin) for lin in lins])["us"]}
-                for cfg in cfgs:
-                    name = (f"ws{cfg.bn}_s{cfg.stages}_p{cfg.producers}" if isinstance(cfg, G.WsConfig) else
-                            f"wgmma_s{cfg.stages}b{cfg.min_blocks}")
+                for name, cfg in cfgs.items():
                     res[name] = time_calls([lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg)
                                             for lin in lins])["us"]
-                best = min((nm for nm in res if nm.startswith("ws")), key=res.get)
                 for name, us in res.items():
-                    rows.append({"bench": "tune_ws", "n": n, "k": k, "m": m, "group": g, "config": name, "us": us})
-                log(f"ws {n}x{k} g={g:<4d} M={m:<5d} fp8 {res['fp8']:.1f} dispatch {res['dispatch']:.1f} best "
-                    f"{best} {res[best]:.1f} ({res['fp8'] / res[best]:.2f}x fp8, {res['dispatch'] / res[best]:.2f}x "
-                    "dispatch) | " + " ".join(f"{nm} {us:.1f}" for nm, us in res.items() if nm not in ("fp8",)))
+                    rows.append({"bench": "tune_large", "n": n, "k": k, "m": m, "group": g, "config": name, "us": us})
+                log(f"large {n}x{k} g={g:<4d} M={m:<5d} " + " ".join(f"{nm} {us:.1f}" for nm, us in res.items())
+                    + f"  dispatch {res['fp8'] / res['dispatch']:.2f}x fp8")
+                del a, x, xf8
             del lins
             torch.cuda.empty_cache()
         del wf8s

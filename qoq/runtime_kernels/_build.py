@@ -100,18 +100,6 @@ def wgmma_smem_bytes(stages: int) -> int:
     return stages * 128 * (128 + 128) + 1024  # + alignment slack for the 1024-byte swizzle atoms
 
 
-def wgmma_ws_variant(stages: int, grouped: bool, bn: int, producers: int = 1) -> Variant:
-    """The warp-specialized large-M kernel (wgmma.cu): `producers` warpgroups + two consumer warpgroups, 128 x `bn`."""
-    name = f"qoq_wgws_128x{bn}_s{stages}_p{producers}_{'g' if grouped else 'c'}"
-    body = (f'extern "C" __global__ void __launch_bounds__({128 * (producers + 2)}, 1) {name}(GEMM_PARAMS) '
-            f'{{ wgmma_ws_body<{stages}, {str(grouped).lower()}, {bn}, {producers}>(GEMM_ARGS); }}')
-    return Variant("wgmma.cu", name, body)
-
-
-def wgmma_ws_smem_bytes(stages: int, bn: int) -> int:
-    return stages * 128 * (128 + bn) + 1024  # + alignment slack for the 1024-byte swizzle atoms
-
-
 def wgmma_swap_variant(bt: int, stages: int, pf: int, cluster: int, grouped: bool, min_blocks: int = 1,
                        overlap: bool = False) -> Variant:
     """The swapped-operand kernel (weights as wgmma's register A operand, tokens as N; wgmma.cu): `bt` tokens per

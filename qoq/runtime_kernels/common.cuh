@@ -106,20 +106,6 @@ QOQ_DEV u32 prmt(u32 a, u32 b, u32 sel) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" 
 QOQ_DEV void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
-// mbarriers (CTA scope): init with the arrivals a phase takes, arrive (release), wait for the phase of a parity
-// to complete (acquire; try_wait suspends the thread for a while instead of spinning hot)
-QOQ_DEV void mbar_init(u32 bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-QOQ_DEV void mbar_arrive(u32 bar) {
-  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-QOQ_DEV void mbar_wait(u32 bar, u32 parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
-}
 QOQ_DEV u32 cluster_rank() { u32 r; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r)); return r; }
 QOQ_DEV int ld_dsmem_s32(u32 local, u32 rank) {
   u32 remote;

@@ -64,18 +64,6 @@ class WgmmaConfig:
 
 
 @dataclass(frozen=True)
-class WsConfig:
-    """Hopper (sm_90a) warp-specialized large-M kernel (wgmma.cu): a producer warpgroup loads the activations by
-    cp.async and dequantizes W4 into shared memory while two consumer warpgroups issue `wgmma` s8 over a
-    128 x `bn` tile (bn 128 or 256); `stages` (>= 3) buffers handed over by mbarriers; `producers`: 1 or 2
-    producer warpgroups."""
-
-    bn: int = 128
-    stages: int = 4
-    producers: int = 1
-
-
-@dataclass(frozen=True)
 class SwapConfig:
     """Hopper (sm_90a) swapped-operand kernel (wgmma.cu): Y^T = W X^T with the dequantized weights as `wgmma`'s
     register A operand (never in shared memory) and `bt` tokens as its N dimension; one warpgroup per 128 output
@@ -128,7 +116,7 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
 
 
 def _swap_wins(m: int, kt: int) -> bool:
-    """Where the swapped-operand kernel beat every other path on H100 (`--tune-swap`, `--tune-ws`, NOTES.md):
+    """Where the swapped-operand kernel beat every other path on H100 (`--tune-swap`, `--tune-large`, NOTES.md):
     M = 17-128 on every Llama-3-8B shape and M > 128 on long K (K >= 8192, where the 128 x 128 wgmma kernel has
     no split-K). From M = 1024 on short K the 128 x 128 wgmma kernel is 0-24 % faster. M <= 16 stays with the
     GEMV."""
@@ -200,9 +188,6 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
         return (DEQUANT_G if grouped else DEQUANT_C), 0
     if isinstance(cfg, WgmmaConfig):
         return B.wgmma_variant(cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.stages)
-    if isinstance(cfg, WsConfig):
-        return (B.wgmma_ws_variant(cfg.stages, grouped, cfg.bn, cfg.producers),
-                B.wgmma_ws_smem_bytes(cfg.stages, cfg.bn))
     if isinstance(cfg, SwapConfig):
         return (B.wgmma_swap_variant(cfg.bt, cfg.stages, cfg.pf, cfg.cluster, grouped, cfg.min_blocks, cfg.overlap),
                 B.wgmma_swap_smem_bytes(cfg.bt, cfg.stages, cfg.cluster))
@@ -254,8 +239,7 @@ def _workspace(device: int, name: str, numel: int, dtype: torch.dtype) -> torch.
 
 
 def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
-                config: GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig | WsConfig | SwapConfig | None = None,
-                ) -> torch.Tensor:
+                config: GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig | SwapConfig | None = None) -> torch.Tensor:
     """y [M, N] = ops.w4a8_linear(a, w, out_dtype); out_dtype=torch.int32 returns the raw int32 accumulators."""
     q = a.q
     if q.dim() != 2 or q.dtype != torch.int8:
@@ -313,15 +297,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     if isinstance(cfg, WgmmaConfig):
         if info["cc"] != 90:
             raise ValueError(f"WgmmaConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
-        grid, block = (math.ceil(m / 128), math.ceil(np_ / 128), 1), (256, 1, 1)
-        splits, tps, ncounters = 1, kt, 0
-        s1, szeros = _aligned4(s1), _aligned4(szeros)  # its epilogue reads channel-scale pairs as 32-bit words
-    elif isinstance(cfg, WsConfig):
-        if info["cc"] != 90:
-            raise ValueError(f"WsConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
-        if cfg.bn not in (128, 256) or cfg.producers not in (1, 2) or cfg.stages < 3 or smem > info["smem_optin"]:
-            raise ValueError(f"{cfg}: bn 128 or 256, 1 or 2 producers, stages >= 3, the ring in shared memory")
-        grid, block = (math.ceil(m / 128) * math.ceil(np_ / cfg.bn), 1, 1), (128 * (cfg.producers + 2), 1, 1)
+        grid, block = (math.ceil(m / 128) * math.ceil(np_ / 128), 1, 1), (256, 1, 1)
         splits, tps, ncounters = 1, kt, 0
         s1, szeros = _aligned4(s1), _aligned4(szeros)  # its epilogue reads channel-scale pairs as 32-bit words
     elif isinstance(cfg, SwapConfig):
@@ -441,7 +417,7 @@ DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2
     GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8)
     for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
-    WgmmaConfig(), WsConfig(128, 4, 2)) + tuple(
+    WgmmaConfig()) + tuple(
     SwapConfig(bt, cluster=cl) for bt in (32, 64, 128) for cl in (1, 2, 4, 8))
 
 

@@ -16,7 +16,10 @@
 // is written. Stage t-2 is free: every warpgroup waited for its wgmma of t-2 (wait_group 1 at the end of step t-1)
 // before the barrier that opens step t. Generic-proxy writes (cp.async, st.shared) are made visible to the async
 // proxy that wgmma reads through with fence.proxy.async before that barrier.
-// grid = (ceil(M/128), ceil(Np/128)); M, N and K tails are zero-filled; no split-K (large M fills the GPU).
+// Tiles run in groups of WG_GROUP_M row tiles (every column tile of a group before the next group), so the
+// activation rows and weight columns a wave of CTAs reads stay in L2 when M is large (a 16384-token prefill chunk
+// is 64 MB of int8 activations at K = 4096). grid = ceil(M/128) * ceil(Np/128) CTAs; M, N and K tails are
+// zero-filled; no split-K (large M fills the GPU).
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define QOQ_WGMMA 1
@@ -136,6 +139,8 @@ template <int IT> struct WgB {
   u32 s[IT], z[IT];
 };
 
+constexpr int WG_GROUP_M = 8;
+
 template <int STAGES, bool GROUPED>
 QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
 #if defined(QOQ_WGMMA)
@@ -148,7 +153,10 @@ QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
   u8* const smem = (u8*)dsmem + (sbase - sraw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7;
   const int c = lane >> 2, l = lane & 3;
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int mtiles = (M + BM - 1) / BM, ntiles = (Np + BN - 1) / BN;
+  const int per_group = WG_GROUP_M * ntiles, first_m = (blockIdx.x / per_group) * WG_GROUP_M;
+  const int gm = min(mtiles - first_m, WG_GROUP_M), in_group = blockIdx.x % per_group;
+  const int m0 = (first_m + in_group % gm) * BM, n0 = (in_group / gm) * BN;
   const int KT = Kp >> 5, NTILES = Np >> 5;
   const int nst = (KT + KTS - 1) / KTS;
 
@@ -250,165 +258,6 @@ QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
   else if (out_dt == DT_BF16) wgmma_epilogue<BN, DT_BF16>(e, acc, row0, n0 + 2 * l, M);
   else if (out_dt == DT_F32) wgmma_epilogue<BN, DT_F32>(e, acc, row0, n0 + 2 * l, M);
   else wgmma_epilogue<BN, DT_I32>(e, acc, row0, n0 + 2 * l, M);
-#else
-  __trap();  // sm_90a only (gemm.py launches it on compute capability 9.0)
-#endif
-}
-
-
-// ---------------------------------------------------------------------------------------------------------------
-// Warp-specialized large-M kernel (sm_90a): the same tile math as above, but the loads and the dequantization run
-// in their own warpgroups, so the tensor cores never wait for them. 128 (PWG + 2) threads: warpgroups 0 .. PWG-1
-// produce, the last two consume (64 rows each of a 128 x BN tile; BN = 256: two m64n128k32 per k32 step).
-// A ring of STAGES buffers, each A [128][128] + B [BN][128] int8 in the swizzled layout above, is handed over by
-// two mbarriers per buffer: `full` (one arrival per producer thread: the stage's activations landed and its weights are
-// stored) and `empty` (8 consumer-warp arrivals: the wgmmas that read it completed). The producer issues stage
-// t's cp.async and stores its dequantized weights at step t, then waits for stage t - 1's cp.async group and
-// marks t - 1 full, so the load latency hides behind a step of its own work; it fences its generic-proxy writes
-// (fence.proxy.async) before each arrival. Packed weights are loaded two steps ahead into registers.
-// Consumers keep one wgmma group in flight (wait_group 1) and free the stage before it.
-// Tiles run in groups of WS_GROUP_M row tiles (all column tiles of a group before the next group), so the
-// activation rows a wave of CTAs reads stay in L2 at large M. grid = (ceil(M/128) * ceil(Np/BN)).
-constexpr int WS_GROUP_M = 8;
-
-template <int STAGES, bool GROUPED, int BN, int PWG>
-QOQ_DEV void wgmma_ws_body(GEMM_PARAMS) {
-#if defined(QOQ_WGMMA)
-  constexpr int BM = 128, BK = 128, KTS = BK / 32, NB = BN / 128, NACC = 64;
-  constexpr int A_BYTES = BM * BK, B_BYTES = BN * BK, STAGE = A_BYTES + B_BYTES;
-  constexpr int PT = 128 * PWG, PW = 4 * PWG;  // producer threads and warps
-  constexpr int A_IT = BM * 8 / PT, B_IT = (BN / 32) * KTS / PW;  // 16-byte A chunks per thread, tiles per warp
-  static_assert((BN == 128 || BN == 256) && (PWG == 1 || PWG == 2) && STAGES >= 3,
-                "warp-specialized wgmma kernel shape (3 stages: no deadlock)");
-  extern __shared__ uint4 dsmem[];
-  __shared__ __align__(8) u64 bars[2 * STAGES];  // full[s] = bars[s], empty[s] = bars[STAGES + s]
-  const u32 sraw = smem_u32(dsmem), sbase = (sraw + 1023u) & ~1023u;
-  u8* const smem = (u8*)dsmem + (sbase - sraw);
-  const u32 full0 = smem_u32(&bars[0]), empty0 = smem_u32(&bars[STAGES]);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7;
-  const int c = lane >> 2, l = lane & 3;
-  const int mtiles = (M + BM - 1) / BM, ntiles = (Np + BN - 1) / BN;
-  const int per_group = WS_GROUP_M * ntiles, first_m = (blockIdx.x / per_group) * WS_GROUP_M;
-  const int gm = min(mtiles - first_m, WS_GROUP_M), in_group = blockIdx.x % per_group;
-  const int m0 = (first_m + in_group % gm) * BM, n0 = (in_group / gm) * BN;
-  const int KT = Kp >> 5, NTILES = Np >> 5;
-  const int nst = (KT + KTS - 1) / KTS;
-
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full0 + 8 * s, PT);
-      mbar_init(empty0 + 8 * s, 8);
-    }
-  }
-  __syncthreads();
-
-  if (wg < PWG) {  // ---- producers
-    const int pwarp = warp;
-    const int a_row0 = tid >> 3, a_ch = tid & 7;
-    const i8* a_base = A + (i64)(m0 + a_row0) * Kp + a_ch * 16;
-    const u32 a_dst0 = a_row0 * BK + ((a_ch ^ (a_row0 & 7)) << 4);
-    auto load_a = [&](int st, int kt0) {
-      const bool k_ok = kt0 * 32 + a_ch * 16 < Kp;
-#pragma unroll
-      for (int it = 0; it < A_IT; ++it) {
-        const bool ok = k_ok && m0 + a_row0 + it * (PT / 8) < M;
-        cp_async16(sbase + st * STAGE + a_dst0 + it * (PT / 8) * BK,
-                   ok ? a_base + (i64)it * (PT / 8) * Kp + kt0 * 32 : A, ok ? 16 : 0);
-      }
-    };
-    // packed tile t = pwarp + PW it of a stage: n-tile t / KTS, k-tile t % KTS
-    auto load_b = [&](WgB<B_IT>& r, int kt0) {
-#pragma unroll
-      for (int it = 0; it < B_IT; ++it) {
-        const int t = pwarp + PW * it, nt = (n0 >> 5) + t / KTS, kt = kt0 + t % KTS;
-        const bool ok = nt < NTILES && kt < KT;
-        r.w[it] = ok ? ldg_stream16(W + ((i64)nt * KT + kt) * 512 + lane * 16) : make_uint4(0u, 0u, 0u, 0u);
-        if (GROUPED) {
-          const i64 gi = (i64)((kt << 5) >> log2g) * Np + nt * 32 + 4 * c;
-          r.s[it] = ok ? ldg_nc32(s2 + gi) : 0u;
-          r.z[it] = ok ? ldg_nc32(z2 + gi) : 0u;
-        }
-      }
-    };
-    auto store_b = [&](const WgB<B_IT>& r, int st) {
-      u8* const base = smem + st * STAGE + A_BYTES;
-#pragma unroll
-      for (int it = 0; it < B_IT; ++it) {
-        const int t = pwarp + PW * it, ntl = t / KTS, ktl = t % KTS;
-        u32 s[4] = {0u, 0u, 0u, 0u}, zb[4] = {0u, 0u, 0u, 0u}, L[4], H[4];
-        if (GROUPED) deq_params(r.s[it], r.z[it], s, zb);
-        dequant_tile<GROUPED>(r.w[it], s, zb, L, H);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int row = ntl * 32 + 8 * (i & 1) + c, chunk = ktl * 2 + (i >> 1);
-          const int off = row * BK + ((chunk ^ (row & 7)) << 4) + 4 * l;
-          *(u32*)(base + off) = L[i];
-          *(u32*)(base + off + 16 * BK) = H[i];
-        }
-      }
-    };
-    auto step = [&](int t, WgB<B_IT>& br) {  // br holds stage t's packed tiles
-      const int st = t % STAGES;
-      if (t >= STAGES) mbar_wait(empty0 + 8 * st, (u32)((t / STAGES - 1) & 1));
-      load_a(st, t * KTS);
-      cp_async_commit();
-      store_b(br, st);
-      if (t + 2 < nst) load_b(br, (t + 2) * KTS);
-      cp_async_wait<1>();  // stage t - 1's activations have landed
-      fence_proxy_async();
-      if (t > 0) mbar_arrive(full0 + 8 * ((t - 1) % STAGES));
-    };
-    WgB<B_IT> b0, b1;
-    load_b(b0, 0);
-    if (1 < nst) load_b(b1, KTS);
-    for (int t = 0; t < nst; t += 2) {
-      step(t, b0);
-      if (t + 1 < nst) step(t + 1, b1);
-    }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    mbar_arrive(full0 + 8 * ((nst - 1) % STAGES));
-    return;
-  }
-
-  // ---- consumers: warpgroup cw owns rows 64 cw .. 64 cw + 63 of the tile
-  const int cw = wg - PWG;
-  int acc[NB][NACC];
-#pragma unroll
-  for (int b = 0; b < NB; ++b)
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) acc[b][i] = 0;
-  for (int t = 0; t < nst; ++t) {
-    const int st = t % STAGES;
-    mbar_wait(full0 + 8 * st, (u32)((t / STAGES) & 1));
-    const u32 sa_ = sbase + st * STAGE + cw * 64 * BK, sb_ = sbase + st * STAGE + A_BYTES;
-#pragma unroll
-    for (int b = 0; b < NB; ++b) reg_fence(acc[b]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < KTS; ++kk)
-#pragma unroll
-      for (int b = 0; b < NB; ++b)
-        wgmma_m64n128k32_s8(acc[b], wg_desc(sa_ + kk * 32), wg_desc(sb_ + b * 128 * BK + kk * 32));
-    wgmma_commit();
-    wgmma_wait<1>();  // the wgmmas of step t - 1 completed: their stage is free
-    if (t > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((t - 1) % STAGES));
-  }
-  wgmma_wait<0>();
-#pragma unroll
-  for (int b = 0; b < NB; ++b) reg_fence(acc[b]);
-
-  const int row0 = m0 + cw * 64 + (warp & 3) * 16 + c;
-  const EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
-#pragma unroll
-  for (int b = 0; b < NB; ++b) {
-    const int col0 = n0 + b * 128 + 2 * l;
-    if (out_dt == DT_F16) wgmma_epilogue<128, DT_F16>(e, acc[b], row0, col0, M);
-    else if (out_dt == DT_BF16) wgmma_epilogue<128, DT_BF16>(e, acc[b], row0, col0, M);
-    else if (out_dt == DT_F32) wgmma_epilogue<128, DT_F32>(e, acc[b], row0, col0, M);
-    else wgmma_epilogue<128, DT_I32>(e, acc[b], row0, col0, M);
-  }
 #else
   __trap();  // sm_90a only (gemm.py launches it on compute capability 9.0)
 #endif
