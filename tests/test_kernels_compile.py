@@ -108,13 +108,14 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
 
 
 def test_choose_config_large_m_paths():
-    """sm_90: the swapped-operand kernel at M = 17-128, from M = 1024 and on long K above 128; the wgmma kernel
-    in between once its 128 x 128 tiles cover half the SMs; else (and below sm_90) dequant + _int_mm from
-    M = 256, the tiled kernel below that."""
+    """sm_90: the swapped-operand kernel at M = 17-128 and on long K above 128; the wgmma kernel above 128 once
+    its 128 x 128 tiles cover half the SMs; else (and below sm_90) dequant + _int_mm from M = 256, the tiled
+    kernel below that."""
     from qoq.runtime_kernels import gemm
 
     W, I, T, S = gemm.WgmmaConfig, gemm.IntMMConfig, gemm.GemmConfig, gemm.SwapConfig
-    for m, n, k, cc, kind in [(4096, 4096, 4096, 90, S), (1024, 28672, 4096, 90, S), (256, 6144, 4096, 90, W),
+    for m, n, k, cc, kind in [(4096, 4096, 4096, 90, W), (1024, 28672, 4096, 90, W), (256, 6144, 4096, 90, W),
+                              (1024, 4096, 14336, 90, S),
                               (512, 28672, 4096, 90, W), (256, 4096, 4096, 90, I), (65, 4096, 14336, 90, S),
                               (256, 4096, 14336, 90, S), (33, 28672, 4096, 90, S), (100, 4096, 4096, 90, S),
                               (16, 4096, 4096, 90, gemm.GemvConfig), (4096, 4096, 4096, 80, I),

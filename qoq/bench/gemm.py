@@ -10,8 +10,8 @@ timed graph exceeds the L2 cache (weights stream from HBM, as in a real decode s
 - KV4 decode attention vs torch SDPA on fp16 K/V (GQA), batch 64 x context 1024, Llama-3-8B heads;
 - the decode step's row kernels, one CTA per row vs split over a thread-block cluster.
 `run()` returns the rows as dicts (reused by `qoq bench --json`); `main()` prints a compact table, or runs the
-configuration sweeps (`--tune`, `--tune-gemv`, `--tune-swap`: qoq.bench.gemm_tuner) or one case for a profiler
-(`--one`, qoq.bench.profile_case).
+configuration sweeps (`--tune`, `--tune-gemv`, `--tune-swap`, `--tune-large`: qoq.bench.gemm_tuner) or one case
+for a profiler (`--one`, qoq.bench.profile_case).
 Timing and the workload: qoq.bench.kernel_timing.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 
 import qoq.runtime_kernels as K
-from qoq.bench.gemm_tuner import tune, tune_swap
+from qoq.bench.gemm_tuner import tune, tune_large, tune_swap
 from qoq.bench.kernel_timing import LLAMA3_8B_SHAPES, copies_beyond_l2, quantized_weights, time_calls
 from qoq.bench.profile_case import CASES, run_case
 from qoq.runtime_kernels.attention import decode_attention_kv4 as attention_with_cta_shape
@@ -256,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--tune-swap", action="store_true",
                    help="sweep the swapped-operand Hopper kernel's shapes against the dispatch and FP8")
     p.add_argument("--tune-attention", action="store_true", help="also time alternative attention CTA shapes")
+    p.add_argument("--tune-large", action="store_true",
+                   help="time the two large-M Hopper kernels against the dispatch and FP8 up to M = 16384")
     p.add_argument("--rows", action="store_true", help="only the row kernels (one CTA per row vs a cluster)")
     p.add_argument("--one", choices=CASES,
                    help="run one case a few times (for a profiler)")
@@ -265,6 +267,8 @@ def main(argv=None) -> int:
         return 0
     if args.rows:
         rows = bench_rows()
+    elif args.tune_large:
+        rows = tune_large()
     elif args.tune_swap:
         rows = tune_swap()
     elif args.tune or args.tune_gemv:

@@ -137,3 +137,42 @@ def tune_swap(log=print, shapes=LLAMA3_8B_SHAPES, ms=SWAP_MS, group: int = 128) 
         del lins, wf8s
         torch.cuda.empty_cache()
     return rows
+
+
+
+LARGE_MS = (1024, 4096, 16384)  # 16384: the engines' prefill chunk
+
+
+def tune_large(log=print, shapes=LLAMA3_8B_SHAPES, ms=LARGE_MS, groups=(128, -1)) -> list[dict]:
+    """The two Hopper (sm_90a) large-M kernels, the 128 x 128 wgmma kernel and the swapped-operand kernel with
+    128-token tiles, against the current dispatch and FP8 `_scaled_mm`, timed in the same process."""
+    dev = torch.device("cuda")
+    cfgs = {"wgmma": G.WgmmaConfig(), "swap128": G.SwapConfig(128)}
+    K.precompile(sorted({G.variant_for(cfg, g != -1)[0] for cfg in cfgs.values() for g in groups},
+                        key=lambda v: v.name))
+    one = torch.ones((), device=dev)
+    rows = []
+    for n, k in shapes:
+        w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
+        wf8s = [w16.to(torch.float8_e4m3fn) for _ in range(copies_beyond_l2(n * k))]
+        for g in groups:
+            lins = quantized_weights(n, k, g, copies_beyond_l2(n * k // 2), dev)
+            for m in ms:
+                x = torch.randn(m, k, device=dev, dtype=torch.float16)
+                a = ops.quantize_act(x, lins[0].padded_in, with_qsum=is_per_channel(g))
+                xf8 = x.to(torch.float8_e4m3fn)
+                res = {"fp8": time_calls([lambda w=w, xf8=xf8: torch._scaled_mm(
+                    xf8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float16) for w in wf8s])["us"],
+                       "dispatch": time_calls([lambda lin=lin, a=a: K.w4a8_linear(a, lin) for lin in lins])["us"]}
+                for name, cfg in cfgs.items():
+                    res[name] = time_calls([lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg)
+                                            for lin in lins])["us"]
+                for name, us in res.items():
+                    rows.append({"bench": "tune_large", "n": n, "k": k, "m": m, "group": g, "config": name, "us": us})
+                log(f"large {n}x{k} g={g:<4d} M={m:<5d} " + " ".join(f"{nm} {us:.1f}" for nm, us in res.items())
+                    + f"  dispatch {res['fp8'] / res['dispatch']:.2f}x fp8")
+                del a, x, xf8
+            del lins
+            torch.cuda.empty_cache()
+        del wf8s
+    return rows

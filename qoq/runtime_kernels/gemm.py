@@ -82,7 +82,7 @@ PDL_ENABLED = os.environ.get("QOQ_PDL", "1") != "0"  # QOQ_PDL=0: never use prog
 GEMV_MAX_M = 32  # 17-32 tokens: 2-3x faster than the tiled kernel on Llama-3-8B shapes (NOTES.md)
 GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-64 tokens: 1.1-1.7x)
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
-SWAP_MIN_M, SWAP_MID_M, SWAP_LARGE_M = 17, 128, 1024  # sm_90a swapped-operand kernel ranges (_swap_wins)
+SWAP_MIN_M, SWAP_MID_M = 17, 128  # sm_90a swapped-operand kernel ranges (_swap_wins)
 WGMMA_MIN_M = 33  # (M <= 64 reaches it only with >= 4 channel groups per SM; below that the GEMV wins)
 
 DEQUANT_G = B.Variant("gemm.cu", "qoq_w4_dequant_g")
@@ -116,10 +116,11 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
 
 
 def _swap_wins(m: int, kt: int) -> bool:
-    """Where the swapped-operand kernel beat every other path on H100 (`--tune-swap`, NOTES.md): M = 17-128 on
-    every Llama-3-8B shape, M >= 1024 (ties at 4096 x 4096 M = 1024), and M > 128 on long K (K >= 8192, where
-    the 128 x 128 wgmma kernel has no split-K). M <= 16 stays with the GEMV."""
-    return SWAP_MIN_M <= m <= SWAP_MID_M or m >= SWAP_LARGE_M or (m > SWAP_MID_M and kt >= 256)
+    """Where the swapped-operand kernel beat every other path on H100 (`--tune-swap`, `--tune-large`, NOTES.md):
+    M = 17-128 on every Llama-3-8B shape and M > 128 on long K (K >= 8192, where the 128 x 128 wgmma kernel has
+    no split-K). From M = 1024 on short K the 128 x 128 wgmma kernel is 0-24 % faster. M <= 16 stays with the
+    GEMV."""
+    return SWAP_MIN_M <= m <= SWAP_MID_M or (m > SWAP_MID_M and kt >= 256)
 
 
 def _choose_swap(m: int, np_: int, kt: int, sms: int) -> SwapConfig:
@@ -296,7 +297,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     if isinstance(cfg, WgmmaConfig):
         if info["cc"] != 90:
             raise ValueError(f"WgmmaConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
-        grid, block = (math.ceil(m / 128), math.ceil(np_ / 128), 1), (256, 1, 1)
+        grid, block = (math.ceil(m / 128) * math.ceil(np_ / 128), 1, 1), (256, 1, 1)
         splits, tps, ncounters = 1, kt, 0
         s1, szeros = _aligned4(s1), _aligned4(szeros)  # its epilogue reads channel-scale pairs as 32-bit words
     elif isinstance(cfg, SwapConfig):
@@ -416,8 +417,8 @@ DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2
     GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8)
     for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
-    WgmmaConfig()) + tuple(SwapConfig(bt, cluster=cl) for bt, cls in ((32, (1, 2, 4, 8)), (64, (1, 2, 4, 8)),
-                                                                      (128, (1, 2, 4, 8))) for cl in cls)
+    WgmmaConfig()) + tuple(
+    SwapConfig(bt, cluster=cl) for bt in (32, 64, 128) for cl in (1, 2, 4, 8))
 
 
 def default_variants() -> list:
