@@ -100,6 +100,14 @@ def swap_candidates(m: int, np_: int, kt: int, sms: int) -> list:
     return out
 
 
+def _fp8_and_dispatch(wf8s, xf8, lins, a) -> dict:
+    """µs of FP8 `_scaled_mm` (unit scales, fp16 out) and of our dispatched W4A8 GEMM, over rotated weight copies."""
+    one = torch.ones((), device=xf8.device)
+    return {"fp8": time_calls([lambda w=w: torch._scaled_mm(xf8, w.t(), scale_a=one, scale_b=one,
+                                                          out_dtype=torch.float16) for w in wf8s])["us"],
+            "dispatch": time_calls([lambda lin=lin: K.w4a8_linear(a, lin) for lin in lins])["us"]}
+
+
 def _swap_name(cfg) -> str:
     return f"swap_t{cfg.bt}_p{cfg.pf}_c{cfg.cluster}" + ("_ov" if cfg.overlap else "")
 
@@ -112,7 +120,6 @@ def tune_swap(log=print, shapes=LLAMA3_8B_SHAPES, ms=SWAP_MS, group: int = 128) 
     plans = {(n, k, m): swap_candidates(m, -(-n // 32) * 32, k // 32, sms) for n, k in shapes for m in ms}
     variants = {G.variant_for(cfg, not is_per_channel(group))[0] for cfgs in plans.values() for cfg in cfgs}
     K.precompile(sorted(variants, key=lambda v: v.name))
-    one = torch.ones((), device=dev)
     rows = []
     for n, k in shapes:
         lins = quantized_weights(n, k, group, copies_beyond_l2(n * k // 2), dev)
@@ -122,9 +129,7 @@ def tune_swap(log=print, shapes=LLAMA3_8B_SHAPES, ms=SWAP_MS, group: int = 128) 
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             a = ops.quantize_act(x, lins[0].padded_in, with_qsum=is_per_channel(group))
             xf8 = x.to(torch.float8_e4m3fn)
-            res = {"fp8": time_calls([lambda w=w, xf8=xf8: torch._scaled_mm(
-                xf8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float16) for w in wf8s])["us"],
-                   "dispatch": time_calls([lambda lin=lin, a=a: K.w4a8_linear(a, lin) for lin in lins])["us"]}
+            res = _fp8_and_dispatch(wf8s, xf8, lins, a)
             for cfg in plans[(n, k, m)]:
                 res[_swap_name(cfg)] = time_calls([lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg)
                                                    for lin in lins])["us"]
@@ -150,7 +155,6 @@ def tune_large(log=print, shapes=LLAMA3_8B_SHAPES, ms=LARGE_MS, groups=(128, -1)
     cfgs = {"wgmma": G.WgmmaConfig(), "swap128": G.SwapConfig(128)}
     K.precompile(sorted({G.variant_for(cfg, g != -1)[0] for cfg in cfgs.values() for g in groups},
                         key=lambda v: v.name))
-    one = torch.ones((), device=dev)
     rows = []
     for n, k in shapes:
         w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
@@ -161,9 +165,7 @@ def tune_large(log=print, shapes=LLAMA3_8B_SHAPES, ms=LARGE_MS, groups=(128, -1)
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 a = ops.quantize_act(x, lins[0].padded_in, with_qsum=is_per_channel(g))
                 xf8 = x.to(torch.float8_e4m3fn)
-                res = {"fp8": time_calls([lambda w=w, xf8=xf8: torch._scaled_mm(
-                    xf8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float16) for w in wf8s])["us"],
-                       "dispatch": time_calls([lambda lin=lin, a=a: K.w4a8_linear(a, lin) for lin in lins])["us"]}
+                res = _fp8_and_dispatch(wf8s, xf8, lins, a)
                 for name, cfg in cfgs.items():
                     res[name] = time_calls([lambda lin=lin, cfg=cfg, a=a: K.w4a8_linear(a, lin, config=cfg)
                                             for lin in lins])["us"]
