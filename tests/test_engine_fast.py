@@ -170,3 +170,12 @@ def test_rope_table_refuses_position_dependent_frequencies():
         rope_type = "dynamic"
 
     assert not RopeTable.applies(Dynamic())
+
+
+def test_decode_profile_prefills_a_batch_in_row_chunks(artifact):
+    from qoq.bench.decode_profile import prefill_in_chunks
+
+    fast = Engine(artifact("llama", 128), device="cpu", backend="reference", fast=True)
+    fast.reset(5, 20)
+    prefill_in_chunks(fast, 5, 12, chunk_tokens=24)  # two rows per call: 2 + 2 + 1
+    assert fast.lengths.tolist() == [12] * 5 and fast._host_len.tolist() == [12] * 5

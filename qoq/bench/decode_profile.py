@@ -14,6 +14,8 @@ from collections import defaultdict
 
 import torch
 
+from qoq.bench.e2e import DEFAULT_PREFILL_CHUNK_TOKENS
+
 
 def kernel_times(fn) -> dict[str, tuple[int, float]]:
     """{kernel name: (calls, total µs)} of the GPU kernels `fn` launches."""
@@ -56,11 +58,19 @@ def graph_step_us(engine, tokens: torch.Tensor, steps: int) -> float:
     return statistics.median(times)
 
 
+def prefill_in_chunks(engine, batch: int, ctx: int, chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS) -> None:
+    """Fill every sequence's cache with `ctx` random prompt tokens, at most `chunk_tokens` tokens per prefill call
+    (as `qoq bench` does), so a max-size batch fits beside its cache."""
+    rows = max(1, chunk_tokens // max(ctx, 1))
+    for r0 in range(0, batch, rows):
+        r1 = min(batch, r0 + rows)
+        engine.prefill(torch.randint(0, engine.vocab, (r1 - r0, ctx), device=engine.device), rows=slice(r0, r1))
+
+
 def profile_batch(engine, batch: int, ctx: int, steps: int) -> dict:
-    dev = engine.device
     engine.reset(batch, ctx + 8)
-    vocab = engine.vocab
-    engine.prefill(torch.randint(0, vocab, (batch, ctx), device=dev))
+    prefill_in_chunks(engine, batch, ctx)
+    vocab, dev = engine.vocab, engine.device
     tokens = torch.randint(0, vocab, (batch,), device=dev)
     step_us = graph_step_us(engine, tokens, steps)
     saved = engine.save_lengths()
