@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qoq.errors import QoqError
+from qoq.models.arch import head_dims
 from qoq.runtime.fast import DecodeGraphs, HostMirroredLengths
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -72,9 +73,7 @@ class FP16Engine(HostMirroredLengths):
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         c = self.config = hf_config(config)
-        self.heads = c.num_attention_heads
-        self.kv_heads = getattr(c, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = head_dims(c)
         self.hidden = c.hidden_size
         self.eps = float(c.rms_norm_eps)
         self.sm_scale = self.head_dim ** -0.5

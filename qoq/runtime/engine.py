@@ -28,6 +28,7 @@ import torch
 
 from qoq.errors import QoqError, arg
 from qoq.formats.artifact import Artifact, read_artifact
+from qoq.models.arch import head_dims
 from qoq.runtime import fast as fast_mode
 from qoq.scheme import ops
 from qoq.scheme.progressive import is_per_channel
@@ -96,9 +97,7 @@ class Engine(fast_mode.HostMirroredLengths):
         self.act_dtype = act_dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.config = hf_config(art.config)
         c = self.config
-        self.heads = c.num_attention_heads
-        self.kv_heads = getattr(c, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = head_dims(c)
         self.hidden = c.hidden_size
         self.eps = float(c.rms_norm_eps)
         self.sm_scale = self.head_dim ** -0.5
