@@ -83,7 +83,7 @@ class EngineRunner(Runner):
         return self.eng.prefill(ids, rows=rows)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.eng.decode_step(tokens)
 
     def probe(self, batch: int, input_len: int, output_len: int) -> None:
         self._reset(batch, input_len + output_len)
@@ -149,9 +149,6 @@ class QoqRunner(EngineRunner):
         return torch.cat([self._prefill_rows(ids[s:s + chunk], slice(s, min(s + chunk, b)))
                           for s in range(0, b, chunk)])
 
-    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.eng.decode_step(tokens)
-
 
 class FP16EngineRunner(EngineRunner):
     """The FP16 baseline engine (qoq.bench.fp16_engine): cuBLAS GEMMs, FP16 KV, CUDA-graph decode on CUDA."""
@@ -184,9 +181,6 @@ class FP16EngineRunner(EngineRunner):
 
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         return self.eng.prefill(ids, chunk_rows=self.chunk_rows(ids.shape[1]))
-
-    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.eng.decode_step(tokens)
 
 
 class FP8EngineRunner(FP16EngineRunner):
