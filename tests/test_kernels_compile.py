@@ -159,3 +159,15 @@ def test_rows_split_over_clusters_only_on_sm90_and_while_rows_are_few():
         cl = row_cluster(m, kp, 132, 90)
         threads, ch = launch_shape(kp, cl)
         assert threads * ch * cl * 8 >= kp  # the cluster's CTAs cover the row
+
+
+def test_row_kernel_companions_must_match_the_rows():
+    import torch
+
+    from qoq.runtime_kernels.quant import MODE_ADD_RMSNORM, MODE_SILU_MUL, rowquant
+
+    x, w = torch.zeros(2, 64, dtype=torch.float16), torch.ones(64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="gate and up must have the same shape and dtype"):
+        rowquant(MODE_SILU_MUL, x, torch.zeros(3, 64, dtype=torch.float16), 0.0, 64, False)
+    with pytest.raises(ValueError, match="the residual and its update must have the same shape and dtype"):
+        rowquant(MODE_ADD_RMSNORM, x, w, 1e-5, 64, False, res=torch.zeros(2, 64, dtype=torch.float32))

@@ -56,6 +56,14 @@ def _vec_ok(x: torch.Tensor) -> bool:
     return x.data_ptr() % 16 == 0 and (x.shape[0] <= 1 or x.stride(0) % per16 == 0)
 
 
+def _companion_rows(t: torch.Tensor, x: torch.Tensor, what: str) -> tuple[torch.Tensor, int, bool]:
+    """A second row tensor read beside x: (its rows, row stride, whether 16-byte loads suit it)."""
+    t = _rows(t)
+    if t.shape != x.shape or t.dtype != x.dtype:
+        raise ValueError(f"{what} must have the same shape and dtype")
+    return t, t.stride(0), _vec_ok(t)
+
+
 def rowquant(mode: int, x: torch.Tensor, x2: torch.Tensor | None, eps: float, padded_in: int, with_qsum: bool,
              out: QuantAct | None = None, res: torch.Tensor | None = None, cluster: int | None = None) -> QuantAct:
     """Quantize the rows of x (after `mode`'s fused op). MODE_ADD_RMSNORM adds `res` to x in place first.
@@ -71,11 +79,8 @@ def rowquant(mode: int, x: torch.Tensor, x2: torch.Tensor | None, eps: float, pa
     ld2 = 0
     vec = _vec_ok(x)
     if mode == MODE_SILU_MUL:
-        x2 = _rows(x2)
-        if x2.shape != x.shape or x2.dtype != x.dtype:
-            raise ValueError("gate and up must have the same shape and dtype")
-        ld2 = x2.stride(0)
-        vec = vec and _vec_ok(x2)
+        x2, ld2, vec2 = _companion_rows(x2, x, "gate and up")
+        vec = vec and vec2
     elif mode in (MODE_RMSNORM, MODE_ADD_RMSNORM):
         x2 = x2.contiguous()
         if x2.numel() != k or x2.dtype not in IN_DTYPES:
@@ -83,11 +88,8 @@ def rowquant(mode: int, x: torch.Tensor, x2: torch.Tensor | None, eps: float, pa
         dt2 = IN_DTYPES[x2.dtype]
     ldres = 0
     if mode == MODE_ADD_RMSNORM:
-        res = _rows(res)
-        if res.shape != x.shape or res.dtype != x.dtype:
-            raise ValueError("the residual and its update must have the same shape and dtype")
-        ldres = res.stride(0)
-        vec = vec and _vec_ok(res)
+        res, ldres, vec_res = _companion_rows(res, x, "the residual and its update")
+        vec = vec and vec_res
     else:
         res = None
     if out is None:
