@@ -100,6 +100,21 @@ def wgmma_smem_bytes(stages: int) -> int:
     return stages * 128 * (128 + 128) + 1024  # + alignment slack for the 1024-byte swizzle atoms
 
 
+def wgmma_tma_variant(bn: int, stages: int, min_blocks: int = 1, cluster: int = 1) -> Variant:
+    """The persistent int8 x int8 wgmma GEMM fed by the tensor-memory accelerator (wgmma.cu): 128 x `bn` tiles,
+    a `stages`-deep ring, 288 threads (a producer warp, two consumer warpgroups); `cluster` = 2: pairs of CTAs
+    share (multicast) the weight tile."""
+    name = f"qoq_wgtma_128x{bn}_s{stages}_b{min_blocks}" + (f"_cl{cluster}" if cluster > 1 else "")
+    dims = f"__cluster_dims__({cluster}, 1, 1) " if cluster > 1 else ""
+    body = (f'extern "C" __global__ void {dims}__launch_bounds__(288, {min_blocks}) {name}(TMA_GEMM_PARAMS) '
+            f'{{ wgmma_tma_body<{bn}, {stages}, {cluster}>(TMA_GEMM_ARGS); }}')
+    return Variant("wgmma.cu", name, body)
+
+
+def wgmma_tma_smem_bytes(bn: int, stages: int) -> int:
+    return stages * 128 * (128 + bn) + 1024  # + alignment slack for the 1024-byte swizzle atoms
+
+
 def wgmma_swap_variant(bt: int, stages: int, pf: int, cluster: int, grouped: bool, min_blocks: int = 1,
                        overlap: bool = False) -> Variant:
     """The swapped-operand kernel (weights as wgmma's register A operand, tokens as N; wgmma.cu): `bt` tokens per
@@ -245,21 +260,53 @@ def _stream(device: int):
     return s
 
 
-def launch(v: Variant, device: int, grid, block, args, smem: int = 0, pdl: bool = False) -> None:
-    """Launch on torch's current stream. `pdl`: programmatic dependent launch (sm_90+, the kernel must call
-    pdl_wait before it reads anything an earlier kernel writes): its CTAs may start while the previous kernel
-    finishes."""
+def _function_with_smem(v: Variant, device: int, smem: int):
     fn = get_function(v, device)
     if smem > 0 and (device, v) not in _smem_set:  # opt in (static smem counts against the 48 KB default)
         from cupy.cuda import driver
 
         driver.funcSetAttribute(fn.ptr, _MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
         _smem_set.add((device, v))
+    return fn
+
+
+_active_clusters: dict = {}
+
+
+def max_active_clusters(v: Variant, device: int, cluster: int, threads: int, smem: int) -> int:
+    """How many clusters of `cluster` CTAs of `v` can run at once on the device (what a persistent grid may
+    launch); from the driver's occupancy calculator."""
+    key = (device, v, smem)
+    n = _active_clusters.get(key)
+    if n is None:
+        import cupy
+
+        fn = _function_with_smem(v, device, smem)
+        out = ctypes.c_int(0)
+        with cupy.cuda.Device(device):
+            if cluster == 1:
+                err = _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(out), fn.ptr, threads, smem)
+                out.value *= device_info(device)["sms"]
+            else:
+                cfg = _LaunchConfig((ctypes.c_uint * 3)(cluster, 1, 1), (ctypes.c_uint * 3)(threads, 1, 1), smem,
+                                    None, None, 0)
+                err = _driver().cuOccupancyMaxActiveClusters(ctypes.byref(out), fn.ptr, ctypes.byref(cfg))
+        if err or out.value < 1:
+            raise RuntimeError(f"the occupancy calculator failed for {v.name} (CUresult {err})")
+        n = _active_clusters[key] = out.value
+    return n
+
+
+def launch(v: Variant, device: int, grid, block, args, smem: int = 0, pdl: bool = False) -> None:
+    """Launch on torch's current stream. `pdl`: programmatic dependent launch (sm_90+, the kernel must call
+    pdl_wait before it reads anything an earlier kernel writes): its CTAs may start while the previous kernel
+    finishes. `args` may hold `TensorMap`s (passed by value, as `__grid_constant__` parameters)."""
+    fn = _function_with_smem(v, device, smem)
     import cupy
 
     def go():
-        if pdl:
-            _launch_pdl(fn, device, grid, block, args, smem)
+        if pdl or any(isinstance(a, TensorMap) for a in args):
+            _launch_ex(fn, device, grid, block, args, smem, pdl)
         else:
             fn(tuple(grid), tuple(block), tuple(args), shared_mem=smem, stream=_stream(device))
 
@@ -284,27 +331,76 @@ _CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctype
 _libcuda = None
 
 
-def _launch_pdl(fn, device: int, grid, block, args, smem: int) -> None:
-    """cuLaunchKernelEx with programmatic stream serialization, on the CUfunction of CuPy's `fn.ptr`.
+def _launch_ex(fn, device: int, grid, block, args, smem: int, pdl: bool) -> None:
+    """cuLaunchKernelEx on the CUfunction of CuPy's `fn.ptr`, optionally with programmatic stream serialization.
 
-    The one launch that bypasses CuPy: its launcher takes no launch attributes, and programmatic dependent
-    launch is one. (Thread-block clusters need none: those variants declare `__cluster_dims__` in the source,
-    so CuPy launches them as any other kernel.)"""
-    global _libcuda
+    The launches that bypass CuPy: its launcher takes no launch attributes (programmatic dependent launch is one)
+    and no by-value structs (a tensor map is one). (Thread-block clusters need neither: those variants declare
+    `__cluster_dims__` in the source, so CuPy launches them as any other kernel.)"""
     import torch
 
-    if _libcuda is None:
-        _libcuda = ctypes.CDLL("libcuda.so.1")
-        _libcuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-    vals = [_CTYPES[type(a)](int(a) if not isinstance(a, np.float32) else float(a)) for a in args]
-    params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(x), ctypes.c_void_p) for x in vals])
+    lib = _driver()
+    vals = [None if isinstance(a, TensorMap) else
+            _CTYPES[type(a)](int(a) if not isinstance(a, np.float32) else float(a)) for a in args]
+    params = (ctypes.c_void_p * len(vals))(*[a.ptr if isinstance(a, TensorMap) else
+                                             ctypes.cast(ctypes.pointer(x), ctypes.c_void_p)
+                                             for a, x in zip(args, vals, strict=True)])
     attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem,
-                        torch.cuda.current_stream(device).cuda_stream, ctypes.pointer(attr), 1)
-    err = _libcuda.cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params, None)
+                        torch.cuda.current_stream(device).cuda_stream, ctypes.pointer(attr) if pdl else None,
+                        1 if pdl else 0)
+    err = lib.cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params, None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err}")
+
+
+def _driver():
+    global _libcuda
+    if _libcuda is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                                                                    ctypes.c_int, ctypes.c_size_t]
+        lib.cuOccupancyMaxActiveClusters.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                                                     ctypes.POINTER(_LaunchConfig)]
+        lib.cuTensorMapEncodeTiled.argtypes = [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+            ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
+            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        _libcuda = lib
+    return _libcuda
+
+
+class TensorMap:
+    """A CUtensorMap (128 opaque bytes, 64-byte aligned) in host memory, passed to a kernel by value."""
+
+    __slots__ = ("_buf", "ptr")
+
+    def __init__(self):
+        self._buf = ctypes.create_string_buffer(128 + 64)
+        self.ptr = (ctypes.addressof(self._buf) + 63) & ~63
+
+
+_TMAP_UINT8, _TMAP_SWIZZLE_128B, _TMAP_L2_256B = 0, 3, 3  # CUtensorMapDataType / Swizzle / L2promotion values
+
+
+def tensor_map_2d(t, box_rows: int, box_cols: int = 128) -> TensorMap:
+    """A TMA descriptor of the row-major int8 matrix `t` [rows, cols] in `box_rows` x `box_cols`-byte boxes with
+    the 128-byte swizzle (the wgmma K-major layout); reads past the matrix are zero-filled."""
+    rows, cols = t.shape
+    if t.stride(1) != 1 or (t.stride(0) % 16) or t.data_ptr() % 16 or t.element_size() != 1:
+        raise ValueError("a tensor map needs a 16-byte aligned int8 matrix with a row stride a multiple of 16")
+    m = TensorMap()
+    dims = (ctypes.c_uint64 * 2)(cols, rows)
+    strides = (ctypes.c_uint64 * 1)(t.stride(0))
+    box = (ctypes.c_uint32 * 2)(box_cols, box_rows)
+    one = (ctypes.c_uint32 * 2)(1, 1)
+    err = _driver().cuTensorMapEncodeTiled(m.ptr, _TMAP_UINT8, 2, t.data_ptr(), dims, strides, box, one,
+                                           0, _TMAP_SWIZZLE_128B, _TMAP_L2_256B, 0)
+    if err:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {err} for a {rows} x {cols} matrix")
+    return m
 
 
 # ---- argument helpers ---------------------------------------------------------------------------------------------

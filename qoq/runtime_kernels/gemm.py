@@ -78,6 +78,20 @@ class SwapConfig:
     overlap: bool = False  # dequantize the next stage while this one's wgmmas run (two fragment buffers)
 
 
+@dataclass(frozen=True)
+class TmaConfig:
+    """Hopper (sm_90a), large M, two passes: the layer's W4 is dequantized into the int8 scratch (as for
+    `IntMMConfig`), then an int8 x int8 `wgmma` GEMM whose operands the tensor-memory accelerator copies into a
+    `stages`-deep ring (a producer warp, two consumer warpgroups, 128 x `bn` tiles) runs the fused epilogue.
+    Persistent: one wave of CTAs loops over the tiles."""
+
+    bn: int = 256
+    stages: int = 4
+    min_blocks: int = 1
+    cluster: int = 1  # 2: pairs of CTAs (adjacent row tiles) share the weight tile by TMA multicast
+    persistent: bool = True  # False: one CTA (cluster) per tile (pair)
+
+
 PDL_ENABLED = os.environ.get("QOQ_PDL", "1") != "0"  # QOQ_PDL=0: never use programmatic dependent launch
 GEMV_MAX_M = 32  # 17-32 tokens: 2-3x faster than the tiled kernel on Llama-3-8B shapes (NOTES.md)
 GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-64 tokens: 1.1-1.7x)
@@ -188,6 +202,9 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
         return (DEQUANT_G if grouped else DEQUANT_C), 0
     if isinstance(cfg, WgmmaConfig):
         return B.wgmma_variant(cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.stages)
+    if isinstance(cfg, TmaConfig):
+        return (B.wgmma_tma_variant(cfg.bn, cfg.stages, cfg.min_blocks, cfg.cluster),
+                B.wgmma_tma_smem_bytes(cfg.bn, cfg.stages))
     if isinstance(cfg, SwapConfig):
         return (B.wgmma_swap_variant(cfg.bt, cfg.stages, cfg.pf, cfg.cluster, grouped, cfg.min_blocks, cfg.overlap),
                 B.wgmma_swap_smem_bytes(cfg.bt, cfg.stages, cfg.cluster))
@@ -239,7 +256,8 @@ def _workspace(device: int, name: str, numel: int, dtype: torch.dtype) -> torch.
 
 
 def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
-                config: GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig | SwapConfig | None = None) -> torch.Tensor:
+                config: GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig | SwapConfig | TmaConfig | None = None,
+                ) -> torch.Tensor:
     """y [M, N] = ops.w4a8_linear(a, w, out_dtype); out_dtype=torch.int32 returns the raw int32 accumulators."""
     q = a.q
     if q.dim() != 2 or q.dtype != torch.int8:
@@ -292,6 +310,10 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
         _intmm_linear(cfg, q, qw, s2, z2, log2g, grouped, s1, szeros, bias, bias_dt, scale, qsum, out, out_dtype,
                       m, n, np_, kp, device)
         return out
+    if isinstance(cfg, TmaConfig):
+        _tma_linear(cfg, q, qw, s2, z2, log2g, grouped, s1, szeros, bias, bias_dt, scale, qsum, out, out_dtype,
+                    m, n, np_, kp, device, info)
+        return out
     kt = kp // 32
     variant, smem = variant_for(cfg, grouped, info["smem_optin"])
     if isinstance(cfg, WgmmaConfig):
@@ -337,6 +359,26 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     pdl = isinstance(cfg, GemvConfig) and cfg.pdl and info["cc"] >= 90 and PDL_ENABLED
     B.launch(variant, device, grid, block, args, smem, pdl=pdl)
     return out
+
+
+def _tma_linear(cfg: TmaConfig, q, qw, s2, z2, log2g, grouped, s1, szeros, bias, bias_dt, scale, qsum, out,
+                out_dtype, m, n, np_, kp, device, info) -> None:
+    if info["cc"] != 90:
+        raise ValueError(f"TmaConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
+    if cfg.bn not in (128, 256) or cfg.stages < 2 or cfg.cluster not in (1, 2):
+        raise ValueError(f"{cfg}: bn must be 128 or 256, stages >= 2 and cluster 1 or 2")
+    variant, smem = variant_for(cfg, grouped)
+    if smem > info["smem_optin"]:
+        raise ValueError(f"{cfg}: its ring ({smem} bytes) does not fit shared memory ({info['smem_optin']})")
+    w8 = _workspace(device, "w8_scratch", np_ * kp, torch.int8)[: np_ * kp].view(np_, kp)
+    _dequant(qw, s2, z2, log2g, grouped, w8, kp, device)
+    s1, szeros = _aligned4(s1), _aligned4(szeros)  # the epilogue reads channel-scale pairs as 32-bit words
+    maps = B.tensor_map_2d(q, 128), B.tensor_map_2d(w8, cfg.bn // cfg.cluster)  # (each CTA loads 1/cluster of W)
+    args = (*maps, B.ptr(scale), B.ptr(qsum), B.ptr(s1), B.ptr(szeros), B.ptr(bias), B.i32(bias_dt), B.ptr(out),
+            B.i32(DTYPE_CODES[out_dtype]), B.i32(m), B.i32(n), B.i32(np_), B.i32(kp))
+    units = math.ceil(math.ceil(m / 128) / cfg.cluster) * math.ceil(np_ / cfg.bn)
+    clusters = min(units, B.max_active_clusters(variant, device, cfg.cluster, 288, smem)) if cfg.persistent else units
+    B.launch(variant, device, (clusters * cfg.cluster, 1, 1), (288, 1, 1), args, smem)
 
 
 def _swap_k_tiles(kt: int, cluster: int) -> int:
@@ -417,11 +459,12 @@ DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2
     GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8)
     for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
-    WgmmaConfig()) + tuple(
+    WgmmaConfig(), TmaConfig()) + tuple(
     SwapConfig(bt, cluster=cl) for bt in (32, 64, 128) for cl in (1, 2, 4, 8))
 
 
 def default_variants() -> list:
     """Every GEMM variant `choose_config` can pick (for compile checks and precompilation)."""
-    return [variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in DEFAULT_CONFIGS] + [
+    variants = [variant_for(cfg, grouped)[0] for grouped in (True, False) for cfg in DEFAULT_CONFIGS] + [
         DEQUANT_G, DEQUANT_C, EPILOGUE]
+    return list(dict.fromkeys(variants))  # (the TMA GEMM serves both weight kinds)
