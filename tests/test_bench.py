@@ -143,17 +143,17 @@ def test_resolve_profile_auto_named_and_mismatch():
 
 def test_profile_tiles_are_the_dispatchers_choices():
     """The profile's "tiles" are what gemm.choose_config launches on that GPU: GEMV at small M everywhere, the sm_90a
-    swapped-operand kernel at large M on H100 / H200, dequant + _int_mm on A100 / L40S."""
+    two-pass TMA path at large M on H100 / H200, dequant + _int_mm on A100 / L40S."""
     from qoq.runtime_kernels import gemm
 
-    for name, large in (("h100", "WgmmaConfig"), ("h200", "WgmmaConfig"), ("a100", "IntMMConfig"),
+    for name, large in (("h100", "TmaConfig"), ("h200", "TmaConfig"), ("a100", "IntMMConfig"),
                         ("l40s", "IntMMConfig")):
         t = profiles.PROFILES[name].tiles
         assert set(t) == {"6144x4096", "4096x4096", "28672x4096", "4096x14336"}
         assert t["4096x4096"]["1"]["kernel"] == "GemvConfig" and t["4096x4096"]["16"]["tb"] == 2
         assert t["4096x4096"]["4096"]["kernel"] == large
     h100 = profiles.PROFILES["h100"].tiles["28672x4096"]["1024"]
-    assert h100 == {"kernel": "WgmmaConfig", **dataclasses.asdict(gemm.choose_config(1024, 28672, 4096, 132, cc=90))}
+    assert h100 == {"kernel": "TmaConfig", **dataclasses.asdict(gemm.choose_config(1024, 28672, 4096, 132, cc=90))}
 
 
 # ---- JSON schema, speedups, --min-speedup ------------------------------------------------------------

@@ -29,7 +29,8 @@ from qoq.bench.gemm_tuner import tune, tune_large, tune_swap
 from qoq.bench.kernel_timing import LLAMA3_8B_SHAPES, copies_beyond_l2, quantized_weights, time_calls
 from qoq.bench.profile_case import CASES, run_case
 from qoq.runtime_kernels.attention import decode_attention_kv4 as attention_with_cta_shape
-from qoq.runtime_kernels.gemm import GemmConfig, GemvConfig, IntMMConfig, SwapConfig, WgmmaConfig, choose_config
+from qoq.runtime_kernels.gemm import (GemmConfig, GemvConfig, IntMMConfig, SwapConfig, TmaConfig, WgmmaConfig,
+                                      choose_config, choose_tma)
 from qoq.scheme import ops
 from qoq.scheme.progressive import is_per_channel
 
@@ -79,7 +80,9 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                     paths["_intmm"] = IntMMConfig()
                 if cc == 90 and m > 16:
                     paths["_wgmma"] = WgmmaConfig()
-                picked_cfg = choose_config(m, np_, kp, sms, cc=cc)
+                if cc == 90 and m >= 256:
+                    paths["_tma"] = choose_tma(m, kp)
+                picked_cfg = choose_config(m, np_, kp, sms, cc=cc, grouped=not is_per_channel(g))
                 if cc >= 90 and isinstance(picked_cfg, GemvConfig) and picked_cfg.pdl:  # the GEMV without PDL
                     paths["_nopdl"] = replace(picked_cfg, pdl=False)
                 if isinstance(picked_cfg, SwapConfig):  # the swapped-operand kernel with the other pipeline
@@ -87,7 +90,8 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                 for suffix, cfg in paths.items():
                     res[name + suffix] = time_calls([lambda w=w, cfg=cfg, a=a: K.w4a8_linear(a, w, config=cfg)
                                                      for w in lins])
-                picked = {GemmConfig: "_tiled", IntMMConfig: "_intmm", WgmmaConfig: "_wgmma"}.get(type(picked_cfg))
+                picked = {GemmConfig: "_tiled", IntMMConfig: "_intmm", WgmmaConfig: "_wgmma",
+                          TmaConfig: "_tma"}.get(type(picked_cfg))
                 if picked and name + picked in res:
                     res[name] = res[name + picked]
                 else:

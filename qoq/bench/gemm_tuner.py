@@ -150,13 +150,11 @@ LARGE_MS = (1024, 4096, 16384)  # 16384: the engines' prefill chunk
 
 def tune_large(log=print, shapes=LLAMA3_8B_SHAPES, ms=LARGE_MS, groups=(128, -1)) -> list[dict]:
     """The Hopper (sm_90a) large-M kernels (the 128 x 128 wgmma kernel, the swapped-operand kernel with 128-token
-    tiles, the two-pass TMA path in four shapes) against the current dispatch and FP8 `_scaled_mm`, timed in the
-    same process."""
+    tiles, the two-pass TMA path with 128 x 256 and 128 x 128 tiles) against the current dispatch and FP8
+    `_scaled_mm`, timed in the same process."""
     dev = torch.device("cuda")
-    cfgs = {"wgmma": G.WgmmaConfig(), "tma256": G.TmaConfig(256, 4), "tma128": G.TmaConfig(128, 3, 2),
-            "tma256np": G.TmaConfig(256, 4, persistent=False), "tma128np": G.TmaConfig(128, 3, 2, persistent=False),
-            "tma256c2": G.TmaConfig(256, 4, cluster=2), "tma128c2": G.TmaConfig(128, 3, 2, cluster=2),
-            "tma256c2np": G.TmaConfig(256, 4, cluster=2, persistent=False)}
+    cfgs = {"wgmma": G.WgmmaConfig(), "swap128": G.SwapConfig(128), "tma256": G.TmaConfig(256, 4),
+            "tma128": G.TmaConfig(128, 3, 2)}
     K.precompile(sorted({G.variant_for(cfg, g != -1)[0] for cfg in cfgs.values() for g in groups},
                         key=lambda v: v.name))
     rows = []

@@ -88,8 +88,6 @@ class TmaConfig:
     bn: int = 256
     stages: int = 4
     min_blocks: int = 1
-    cluster: int = 1  # 2: pairs of CTAs (adjacent row tiles) share the weight tile by TMA multicast
-    persistent: bool = True  # False: one CTA (cluster) per tile (pair)
 
 
 PDL_ENABLED = os.environ.get("QOQ_PDL", "1") != "0"  # QOQ_PDL=0: never use programmatic dependent launch
@@ -98,21 +96,26 @@ GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-6
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
 SWAP_MIN_M, SWAP_MID_M = 17, 128  # sm_90a swapped-operand kernel ranges (_swap_wins)
 WGMMA_MIN_M = 33  # (M <= 64 reaches it only with >= 4 channel groups per SM; below that the GEMV wins)
+# sm_90a two-pass TMA path from here (grouped / per-channel weights): measured on H100 (`--tune-large`, NOTES.md)
+TMA_MIN_M, TMA_MIN_M_PER_CHANNEL = 1024, 2048
 
 DEQUANT_G = B.Variant("gemm.cu", "qoq_w4_dequant_g")
 DEQUANT_C = B.Variant("gemm.cu", "qoq_w4_dequant_c")
 EPILOGUE = B.Variant("gemm.cu", "qoq_w4a8_epilogue")
 
 
-def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
-                  cc: int = 80) -> GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig:
+def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True, cc: int = 80,
+                  grouped: bool = True) -> GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig | SwapConfig | TmaConfig:
     """Measured on H100 (`python -m qoq.bench.gemm --tune`, NOTES.md). M <= 32 (M <= 64 with few channel groups):
     the weight-streaming GEMV, its shape by how many 32-channel groups there are per SM and by K. On sm_90 above
-    that: the wgmma kernel when its 128 x 128 tiles give at least half the SMs a CTA (it has no split-K).
+    that: the two-pass TMA path from M = 1024 (2048 for per-channel weights, whose fused kernels dequantize more
+    cheaply), the wgmma kernel when its 128 x 128 tiles give at least half the SMs a CTA (it has no split-K).
     Otherwise from M = 256 the dequant + `_int_mm` path, below it the largest tiled-kernel tile that still gives
     every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound). `cc`: compute
     capability (90 enables the thread-block-cluster split-K and the sm_90a wgmma kernel). `intmm=False`: the
     tiled mma.sync kernel only (benchmark baseline)."""
+    if intmm and cc == 90 and m >= (TMA_MIN_M if grouped else TMA_MIN_M_PER_CHANNEL):
+        return choose_tma(m, kp)
     if intmm and cc == 90 and _swap_wins(m, kp // 32):
         return _choose_swap(m, np_, kp // 32, sms)
     if m <= GEMV_MAX_M or (m <= GEMV_MID_M and np_ // 32 < 4 * sms):
@@ -127,6 +130,12 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True,
     if m >= 64 and ntile(64, 128) >= sms:
         return GemmConfig(64, 128, 2, 2, stages=4, min_blocks=2)
     return GemmConfig(32, 128, 1, 4, stages=4, min_blocks=3)
+
+
+def choose_tma(m: int, kp: int) -> TmaConfig:
+    """128 x 256 tiles (one CTA per SM) on long K from M = 2048, else 128 x 128 (two CTAs per SM, which overlap each
+    other's epilogue and ring fill). Measured on H100 (NOTES.md)."""
+    return TmaConfig(256, 4) if kp >= 8192 and m >= 2048 else TmaConfig(128, 3, 2)
 
 
 def _swap_wins(m: int, kt: int) -> bool:
@@ -203,8 +212,7 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
     if isinstance(cfg, WgmmaConfig):
         return B.wgmma_variant(cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.stages)
     if isinstance(cfg, TmaConfig):
-        return (B.wgmma_tma_variant(cfg.bn, cfg.stages, cfg.min_blocks, cfg.cluster),
-                B.wgmma_tma_smem_bytes(cfg.bn, cfg.stages))
+        return B.wgmma_tma_variant(cfg.bn, cfg.stages, cfg.min_blocks), B.wgmma_tma_smem_bytes(cfg.bn, cfg.stages)
     if isinstance(cfg, SwapConfig):
         return (B.wgmma_swap_variant(cfg.bt, cfg.stages, cfg.pf, cfg.cluster, grouped, cfg.min_blocks, cfg.overlap),
                 B.wgmma_swap_smem_bytes(cfg.bt, cfg.stages, cfg.cluster))
@@ -305,7 +313,7 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     device = dev.index if dev.index is not None else torch.cuda.current_device()
     info = B.device_info(device)
     sms = info["sms"]
-    cfg = config or choose_config(m, np_, kp, sms, cc=info["cc"])
+    cfg = config or choose_config(m, np_, kp, sms, cc=info["cc"], grouped=grouped)
     if isinstance(cfg, IntMMConfig):
         _intmm_linear(cfg, q, qw, s2, z2, log2g, grouped, s1, szeros, bias, bias_dt, scale, qsum, out, out_dtype,
                       m, n, np_, kp, device)
@@ -365,20 +373,20 @@ def _tma_linear(cfg: TmaConfig, q, qw, s2, z2, log2g, grouped, s1, szeros, bias,
                 out_dtype, m, n, np_, kp, device, info) -> None:
     if info["cc"] != 90:
         raise ValueError(f"TmaConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
-    if cfg.bn not in (128, 256) or cfg.stages < 2 or cfg.cluster not in (1, 2):
-        raise ValueError(f"{cfg}: bn must be 128 or 256, stages >= 2 and cluster 1 or 2")
+    if cfg.bn not in (128, 256) or cfg.stages < 2:
+        raise ValueError(f"{cfg}: bn must be 128 or 256 and stages >= 2")
     variant, smem = variant_for(cfg, grouped)
     if smem > info["smem_optin"]:
         raise ValueError(f"{cfg}: its ring ({smem} bytes) does not fit shared memory ({info['smem_optin']})")
     w8 = _workspace(device, "w8_scratch", np_ * kp, torch.int8)[: np_ * kp].view(np_, kp)
     _dequant(qw, s2, z2, log2g, grouped, w8, kp, device)
     s1, szeros = _aligned4(s1), _aligned4(szeros)  # the epilogue reads channel-scale pairs as 32-bit words
-    maps = B.tensor_map_2d(q, 128), B.tensor_map_2d(w8, cfg.bn // cfg.cluster)  # (each CTA loads 1/cluster of W)
-    args = (*maps, B.ptr(scale), B.ptr(qsum), B.ptr(s1), B.ptr(szeros), B.ptr(bias), B.i32(bias_dt), B.ptr(out),
-            B.i32(DTYPE_CODES[out_dtype]), B.i32(m), B.i32(n), B.i32(np_), B.i32(kp))
-    units = math.ceil(math.ceil(m / 128) / cfg.cluster) * math.ceil(np_ / cfg.bn)
-    clusters = min(units, B.max_active_clusters(variant, device, cfg.cluster, 288, smem)) if cfg.persistent else units
-    B.launch(variant, device, (clusters * cfg.cluster, 1, 1), (288, 1, 1), args, smem)
+    args = (B.tensor_map_2d(q, 128), B.tensor_map_2d(w8, cfg.bn), B.ptr(scale), B.ptr(qsum), B.ptr(s1),
+            B.ptr(szeros), B.ptr(bias), B.i32(bias_dt), B.ptr(out), B.i32(DTYPE_CODES[out_dtype]), B.i32(m),
+            B.i32(n), B.i32(np_), B.i32(kp))
+    tiles = math.ceil(m / 128) * math.ceil(np_ / cfg.bn)
+    grid = (min(tiles, B.resident_ctas(variant, device, 288, smem)), 1, 1)
+    B.launch(variant, device, grid, (288, 1, 1), args, smem)
 
 
 def _swap_k_tiles(kt: int, cluster: int) -> int:
@@ -459,7 +467,7 @@ DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2
     GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8)
     for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
-    WgmmaConfig(), TmaConfig()) + tuple(
+    WgmmaConfig(), TmaConfig(), TmaConfig(128, 3, 2)) + tuple(
     SwapConfig(bt, cluster=cl) for bt in (32, 64, 128) for cl in (1, 2, 4, 8))
 
 

@@ -620,13 +620,11 @@ QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
 // the layout wg_desc describes; rows and k past the tensor are zero-filled), issued by one producer thread (warp
 // 8) into a STAGES-deep ring. Two consumer warpgroups own 64 token rows each of a 128 x BN tile (BN / 128
 // m64n128k32 wgmmas per k32 step) and keep one wgmma group in flight.
-// Persistent: the grid is at most one wave of CTAs, each looping over units of work; the ring runs on across
-// units, so the producer loads the next unit while the consumers run this one's epilogue.
-// Clusters of CL CTAs (CL = 2: adjacent row tiles, one column tile) share the weight tile: each CTA loads 1/CL of
-// it and multicasts it to every CTA of the cluster, so a CTA pulls A + B/CL bytes from L2 per stage, not A + B.
-// `full[s]` completes when a stage's bytes have landed (the local producer's arrival with expect_tx, and the
-// bytes of every CTA's copies); `empty[s]` takes one arrival per consumer warp of every CTA of the cluster once its
-// wgmmas that read stage s completed (a peer's copies write into this CTA's stage s too).
+// `full[s]` completes when a stage's bytes have landed (the producer's arrival with expect_tx, then the bytes);
+// `empty[s]` takes one arrival per consumer warp once its wgmmas that read stage s completed.
+// Persistent: the grid is at most one wave of CTAs, each looping over tiles in the grouped raster of
+// wgmma_gemm_body; the ring runs on across tiles, so the producer loads the next tile while the consumers run this
+// one's epilogue.
 struct __align__(64) TmaMap { u64 v[16]; };  // CUtensorMap: opaque, 128 bytes, 64-byte aligned
 
 #define TMA_GEMM_PARAMS                                                                                          \
@@ -641,20 +639,14 @@ struct __align__(64) TmaMap { u64 v[16]; };  // CUtensorMap: opaque, 128 bytes, 
       void *__restrict__ out, int out_dt, int M, int N, int Np, int Kp
 
 #if defined(QOQ_WGMMA)
-// mbarriers: init with the arrivals a phase takes; arrive (release; with expect_tx also the bytes the bulk copies
-// will complete on it; `_remote`: on the barrier at the same offset in cluster CTA `rank`); wait until the phase
-// of a parity has completed (acquire)
+// mbarriers (CTA scope): init with the arrivals a phase takes; arrive (release; with expect_tx also the bytes the
+// bulk copies will complete on it); wait until the phase of a parity has completed (acquire)
 QOQ_DEV void mbar_init(u32 bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
 }
 QOQ_DEV void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
 QOQ_DEV void mbar_arrive(u32 bar) {
   asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-QOQ_DEV void mbar_arrive_remote(u32 bar, u32 rank) {
-  u32 remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
 }
 QOQ_DEV void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
@@ -665,89 +657,69 @@ QOQ_DEV void mbar_wait(u32 bar, u32 parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
-// 2-D tensor-map box at (c0 = byte column, c1 = row) into this CTA's shared memory (`mask`: into every CTA of the
-// cluster in the mask, at the same offset), completing on `bar` (in each destination CTA)
+// 2-D tensor-map box at (c0 = byte column, c1 = row) into this CTA's shared memory, completing on `bar`
 QOQ_DEV void tma_load_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
                :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar) : "memory");
 }
-QOQ_DEV void tma_load_2d_multicast(u32 dst, const TmaMap* map, int c0, int c1, u32 bar, u16 mask) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-               " [%0], [%1, {%2, %3}], [%4], %5;"
-               :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar), "h"(mask) : "memory");
-}
-// every thread of the cluster's CTAs (no .aligned: the producer warp arrives diverged)
-QOQ_DEV void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
-QOQ_DEV void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
 #endif
 
-template <int BN, int STAGES, int CL>
+template <int BN, int STAGES>
 QOQ_DEV void wgmma_tma_body(TMA_BODY_PARAMS) {
 #if defined(QOQ_WGMMA)
   constexpr int WG_GROUP_M = 8, BM = 128, BK = 128, KTS = BK / 32, NH = BN / 128;
-  constexpr int A_BYTES = BM * BK, STAGE = A_BYTES + BN * BK, W_ROWS = BN / CL;
-  static_assert(BN % 128 == 0 && BN <= 256 && STAGES >= 2 && (CL == 1 || CL == 2), "TMA GEMM tile");
+  constexpr int A_BYTES = BM * BK, STAGE = A_BYTES + BN * BK;
+  static_assert(BN % 128 == 0 && BN <= 256 && STAGES >= 2, "TMA GEMM tile");
   extern __shared__ uint4 dsmem[];
   __shared__ __align__(8) u64 bars[2 * STAGES];  // full[s] = bars[s], empty[s] = bars[STAGES + s]
   const u32 sraw = smem_u32(dsmem), sbase = (sraw + 1023u) & ~1023u;  // swizzle atoms need 1024-byte alignment
   const u32 full0 = smem_u32(&bars[0]), empty0 = smem_u32(&bars[STAGES]);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int rank = CL > 1 ? (int)cluster_rank() : 0;
-  // a unit: CL adjacent row tiles x one column tile, in groups of WG_GROUP_M row-tile groups (L2 reuse)
-  const int mgroups = ((M + BM - 1) / BM + CL - 1) / CL, ntiles = (Np + BN - 1) / BN, units = mgroups * ntiles;
+  const int mtiles = (M + BM - 1) / BM, ntiles = (Np + BN - 1) / BN, tiles = mtiles * ntiles;
   const int per_group = WG_GROUP_M * ntiles;
-  auto unit_tile = [&](int u, int& m0, int& n0) {
-    const int first = (u / per_group) * WG_GROUP_M, gm = min(mgroups - first, WG_GROUP_M), in = u % per_group;
-    m0 = ((first + in % gm) * CL + rank) * BM;
+  auto tile_origin = [&](int u, int& m0, int& n0) {  // grouped raster: every column tile of a group in turn
+    const int first = (u / per_group) * WG_GROUP_M, gm = min(mtiles - first, WG_GROUP_M), in = u % per_group;
+    m0 = (first + in % gm) * BM;
     n0 = (in / gm) * BN;
   };
   const int nst = (Kp + BK - 1) / BK;
-  const int unit_step = gridDim.x / CL;
 
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full0 + 8 * s, 1);
-      mbar_init(empty0 + 8 * s, 8 * CL);
+      mbar_init(empty0 + 8 * s, 8);
     }
     mbar_init_fence();
   }
-  if (CL > 1) cluster_sync();  // the peers' barriers are initialized before any copy or arrival reaches them
-  else __syncthreads();
+  __syncthreads();
 
   if (warp == 8) {  // ---- producer: one thread issues every copy
     if (lane == 0) {
-      int it = 0;  // stages issued so far (the ring runs on across units)
-      for (int u = blockIdx.x / CL; u < units; u += unit_step) {
+      int it = 0;  // stages issued so far (the ring runs on across tiles)
+      for (int u = blockIdx.x; u < tiles; u += gridDim.x) {
         int m0, n0;
-        unit_tile(u, m0, n0);
+        tile_origin(u, m0, n0);
         for (int t = 0; t < nst; ++t, ++it) {
           const int st = it % STAGES;
           if (it >= STAGES) mbar_wait(empty0 + 8 * st, (u32)((it / STAGES - 1) & 1));
           const u32 dst = sbase + st * STAGE, bar = full0 + 8 * st;
           mbar_arrive_expect_tx(bar, (u32)STAGE);  // out-of-bounds parts of a box count too (zero-filled)
           tma_load_2d(dst, &tma_a, t * BK, m0, bar);
-          if (CL == 1) tma_load_2d(dst + A_BYTES, &tma_w, t * BK, n0, bar);
-          else tma_load_2d_multicast(dst + A_BYTES + rank * W_ROWS * BK, &tma_w, t * BK, n0 + rank * W_ROWS, bar,
-                                     (u16)((1 << CL) - 1));
+          tma_load_2d(dst + A_BYTES, &tma_w, t * BK, n0, bar);
         }
       }
     }
-    __syncwarp();
   } else {  // ---- consumers: warpgroup wg owns token rows m0 + 64 wg .. +63
     const int wg = warp >> 2;
     auto release = [&](int st) {  // this warp's wgmmas that read stage st completed
-      if (lane != 0) return;
-      if (CL == 1) mbar_arrive(empty0 + 8 * st);
-      else
-#pragma unroll
-        for (int r = 0; r < CL; ++r) mbar_arrive_remote(empty0 + 8 * st, (u32)r);
+      if (lane == 0) mbar_arrive(empty0 + 8 * st);
     };
     const EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
     int it = 0;
-    for (int u = blockIdx.x / CL; u < units; u += unit_step) {
+    for (int u = blockIdx.x; u < tiles; u += gridDim.x) {
       int m0, n0;
-      unit_tile(u, m0, n0);
+      tile_origin(u, m0, n0);
       int acc[NH][64];
 #pragma unroll
       for (int h = 0; h < NH; ++h)
@@ -784,10 +756,6 @@ QOQ_DEV void wgmma_tma_body(TMA_BODY_PARAMS) {
         else wgmma_epilogue<128, DT_I32>(e, acc[h], row0, col0, M);
       }
     }
-  }
-  if (CL > 1) {  // no CTA leaves while a peer may still arrive on its barriers
-    cluster_arrive_relaxed();
-    cluster_wait();
   }
 #else
   __trap();  // sm_90a only (gemm.py launches it on compute capability 9.0)
