@@ -108,15 +108,16 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
 
 
 def test_choose_config_large_m_paths():
-    """sm_90: the two-pass TMA path from M = 1024 (2048 per-channel); below it the swapped-operand kernel at
-    M = 17-128 and on long K above 128, the wgmma kernel above 128 once its 128 x 128 tiles cover half the SMs;
-    else (and below sm_90) dequant + _int_mm from M = 256, the tiled kernel below that."""
+    """sm_90: the two-pass TMA path from M = 512 (1024 on long K, 2048 per-channel); below it the swapped-operand
+    kernel at M = 17-128 and on long K above 128, the wgmma kernel above 128 once its 128 x 128 tiles cover half
+    the SMs; else (and below sm_90) dequant + _int_mm from M = 256, the tiled kernel below that."""
     from qoq.runtime_kernels import gemm
 
     W, I, T, S, X = gemm.WgmmaConfig, gemm.IntMMConfig, gemm.GemmConfig, gemm.SwapConfig, gemm.TmaConfig
     for m, n, k, cc, kind in [(4096, 4096, 4096, 90, X), (1024, 28672, 4096, 90, X), (256, 6144, 4096, 90, W),
-                              (1024, 4096, 14336, 90, X), (1000, 6144, 4096, 90, W),
-                              (512, 28672, 4096, 90, W), (256, 4096, 4096, 90, I), (65, 4096, 14336, 90, S),
+                              (1024, 4096, 14336, 90, X), (500, 6144, 4096, 90, W),
+                              (512, 28672, 4096, 90, X), (511, 28672, 4096, 90, W), (256, 4096, 4096, 90, I),
+                              (65, 4096, 14336, 90, S),
                               (256, 4096, 14336, 90, S), (33, 28672, 4096, 90, S), (100, 4096, 4096, 90, S),
                               (16, 4096, 4096, 90, gemm.GemvConfig), (4096, 4096, 4096, 80, I),
                               (4096, 4096, 4096, 89, I), (100, 4096, 4096, 80, T), (64, 28672, 4096, 89, T)]:
@@ -134,6 +135,8 @@ def test_choose_config_large_m_paths():
     assert gemm.choose_config(1024, 4096, 14336, 132, cc=90, grouped=False) == S(128, cluster=1)
     assert gemm.choose_config(2048, 4096, 14336, 132, cc=90, grouped=False) == X(256, 4)
     assert isinstance(gemm.choose_config(16384, 4096, 4096, 132, cc=89), I)
+    assert gemm.choose_config(512, 4096, 14336, 132, cc=90) == S(128, cluster=2)
+    assert isinstance(gemm.choose_config(1024, 4096, 4096, 132, cc=90, grouped=False), W)
     assert gemm.choose_config(40, 128, 256, 132, cc=90).cluster == 1  # 8 k-tiles: no split
     assert gemm.choose_config(32, 4096, 4096, 132, cc=80) == gemm.GemvConfig(4, warps=8, u=2, pdl=False)
     assert gemm.choose_config(17, 28672, 4096, 132, cc=80) == gemm.GemvConfig(3, nt=2, warps=4, u=1, pdl=False)
