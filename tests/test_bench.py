@@ -185,8 +185,9 @@ KERNEL_ROWS = [
     {"bench": "gemm", "n": 4096, "k": 4096, "m": 1, "impl": "w4a8_g128", "us": 10.0, "vs_fp16": 4.0, "vs_int8": None},
     {"bench": "gemm", "n": 4096, "k": 4096, "m": 1024, "impl": "fp16", "us": 50.0, "vs_fp16": 1.0, "vs_int8": 0.6},
     {"bench": "gemm", "n": 4096, "k": 4096, "m": 1024, "impl": "int8", "us": 30.0, "vs_fp16": 1.67, "vs_int8": 1.0},
+    {"bench": "gemm", "n": 4096, "k": 4096, "m": 1024, "impl": "fp8", "us": 25.0, "vs_fp16": 2.0, "vs_int8": 1.2},
     {"bench": "gemm", "n": 4096, "k": 4096, "m": 1024, "impl": "w4a8_g128", "us": 33.0, "vs_fp16": 1.52,
-     "vs_int8": 0.91},
+     "vs_int8": 0.91, "vs_fp8": 0.76},
     {"bench": "attention", "batch": 64, "ctx": 1024, "impl": "kv4", "us": 60.0, "vs_sdpa": 2.5},
     {"bench": "rows", "kernel": "silu_mul_quant", "m": 1, "k": 14336, "cluster": 8, "us_one_cta": 7.2, "us": 2.4,
      "vs_one_cta": 3.0},
@@ -256,6 +257,7 @@ def test_table_summary_and_plot(tmp_path):
     console.print(report.kernels_table(rep))
     text = console.export_text()
     assert "4096x4096" in text and "0.91x" in text and "4.00x" in text and "2.50x" in text and "3.00x" in text
+    assert "g128 vs fp8" in text and "0.76x" in text
     assert "silu_mul_quant M=1" in text and "cluster 8" in text
     assert "qoq-w4a8kv4" in text and "900 (max)" in text and "out of memory" in text and "6,000" in text
     lines = report.summary_lines(rep)

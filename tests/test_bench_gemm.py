@@ -80,3 +80,31 @@ def test_decode_profile_rows_are_kernel_families():
     assert short_name("void at::native::vectorized_elementwise_kernel<4, Foo>(int, Foo)") == \
         "void at::native::vectorized_elementwise_kernel"
     assert short_name("qoq_rowquant_d0_m3_c1_t512") == "qoq_rowquant_d0_m3_c1_t512"
+
+
+def _gemm_row(m, impl, us, fp8=None, fp16=40.0, int8=None):
+    ratio = lambda base: None if base is None else round(base / us, 2)  # noqa: E731
+    return {"bench": "gemm", "n": 4096, "k": 4096, "m": m, "impl": impl, "us": us, "vs_fp16": ratio(fp16),
+            "vs_int8": ratio(int8), "vs_fp8": ratio(fp8)}
+
+
+def test_summary_reports_the_fp8_targets_where_fp8_was_timed():
+    rows = [_gemm_row(1, "w4a8_g128", 5.0, fp8=8.5), _gemm_row(16, "w4a8_g128", 7.0, fp8=8.4),
+            _gemm_row(64, "w4a8_g128", 15.0, fp8=9.0, int8=11.0),
+            _gemm_row(4096, "w4a8_g128", 134.0, fp8=100.0, int8=170.0),
+            {"bench": "attention", "impl": "kv4", "vs_sdpa": 2.1}]
+    text = gemm.summary(rows)
+    assert "w4a8_g128: M<=16 min 1.20x FP8 _scaled_mm (target 1.5x)" in text
+    assert "w4a8_g128: M=32-256 min 0.60x FP8 _scaled_mm (target 1.3x)" in text
+    assert "w4a8_g128: M>=1024 min 0.75x FP8 _scaled_mm (target 0.85x)" in text
+    assert "M>=1024 min 1.27x _int_mm" in text and "kv4 decode attention: 2.10x" in text
+    no_fp8 = gemm.summary([_gemm_row(1, "w4a8_pc", 5.0)])  # (not Hopper: no FP8 rows)
+    assert "FP8" not in no_fp8 and "M<=16 min 8.00x cuBLAS FP16" in no_fp8
+
+
+def test_gemm_line_shows_every_ratio_and_the_tma_path():
+    res = {"fp16": {"us": 40.0}, "fp8": {"us": 20.0}, "w4a8_g128": {"us": 10.0}, "w4a8_pc": {"us": 8.0},
+           "w4a8_g128_tma": {"us": 10.0}, "w4a8_pc_tma": {"us": 9.0}}
+    line = gemm._gemm_line(4096, 4096, 1024, res)
+    assert "vs fp8/fp16/int8: 2.00x/4.00x/   -   2.50x/5.00x/   - " in line
+    assert "[tma: g128      10.0 pc       9.0]" in line

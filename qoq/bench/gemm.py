@@ -97,13 +97,13 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                 else:
                     res[name] = time_calls([lambda w=w, a=a: K.w4a8_linear(a, w) for w in lins])
             flops = 2.0 * m * n * k
-            base16, base8 = res["fp16"]["us"], res.get("int8", {}).get("us")
+            base16, base8, basef8 = res["fp16"]["us"], res.get("int8", {}).get("us"), res.get("fp8", {}).get("us")
             for impl, r in res.items():
                 row = {"bench": "gemm", "n": n, "k": k, "m": m, "impl": impl, "us": round(r["us"], 2),
                        "us_min": round(r["us_min"], 2), "us_max": round(r["us_max"], 2),
                        "tops": round(flops / r["us"] / 1e6, 1),
                        "vs_fp16": round(base16 / r["us"], 2), "vs_int8": round(base8 / r["us"], 2) if base8 else None,
-                       "timing": r["mode"]}
+                       "vs_fp8": round(basef8 / r["us"], 2) if basef8 else None, "timing": r["mode"]}
                 if impl.startswith("w4a8"):
                     row["weight_gbps"] = round((n * k / 2) / r["us"] / 1e3, 1)
                 rows.append(row)
@@ -117,19 +117,20 @@ def _gemm_line(n, k, m, res):
     def f(name):
         r = res.get(name)
         return f"{r['us']:9.1f}" if r else "        -"
-    b16 = res["fp16"]["us"]
-    b8 = res.get("int8", {}).get("us")
-    ratios = []
-    for name in ("w4a8_g128", "w4a8_pc"):
-        if name in res:
-            ratios.append(f"{b16 / res[name]['us']:5.2f}x" + (f"/{b8 / res[name]['us']:4.2f}x" if b8 else "/   - "))
-    paths = [p for p in ("tiled", "intmm", "wgmma", "nopdl", "swapalt") if f"w4a8_g128_{p}" in res]
+
+    def ratio(base, name):
+        b = res.get(base, {}).get("us")
+        return f"{b / res[name]['us']:4.2f}x" if b else "   - "
+
+    ratios = ["/".join(ratio(b, name) for b in ("fp8", "fp16", "int8")) for name in ("w4a8_g128", "w4a8_pc")
+              if name in res]
+    paths = [p for p in ("tiled", "intmm", "wgmma", "tma", "nopdl", "swapalt") if f"w4a8_g128_{p}" in res]
     extra = ""
     if paths:
         extra = (f"   [{'/'.join(paths)}: g128 " + " ".join(f(f"w4a8_g128_{p}") for p in paths)
                  + " pc " + " ".join(f(f"w4a8_pc_{p}") for p in paths) + "]")
     return (f"{n:6d}x{k:<6d} M={m:<5d} fp16 {f('fp16')} int8 {f('int8')} fp8 {f('fp8')} "
-            f"g128 {f('w4a8_g128')} pc {f('w4a8_pc')}   vs fp16/int8: {'  '.join(ratios)}{extra}")
+            f"g128 {f('w4a8_g128')} pc {f('w4a8_pc')}   vs fp8/fp16/int8: {'  '.join(ratios)}{extra}")
 
 
 def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8, d: int = 128, log=print,
@@ -235,16 +236,27 @@ def run(quick: bool = False, log=print, tune_attention: bool = False) -> list[di
     return rows
 
 
+# (M range, target): FP8 W8A8 is the baseline users compare with on Hopper
+FP8_TARGETS = (((1, 16), 1.5), ((32, 256), 1.3), ((1024, 1 << 30), 0.85))
+
+
 def summary(rows: list[dict]) -> str:
-    """The kernel targets: >=3x cuBLAS FP16 at M<=16, >=0.8x _int_mm at M>=1024, KV4 attention >=2x SDPA."""
+    """The kernel targets: >=3x cuBLAS FP16 at M<=16, >=0.8x _int_mm at M>=1024, KV4 attention >=2x SDPA; where FP8
+    `_scaled_mm` was measured (Hopper), also >=1.5x FP8 at M<=16, >=1.3x at M=32-256, >=0.85x at M>=1024."""
     out = []
     for impl in ("w4a8_g128", "w4a8_pc"):
-        small = [r["vs_fp16"] for r in rows if r.get("impl") == impl and r["bench"] == "gemm" and r["m"] <= 16]
-        big = [r["vs_int8"] for r in rows if r.get("impl") == impl and r["bench"] == "gemm" and r["m"] >= 1024]
+        mine = [r for r in rows if r.get("impl") == impl and r["bench"] == "gemm"]
+        small = [r["vs_fp16"] for r in mine if r["m"] <= 16]
+        big = [r["vs_int8"] for r in mine if r["m"] >= 1024 and r.get("vs_int8") is not None]
         if small:
             out.append(f"{impl}: M<=16 min {min(small):.2f}x cuBLAS FP16 (target 3x)")
         if big:
             out.append(f"{impl}: M>=1024 min {min(big):.2f}x _int_mm (target 0.8x)")
+        for (lo, hi), target in FP8_TARGETS:
+            vs = [r["vs_fp8"] for r in mine if lo <= r["m"] <= hi and r.get("vs_fp8") is not None]
+            if vs:
+                span = f"M>={lo}" if hi >= 1 << 30 else f"M={lo}-{hi}" if lo > 1 else f"M<={hi}"
+                out.append(f"{impl}: {span} min {min(vs):.2f}x FP8 _scaled_mm (target {target}x)")
     att = [r["vs_sdpa"] for r in rows if r["bench"] == "attention" and r["impl"] == "kv4"]
     if att:
         out.append(f"kv4 decode attention: {att[0]:.2f}x SDPA fp16 (target 2x)")

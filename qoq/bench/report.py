@@ -258,14 +258,15 @@ def kernels_table(report: dict, max_rows: int = 60):
         return table
     impls = [i for i in GEMM_IMPLS if any(r["impl"] == i for r in gemm)]
     ours = [i for i in impls if i.startswith("w4a8")]
+    ratios = ["vs_fp8"] * any(r.get("vs_fp8") is not None for r in gemm) + ["vs_fp16", "vs_int8"]
     table = Table(title=f"kernels on {report['device']['name']}: µs per call (qoq.bench.gemm)")
     table.add_column("N x K", justify="left")
     table.add_column("M", justify="right")
     for i in impls:
         table.add_column(i, justify="right")
     for i in ours:
-        table.add_column(f"{i.removeprefix('w4a8_')} vs fp16", justify="right")
-        table.add_column(f"{i.removeprefix('w4a8_')} vs int8", justify="right")
+        for ratio in ratios:
+            table.add_column(f"{i.removeprefix('w4a8_')} {ratio.replace('_', ' ')}", justify="right")
     keys = list(dict.fromkeys((r["n"], r["k"], r["m"]) for r in gemm))
     by = {(r["n"], r["k"], r["m"], r["impl"]): r for r in gemm}
     for n, k, m in keys[:max_rows]:
@@ -273,19 +274,20 @@ def kernels_table(report: dict, max_rows: int = 60):
         cells += [_num(by.get((n, k, m, i), {}).get("us"), 1) for i in impls]
         for i in ours:
             r = by.get((n, k, m, i), {})
-            cells += [_ratio(r.get("vs_fp16")), _ratio(r.get("vs_int8"))]
+            cells += [_ratio(r.get(ratio)) for ratio in ratios]
         table.add_row(*cells)
+    width = 2 + len(impls) + len(ratios) * len(ours)
     for r in rows:
         if r.get("bench") == "attention":
             label = f"attention B={r.get('batch')} ctx={r.get('ctx')}"
             cells = [label, r.get("impl", ""), _num(r.get("us"), 1)] + [""] * (len(impls) - 1)
-            cells += [_ratio(r.get("vs_sdpa")), ""] + [""] * (2 * len(ours) - 2)
-            table.add_row(*cells[: 2 + len(impls) + 2 * len(ours)])
+            cells += [_ratio(r.get("vs_sdpa"))] + [""] * width
+            table.add_row(*cells[:width])
         elif r.get("bench") == "rows":  # ratio: against one CTA per row
             label = f"{r.get('kernel')} M={r.get('m')} K={r.get('k')}"
             cells = [label, f"cluster {r.get('cluster')}", _num(r.get("us"), 1)] + [""] * (len(impls) - 1)
-            cells += [_ratio(r.get("vs_one_cta")), ""] + [""] * (2 * len(ours) - 2)
-            table.add_row(*cells[: 2 + len(impls) + 2 * len(ours)])
+            cells += [_ratio(r.get("vs_one_cta"))] + [""] * width
+            table.add_row(*cells[:width])
     return table
 
 
