@@ -99,6 +99,7 @@ WGMMA_MIN_M = 33  # (M <= 64 reaches it only with >= 4 channel groups per SM; be
 # sm_90a two-pass TMA path from here: grouped weights on short K (< 8192) / on long K / per-channel weights;
 # measured on H100 (`--tune-large`, NOTES.md)
 TMA_MIN_M_SHORT_K, TMA_MIN_M_LONG_K, TMA_MIN_M_PER_CHANNEL = 512, 1024, 2048
+TMA_LONG_K = 8192  # Kp from which K counts as long (Llama-3-8B: down_proj's 14336)
 
 DEQUANT_G = B.Variant("gemm.cu", "qoq_w4_dequant_g")
 DEQUANT_C = B.Variant("gemm.cu", "qoq_w4_dequant_c")
@@ -137,13 +138,13 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True, cc: i
 def _tma_wins(m: int, kp: int, grouped: bool) -> bool:
     if not grouped:
         return m >= TMA_MIN_M_PER_CHANNEL
-    return m >= (TMA_MIN_M_SHORT_K if kp < 8192 else TMA_MIN_M_LONG_K)
+    return m >= (TMA_MIN_M_LONG_K if kp >= TMA_LONG_K else TMA_MIN_M_SHORT_K)
 
 
 def choose_tma(m: int, kp: int) -> TmaConfig:
     """128 x 256 tiles (one CTA per SM) on long K from M = 2048, else 128 x 128 (two CTAs per SM, which overlap each
     other's epilogue and ring fill). Measured on H100 (NOTES.md)."""
-    return TmaConfig(256, 4) if kp >= 8192 and m >= 2048 else TmaConfig(128, 3, 2)
+    return TmaConfig(256, 4) if kp >= TMA_LONG_K and m >= 2048 else TmaConfig(128, 3, 2)
 
 
 def _swap_wins(m: int, kt: int) -> bool:
