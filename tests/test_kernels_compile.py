@@ -147,11 +147,13 @@ def test_choose_config_large_m_paths():
     assert gemm.choose_config(16, 6144, 4096, 132, cc=89).cluster == 1
 
 
-def test_attention_takes_four_warps_only_where_every_cta_fits_at_once():
-    from qoq.runtime_kernels.attention import choose_warps
+def test_attention_takes_the_most_warps_with_which_every_cta_fits_at_once():
+    from qoq.runtime_kernels.attention import attn_ctas_per_sm, choose_warps
 
+    assert [attn_ctas_per_sm(128, w) for w in (4, 3, 2)] == [3, 4, 6]
     assert choose_warps(16, 8, 4096, 132, 128) == 4  # 384 CTAs, 3 per SM fit
-    assert choose_warps(64, 8, 1024, 132, 128) == 2  # 512 CTAs
+    assert choose_warps(64, 8, 1024, 132, 128) == 3  # 512 CTAs: 4 per SM fit with 3 warps
+    assert choose_warps(128, 8, 1024, 132, 128) == 2  # 1024 CTAs
     assert choose_warps(1, 8, 1024, 132, 128) == 4
     assert choose_warps(64, 8, 1024, 132, 64) == 4  # D = 64: four fit an SM
     assert choose_warps(16, 8, 4096, 132, 256) == 2  # D = 256: two fit an SM

@@ -455,7 +455,7 @@ def test_rope_kv4_append_exact(dtype, d):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("ratio", [1, 3, 4, 8])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("warps", [None, 2, 4])
+@pytest.mark.parametrize("warps", [None, 2, 3, 4])
 def test_decode_attention_kv4(d, ratio, splits, warps):
     from qoq.runtime_kernels.attention import decode_attention_kv4 as attn
     b, hkv, tmax = 4, 2, 300

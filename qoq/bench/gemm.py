@@ -153,8 +153,8 @@ def bench_attention(batch: int = 64, ctx: int = 1024, hq: int = 32, hkv: int = 8
 
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         planned = plan_splits(batch, hkv, ctx, sms, choose_warps(batch, hkv, ctx, sms, d))[0]
-        cta_shapes = {"kv4_w2": dict(warps=2), "kv4_w4": dict(warps=4), "kv4_w1": dict(warps=1),
-                      "kv4_w2b6": dict(warps=2, min_blocks=6),
+        cta_shapes = {"kv4_w2": dict(warps=2), "kv4_w3": dict(warps=3), "kv4_w4": dict(warps=4),
+                      "kv4_w1": dict(warps=1), "kv4_w2b6": dict(warps=2, min_blocks=6),
                       f"kv4_s{2 * planned}": dict(splits=2 * planned), f"kv4_s{4 * planned}": dict(splits=4 * planned),
                       f"kv4_w4s{2 * planned}": dict(warps=4, splits=2 * planned)}
         for name, kw in cta_shapes.items():

@@ -14,10 +14,18 @@ from .gemm import _workspace
 X_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 ATTN_HEAD_DIMS = (64, 128, 256)
 ATTN_MAX_SPLITS = 1024  # attention.cu's combine kernel
-# 4-warp CTAs where all of them fit on the GPU at once (registers: 110 / 162 / 255 per thread at D = 64 / 128 / 256),
-# else 2-warp CTAs. Measured on H100 (bench --tune-attention): B 16 x 4096 44.4 us with 4 warps vs 55.7 with 2;
-# B 64 x 1024 (512 CTAs, more than fit with 4 warps) 43.3 with 2 vs 45.6 with 4.
-ATTN_W4_CTAS_PER_SM = {64: 4, 128: 3, 256: 2}
+# The most warps per CTA (4, 3, 2) with which every CTA of the plan fits on the GPU at once (one wave; the kernel is
+# latency-bound, so more resident warps help until a second wave costs more). CTAs per SM by registers: 110 / 162 /
+# 255 per thread at D = 64 / 128 / 256, allocated per warp in 256-register units. Measured on H100 (bench
+# --tune-attention): B 16 x 4096 44.5 us with 4 warps vs 54.7 with 3 and 56.1 with 2; B 64 x 1024 (512 CTAs, more
+# than fit with 4 warps) 41.9 with 3 vs 43.2 with 2 and 45.6 with 4; B 256 x 1024 140.2 with 2 vs 151.2 with 3.
+ATTN_REGS = {64: 110, 128: 162, 256: 255}
+ATTN_WARP_CHOICES = (4, 3, 2)
+
+
+def attn_ctas_per_sm(d: int, warps: int) -> int:
+    regs_per_warp = -(-ATTN_REGS[d] * 32 // 256) * 256
+    return 65536 // (regs_per_warp * warps)
 
 
 def attn_stages(d: int) -> int:
@@ -100,9 +108,12 @@ def rope_kv4_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
 
 
 def choose_warps(bsz: int, hkv: int, t_eff: int, sms: int, d: int) -> int:
-    """4 warps per CTA when the 4-warp plan's CTAs all fit on the GPU at once, else 2."""
-    splits, _ = plan_splits(bsz, hkv, t_eff, sms, 4)
-    return 4 if bsz * hkv * splits <= ATTN_W4_CTAS_PER_SM[d] * sms else 2
+    """The most warps per CTA (4, 3, 2) whose plan's CTAs all fit on the GPU at once, else 2."""
+    for warps in ATTN_WARP_CHOICES:
+        splits, _ = plan_splits(bsz, hkv, t_eff, sms, warps)
+        if bsz * hkv * splits <= attn_ctas_per_sm(d, warps) * sms:
+            return warps
+    return 2
 
 
 def plan_splits(bsz: int, hkv: int, t_eff: int, sms: int, warps: int) -> tuple[int, int]:
@@ -167,4 +178,4 @@ def decode_attention_kv4(q: torch.Tensor, cache: KV4Cache, lengths: torch.Tensor
 
 def default_variants() -> list:
     return [B.KV4_APPEND, B.ATTN_COMBINE] + [B.attn_variant(d, w, attn_stages(d)) for d in ATTN_HEAD_DIMS
-                                             for w in (2, 4)]
+                                             for w in ATTN_WARP_CHOICES]
