@@ -108,7 +108,7 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
 
 
 def test_choose_config_large_m_paths():
-    """sm_90: the two-pass TMA path from M = 512 (1024 on long K, 2048 per-channel); below it the swapped-operand
+    """sm_90: the two-pass TMA path from M = 512 (2048 per-channel); below it the swapped-operand
     kernel at M = 17-128 and on long K above 128, the wgmma kernel above 128 once its 128 x 128 tiles cover half
     the SMs; else (and below sm_90) dequant + _int_mm from M = 256, the tiled kernel below that."""
     from qoq.runtime_kernels import gemm
@@ -128,14 +128,15 @@ def test_choose_config_large_m_paths():
     assert gemm.choose_config(32, 6144, 4096, 132, cc=90) == S(32, cluster=4)
     assert gemm.choose_config(64, 4096, 14336, 132, cc=90) == S(64, cluster=4)
     assert gemm.choose_config(128, 28672, 4096, 132, cc=90) == S(128, cluster=1)
-    assert gemm.choose_config(512, 4096, 14336, 132, cc=90) == S(128, cluster=2)
+    assert gemm.choose_config(511, 4096, 14336, 132, cc=90) == S(128, cluster=2)
     assert gemm.choose_config(2048, 4096, 14336, 132, cc=90) == X(256, 4)
-    assert gemm.choose_config(1024, 4096, 14336, 132, cc=90) == X(128, 3, 2)
-    assert gemm.choose_config(16384, 28672, 4096, 132, cc=90) == X(128, 3, 2)
+    assert gemm.choose_config(1024, 4096, 14336, 132, cc=90) == X(128, 6, cluster=2)
+    assert gemm.choose_config(512, 4096, 14336, 132, cc=90) == X(128, 6, cluster=2)
+    assert gemm.choose_config(4096, 28672, 4096, 132, cc=90) == X(128, 3, 2)
+    assert gemm.choose_config(16384, 28672, 4096, 132, cc=90) == X(256, 4, cluster=2)
     assert gemm.choose_config(1024, 4096, 14336, 132, cc=90, grouped=False) == S(128, cluster=1)
     assert gemm.choose_config(2048, 4096, 14336, 132, cc=90, grouped=False) == X(256, 4)
     assert isinstance(gemm.choose_config(16384, 4096, 4096, 132, cc=89), I)
-    assert gemm.choose_config(512, 4096, 14336, 132, cc=90) == S(128, cluster=2)
     assert isinstance(gemm.choose_config(1024, 4096, 4096, 132, cc=90, grouped=False), W)
     assert gemm.choose_config(40, 128, 256, 132, cc=90).cluster == 1  # 8 k-tiles: no split
     assert gemm.choose_config(32, 4096, 4096, 132, cc=80) == gemm.GemvConfig(4, warps=8, u=2, pdl=False)

@@ -325,7 +325,8 @@ def test_w4a8_tma_kernel(group, n, k):
     """sm_90a two-pass path (dequant into the int8 scratch, then the TMA-fed int8 wgmma GEMM): int32 accumulators
     exact and every output dtype bit-equal to ops.py, with M, N (Np not a multiple of the tile) and K (Kp not a
     multiple of 128) tails, rings of 2-4 stages (several passes around the ring at K = 4096) and persistent CTAs
-    with several tiles each (M = 1200 at N = 4096: 160 tiles of 128 x 256 for 132 CTAs)."""
+    with several tiles each (M = 1200 at N = 4096: 160 tiles of 128 x 256 for 132 CTAs), alone or in clusters of two
+    CTAs sharing the weight tile (a cluster's second row tile past M at M <= 128)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("wgmma needs sm_90a")
     from qoq.runtime_kernels.gemm import TmaConfig
@@ -333,7 +334,8 @@ def test_w4a8_tma_kernel(group, n, k):
     for m in (1, 17, 128, 130, 300, 1200):
         a = _act(m, k, w.padded_in, w.per_channel, seed=m + 7)
         ref_acc = _ref_acc(a, w)
-        for cfg in (TmaConfig(256, 4), TmaConfig(128, 3, 2), TmaConfig(256, 2)):
+        for cfg in (TmaConfig(256, 4), TmaConfig(128, 3, 2), TmaConfig(256, 2), TmaConfig(256, 4, cluster=2),
+                    TmaConfig(256, 3, cluster=2), TmaConfig(128, 3, 2, cluster=2), TmaConfig(128, 6, cluster=2)):
             acc = K.w4a8_linear(a, w, out_dtype=torch.int32, config=cfg)
             assert torch.equal(acc, ref_acc), f"{cfg} int32 differs at M={m}: {(acc - ref_acc).abs().max()}"
             for dt in (torch.float16, torch.bfloat16, torch.float32):

@@ -154,7 +154,9 @@ def tune_large(log=print, shapes=LLAMA3_8B_SHAPES, ms=LARGE_MS, groups=(128, -1)
     `_scaled_mm`, timed in the same process."""
     dev = torch.device("cuda")
     cfgs = {"wgmma": G.WgmmaConfig(), "swap128": G.SwapConfig(128), "tma256": G.TmaConfig(256, 4),
-            "tma128": G.TmaConfig(128, 3, 2)}
+            "tma128": G.TmaConfig(128, 3, 2), "tma256c2": G.TmaConfig(256, 4, cluster=2),
+            "tma256s3c2": G.TmaConfig(256, 3, cluster=2), "tma128c2": G.TmaConfig(128, 3, 2, cluster=2),
+            "tma128s6c2": G.TmaConfig(128, 6, cluster=2)}
     K.precompile(sorted({G.variant_for(cfg, g != -1)[0] for cfg in cfgs.values() for g in groups},
                         key=lambda v: v.name))
     rows = []

@@ -100,12 +100,14 @@ def wgmma_smem_bytes(stages: int) -> int:
     return stages * 128 * (128 + 128) + 1024  # + alignment slack for the 1024-byte swizzle atoms
 
 
-def wgmma_tma_variant(bn: int, stages: int, min_blocks: int = 1) -> Variant:
+def wgmma_tma_variant(bn: int, stages: int, min_blocks: int = 1, cluster: int = 1) -> Variant:
     """The persistent int8 x int8 wgmma GEMM fed by the tensor-memory accelerator (wgmma.cu): 128 x `bn` tiles,
-    a `stages`-deep ring, 288 threads (a producer warp, two consumer warpgroups)."""
-    name = f"qoq_wgtma_128x{bn}_s{stages}_b{min_blocks}"
-    body = (f'extern "C" __global__ void __launch_bounds__(288, {min_blocks}) {name}(TMA_GEMM_PARAMS) '
-            f'{{ wgmma_tma_body<{bn}, {stages}>(TMA_GEMM_ARGS); }}')
+    a `stages`-deep ring, 288 threads (a producer warp, two consumer warpgroups); `cluster` = 2: pairs of CTAs
+    share (multicast) the weight tile."""
+    name = f"qoq_wgtma_128x{bn}_s{stages}_b{min_blocks}" + (f"_cl{cluster}" if cluster > 1 else "")
+    dims = f"__cluster_dims__({cluster}, 1, 1) " if cluster > 1 else ""
+    body = (f'extern "C" __global__ void {dims}__launch_bounds__(288, {min_blocks}) {name}(TMA_GEMM_PARAMS) '
+            f'{{ wgmma_tma_body<{bn}, {stages}, {cluster}>(TMA_GEMM_ARGS); }}')
     return Variant("wgmma.cu", name, body)
 
 
@@ -271,21 +273,28 @@ def _function_with_smem(v: Variant, device: int, smem: int):
 _resident: dict = {}
 
 
-def resident_ctas(v: Variant, device: int, threads: int, smem: int) -> int:
+def resident_ctas(v: Variant, device: int, threads: int, smem: int, cluster: int = 1) -> int:
     """How many CTAs of `v` the device runs at once (what a persistent grid may launch), from the driver's
-    occupancy calculator."""
-    key = (device, v, threads, smem)
+    occupancy calculator (clusters of `cluster` CTAs: whole clusters)."""
+    key = (device, v, threads, smem, cluster)
     n = _resident.get(key)
     if n is None:
         import cupy
 
         fn = _function_with_smem(v, device, smem)
-        per_sm = ctypes.c_int(0)
+        out = ctypes.c_int(0)
         with cupy.cuda.Device(device):
-            err = _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), fn.ptr, threads, smem)
-        if err or per_sm.value < 1:
+            if cluster == 1:
+                err = _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(out), fn.ptr, threads, smem)
+                out.value *= device_info(device)["sms"]
+            else:
+                cfg = _LaunchConfig((ctypes.c_uint * 3)(cluster, 1, 1), (ctypes.c_uint * 3)(threads, 1, 1), smem,
+                                    None, None, 0)
+                err = _driver().cuOccupancyMaxActiveClusters(ctypes.byref(out), fn.ptr, ctypes.byref(cfg))
+                out.value *= cluster
+        if err or out.value < 1:
             raise RuntimeError(f"the occupancy calculator failed for {v.name} (CUresult {err})")
-        n = _resident[key] = per_sm.value * device_info(device)["sms"]
+        n = _resident[key] = out.value
     return n
 
 
@@ -354,6 +363,8 @@ def _driver():
                                          ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
         lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
                                                                     ctypes.c_int, ctypes.c_size_t]
+        lib.cuOccupancyMaxActiveClusters.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                                                     ctypes.POINTER(_LaunchConfig)]
         lib.cuTensorMapEncodeTiled.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
             ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),

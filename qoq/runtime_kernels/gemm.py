@@ -39,6 +39,7 @@ class GemmConfig:
     wn: int
     stages: int = 4
     min_blocks: int = 1
+    cluster: int = 1  # 2: pairs of CTAs (adjacent row tiles) share the weight tile by TMA multicast
     splits: int | None = None
 
 
@@ -88,6 +89,7 @@ class TmaConfig:
     bn: int = 256
     stages: int = 4
     min_blocks: int = 1
+    cluster: int = 1  # 2: pairs of CTAs (adjacent row tiles) share the weight tile by TMA multicast
 
 
 PDL_ENABLED = os.environ.get("QOQ_PDL", "1") != "0"  # QOQ_PDL=0: never use programmatic dependent launch
@@ -98,8 +100,9 @@ SWAP_MIN_M, SWAP_MID_M = 17, 128  # sm_90a swapped-operand kernel ranges (_swap_
 WGMMA_MIN_M = 33  # (M <= 64 reaches it only with >= 4 channel groups per SM; below that the GEMV wins)
 # sm_90a two-pass TMA path from here: grouped weights on short K (< 8192) / on long K / per-channel weights;
 # measured on H100 (`--tune-large`, NOTES.md)
-TMA_MIN_M_SHORT_K, TMA_MIN_M_LONG_K, TMA_MIN_M_PER_CHANNEL = 512, 1024, 2048
+TMA_MIN_M_SHORT_K, TMA_MIN_M_LONG_K, TMA_MIN_M_PER_CHANNEL = 512, 512, 2048
 TMA_LONG_K = 8192  # Kp from which K counts as long (Llama-3-8B: down_proj's 14336)
+TMA_WIDE_M = 2048, 16384  # from here 128 x 256 tiles: on long K / on short K (with the weight tile multicast)
 
 DEQUANT_G = B.Variant("gemm.cu", "qoq_w4_dequant_g")
 DEQUANT_C = B.Variant("gemm.cu", "qoq_w4_dequant_c")
@@ -142,9 +145,13 @@ def _tma_wins(m: int, kp: int, grouped: bool) -> bool:
 
 
 def choose_tma(m: int, kp: int) -> TmaConfig:
-    """128 x 256 tiles (one CTA per SM) on long K from M = 2048, else 128 x 128 (two CTAs per SM, which overlap each
-    other's epilogue and ring fill). Measured on H100 (NOTES.md)."""
-    return TmaConfig(256, 4) if kp >= TMA_LONG_K and m >= 2048 else TmaConfig(128, 3, 2)
+    """Measured on H100 (`--tune-large`, NOTES.md). Long K: 128 x 256 tiles (one CTA per SM) from M = 2048; below
+    that few tiles run long k-loops, so 128 x 128 tiles with a 6-stage ring, one CTA per SM, in pairs that multicast
+    the weight tile. Short K: 128 x 128 tiles, two CTAs per SM (they overlap each other's epilogue and ring fill),
+    and at prefill sizes 128 x 256 tiles in pairs that multicast the weight tile."""
+    if kp >= TMA_LONG_K:
+        return TmaConfig(256, 4) if m >= TMA_WIDE_M[0] else TmaConfig(128, 6, cluster=2)
+    return TmaConfig(256, 4, cluster=2) if m >= TMA_WIDE_M[1] else TmaConfig(128, 3, 2)
 
 
 def _swap_wins(m: int, kt: int) -> bool:
@@ -221,7 +228,8 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
     if isinstance(cfg, WgmmaConfig):
         return B.wgmma_variant(cfg.stages, grouped, cfg.min_blocks), B.wgmma_smem_bytes(cfg.stages)
     if isinstance(cfg, TmaConfig):
-        return B.wgmma_tma_variant(cfg.bn, cfg.stages, cfg.min_blocks), B.wgmma_tma_smem_bytes(cfg.bn, cfg.stages)
+        return (B.wgmma_tma_variant(cfg.bn, cfg.stages, cfg.min_blocks, cfg.cluster),
+                B.wgmma_tma_smem_bytes(cfg.bn, cfg.stages))
     if isinstance(cfg, SwapConfig):
         return (B.wgmma_swap_variant(cfg.bt, cfg.stages, cfg.pf, cfg.cluster, grouped, cfg.min_blocks, cfg.overlap),
                 B.wgmma_swap_smem_bytes(cfg.bt, cfg.stages, cfg.cluster))
@@ -382,19 +390,20 @@ def _tma_linear(cfg: TmaConfig, q, qw, s2, z2, log2g, grouped, s1, szeros, bias,
                 out_dtype, m, n, np_, kp, device, info) -> None:
     if info["cc"] != 90:
         raise ValueError(f"TmaConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
-    if cfg.bn not in (128, 256) or cfg.stages < 2:
-        raise ValueError(f"{cfg}: bn must be 128 or 256 and stages >= 2")
+    if cfg.bn not in (128, 256) or cfg.stages < 2 or cfg.cluster not in (1, 2):
+        raise ValueError(f"{cfg}: bn must be 128 or 256, stages >= 2 and cluster 1 or 2")
     variant, smem = variant_for(cfg, grouped)
     if smem > info["smem_optin"]:
         raise ValueError(f"{cfg}: its ring ({smem} bytes) does not fit shared memory ({info['smem_optin']})")
     w8 = _workspace(device, "w8_scratch", np_ * kp, torch.int8)[: np_ * kp].view(np_, kp)
     _dequant(qw, s2, z2, log2g, grouped, w8, kp, device)
     s1, szeros = _aligned4(s1), _aligned4(szeros)  # the epilogue reads channel-scale pairs as 32-bit words
-    args = (B.tensor_map_2d(q, 128), B.tensor_map_2d(w8, cfg.bn), B.ptr(scale), B.ptr(qsum), B.ptr(s1),
+    args = (B.tensor_map_2d(q, 128), B.tensor_map_2d(w8, cfg.bn // cfg.cluster), B.ptr(scale), B.ptr(qsum), B.ptr(s1),
             B.ptr(szeros), B.ptr(bias), B.i32(bias_dt), B.ptr(out), B.i32(DTYPE_CODES[out_dtype]), B.i32(m),
             B.i32(n), B.i32(np_), B.i32(kp))
-    tiles = math.ceil(m / 128) * math.ceil(np_ / cfg.bn)
-    grid = (min(tiles, B.resident_ctas(variant, device, 288, smem)), 1, 1)
+    units = math.ceil(math.ceil(m / 128) / cfg.cluster) * math.ceil(np_ / cfg.bn)  # a tile per CTA of a cluster
+    clusters = min(units, B.resident_ctas(variant, device, 288, smem, cfg.cluster) // cfg.cluster)
+    grid = (clusters * cfg.cluster, 1, 1)
     B.launch(variant, device, grid, (288, 1, 1), args, smem)
 
 

@@ -59,6 +59,40 @@ QOQ_DEV void wgmma_m64n128k32_s8(int (&d)[64], u64 da, u64 db) {
       "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
       : "l"(da), "l"(db), "r"(1));
 }
+// m64n256k32 s8: one instruction for the whole 256-channel tile, so the activation tile is read from shared memory
+// once per k32 step instead of once per 128 channels
+QOQ_DEV void wgmma_m64n256k32_s8(int (&d)[128], u64 da, u64 db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p;\n}\n"
+      :
+      "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+      "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+      "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+      "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+      "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+      "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+      "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+      "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
+      "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
+      "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
+      "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
+      "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
+      "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
+      "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
+      "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
+      "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+      : "l"(da), "l"(db), "r"(1));
+}
 #endif
 
 // Epilogue on the accumulators, out dtype fixed at compile time: d[4j + 2hh + e] is row row0 + 8hh, column
@@ -618,13 +652,16 @@ QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
 // weights with no arithmetic but the MMAs and the epilogue. Both operands arrive by the tensor-memory accelerator
 // (cp.async.bulk.tensor, 2-D tensor maps built on the host with the 128-byte swizzle, so the boxes land in exactly
 // the layout wg_desc describes; rows and k past the tensor are zero-filled), issued by one producer thread (warp
-// 8) into a STAGES-deep ring. Two consumer warpgroups own 64 token rows each of a 128 x BN tile (BN / 128
-// m64n128k32 wgmmas per k32 step) and keep one wgmma group in flight.
-// `full[s]` completes when a stage's bytes have landed (the producer's arrival with expect_tx, then the bytes);
-// `empty[s]` takes one arrival per consumer warp once its wgmmas that read stage s completed.
-// Persistent: the grid is at most one wave of CTAs, each looping over tiles in the grouped raster of
-// wgmma_gemm_body; the ring runs on across tiles, so the producer loads the next tile while the consumers run this
-// one's epilogue.
+// 8) into a STAGES-deep ring. Two consumer warpgroups own 64 token rows each of a 128 x BN tile and keep one wgmma
+// group in flight; one m64nBNk32 wgmma per k32 step, so a warpgroup reads its activation rows from shared memory
+// once per step (two m64n128k32 at BN = 256 read them twice and measured 7-23 % slower).
+// Persistent: the grid is at most one wave of CTAs, each looping over units of work; the ring runs on across
+// units, so the producer loads the next unit while the consumers run this one's epilogue.
+// Clusters of CL CTAs (CL = 2: adjacent row tiles, one column tile) share the weight tile: each CTA loads 1/CL of
+// it and multicasts it to every CTA of the cluster, so a CTA pulls A + B/CL bytes from L2 per stage, not A + B.
+// `full[s]` completes when a stage's bytes have landed (the local producer's arrival with expect_tx, and the
+// bytes of every CTA's copies); `empty[s]` takes one arrival per consumer warp of every CTA of the cluster once its
+// wgmmas that read stage s completed (a peer's copies write into this CTA's stage s too).
 struct __align__(64) TmaMap { u64 v[16]; };  // CUtensorMap: opaque, 128 bytes, 64-byte aligned
 
 #define TMA_GEMM_PARAMS                                                                                          \
@@ -639,14 +676,20 @@ struct __align__(64) TmaMap { u64 v[16]; };  // CUtensorMap: opaque, 128 bytes, 
       void *__restrict__ out, int out_dt, int M, int N, int Np, int Kp
 
 #if defined(QOQ_WGMMA)
-// mbarriers (CTA scope): init with the arrivals a phase takes; arrive (release; with expect_tx also the bytes the
-// bulk copies will complete on it); wait until the phase of a parity has completed (acquire)
+// mbarriers: init with the arrivals a phase takes; arrive (release; with expect_tx also the bytes the bulk copies
+// will complete on it; `_remote`: on the barrier at the same offset in cluster CTA `rank`); wait until the phase
+// of a parity has completed (acquire)
 QOQ_DEV void mbar_init(u32 bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
 }
 QOQ_DEV void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
 QOQ_DEV void mbar_arrive(u32 bar) {
   asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+QOQ_DEV void mbar_arrive_remote(u32 bar, u32 rank) {
+  u32 remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
 }
 QOQ_DEV void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
@@ -657,105 +700,121 @@ QOQ_DEV void mbar_wait(u32 bar, u32 parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
-// 2-D tensor-map box at (c0 = byte column, c1 = row) into this CTA's shared memory, completing on `bar`
+// 2-D tensor-map box at (c0 = byte column, c1 = row) into this CTA's shared memory (`mask`: into every CTA of the
+// cluster in the mask, at the same offset), completing on `bar` (in each destination CTA)
 QOQ_DEV void tma_load_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
                :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar) : "memory");
 }
+QOQ_DEV void tma_load_2d_multicast(u32 dst, const TmaMap* map, int c0, int c1, u32 bar, u16 mask) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+               " [%0], [%1, {%2, %3}], [%4], %5;"
+               :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar), "h"(mask) : "memory");
+}
+// every thread of the cluster's CTAs (no .aligned: the producer warp arrives diverged)
+QOQ_DEV void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
+QOQ_DEV void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
 #endif
 
-template <int BN, int STAGES>
+template <int BN, int STAGES, int CL>
 QOQ_DEV void wgmma_tma_body(TMA_BODY_PARAMS) {
 #if defined(QOQ_WGMMA)
-  constexpr int WG_GROUP_M = 8, BM = 128, BK = 128, KTS = BK / 32, NH = BN / 128;
-  constexpr int A_BYTES = BM * BK, STAGE = A_BYTES + BN * BK;
-  static_assert(BN % 128 == 0 && BN <= 256 && STAGES >= 2, "TMA GEMM tile");
+  constexpr int BM = 128, BK = 128, KTS = BK / 32;
+  constexpr int A_BYTES = BM * BK, STAGE = A_BYTES + BN * BK, W_ROWS = BN / CL;
+  static_assert((BN == 128 || BN == 256) && STAGES >= 2 && (CL == 1 || CL == 2), "TMA GEMM tile");
   extern __shared__ uint4 dsmem[];
   __shared__ __align__(8) u64 bars[2 * STAGES];  // full[s] = bars[s], empty[s] = bars[STAGES + s]
   const u32 sraw = smem_u32(dsmem), sbase = (sraw + 1023u) & ~1023u;  // swizzle atoms need 1024-byte alignment
   const u32 full0 = smem_u32(&bars[0]), empty0 = smem_u32(&bars[STAGES]);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int mtiles = (M + BM - 1) / BM, ntiles = (Np + BN - 1) / BN, tiles = mtiles * ntiles;
+  const int rank = CL > 1 ? (int)cluster_rank() : 0;
+  // a unit: CL adjacent row tiles x one column tile, in groups of WG_GROUP_M row-tile groups (L2 reuse)
+  const int mgroups = ((M + BM - 1) / BM + CL - 1) / CL, ntiles = (Np + BN - 1) / BN, units = mgroups * ntiles;
   const int per_group = WG_GROUP_M * ntiles;
-  auto tile_origin = [&](int u, int& m0, int& n0) {  // grouped raster: every column tile of a group in turn
-    const int first = (u / per_group) * WG_GROUP_M, gm = min(mtiles - first, WG_GROUP_M), in = u % per_group;
-    m0 = (first + in % gm) * BM;
+  auto unit_tile = [&](int u, int& m0, int& n0) {
+    const int first = (u / per_group) * WG_GROUP_M, gm = min(mgroups - first, WG_GROUP_M), in = u % per_group;
+    m0 = ((first + in % gm) * CL + rank) * BM;
     n0 = (in / gm) * BN;
   };
   const int nst = (Kp + BK - 1) / BK;
+  const int unit_step = gridDim.x / CL;
 
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full0 + 8 * s, 1);
-      mbar_init(empty0 + 8 * s, 8);
+      mbar_init(empty0 + 8 * s, 8 * CL);
     }
     mbar_init_fence();
   }
-  __syncthreads();
+  if (CL > 1) cluster_sync();  // the peers' barriers are initialized before any copy or arrival reaches them
+  else __syncthreads();
 
   if (warp == 8) {  // ---- producer: one thread issues every copy
     if (lane == 0) {
-      int it = 0;  // stages issued so far (the ring runs on across tiles)
-      for (int u = blockIdx.x; u < tiles; u += gridDim.x) {
+      int it = 0;  // stages issued so far (the ring runs on across units)
+      for (int u = blockIdx.x / CL; u < units; u += unit_step) {
         int m0, n0;
-        tile_origin(u, m0, n0);
+        unit_tile(u, m0, n0);
         for (int t = 0; t < nst; ++t, ++it) {
           const int st = it % STAGES;
           if (it >= STAGES) mbar_wait(empty0 + 8 * st, (u32)((it / STAGES - 1) & 1));
           const u32 dst = sbase + st * STAGE, bar = full0 + 8 * st;
           mbar_arrive_expect_tx(bar, (u32)STAGE);  // out-of-bounds parts of a box count too (zero-filled)
           tma_load_2d(dst, &tma_a, t * BK, m0, bar);
-          tma_load_2d(dst + A_BYTES, &tma_w, t * BK, n0, bar);
+          if (CL == 1) tma_load_2d(dst + A_BYTES, &tma_w, t * BK, n0, bar);
+          else tma_load_2d_multicast(dst + A_BYTES + rank * W_ROWS * BK, &tma_w, t * BK, n0 + rank * W_ROWS, bar,
+                                     (u16)((1 << CL) - 1));
         }
       }
     }
+    __syncwarp();
   } else {  // ---- consumers: warpgroup wg owns token rows m0 + 64 wg .. +63
     const int wg = warp >> 2;
     auto release = [&](int st) {  // this warp's wgmmas that read stage st completed
-      if (lane == 0) mbar_arrive(empty0 + 8 * st);
+      if (lane != 0) return;
+      if (CL == 1) mbar_arrive(empty0 + 8 * st);
+      else
+#pragma unroll
+        for (int r = 0; r < CL; ++r) mbar_arrive_remote(empty0 + 8 * st, (u32)r);
     };
     const EpiArgs e{sa, qsum, s1, szeros, bias, bias_dt, out, out_dt, N};
     int it = 0;
-    for (int u = blockIdx.x; u < tiles; u += gridDim.x) {
+    for (int u = blockIdx.x / CL; u < units; u += unit_step) {
       int m0, n0;
-      tile_origin(u, m0, n0);
-      int acc[NH][64];
+      unit_tile(u, m0, n0);
+      int acc[BN / 2];
 #pragma unroll
-      for (int h = 0; h < NH; ++h)
-#pragma unroll
-        for (int i = 0; i < 64; ++i) acc[h][i] = 0;
+      for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
       for (int t = 0; t < nst; ++t, ++it) {
         const int st = it % STAGES;
         mbar_wait(full0 + 8 * st, (u32)((it / STAGES) & 1));
         const u32 sa_ = sbase + st * STAGE + wg * 64 * BK, sb_ = sbase + st * STAGE + A_BYTES;
-#pragma unroll
-        for (int h = 0; h < NH; ++h) reg_fence(acc[h]);
+        reg_fence(acc);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < KTS; ++kk)
-#pragma unroll
-          for (int h = 0; h < NH; ++h)
-            wgmma_m64n128k32_s8(acc[h], wg_desc(sa_ + kk * 32), wg_desc(sb_ + h * 128 * BK + kk * 32));
+        for (int kk = 0; kk < KTS; ++kk) {
+          if constexpr (BN == 256) wgmma_m64n256k32_s8(acc, wg_desc(sa_ + kk * 32), wg_desc(sb_ + kk * 32));
+          else wgmma_m64n128k32_s8(acc, wg_desc(sa_ + kk * 32), wg_desc(sb_ + kk * 32));
+        }
         wgmma_commit();
         wgmma_wait<1>();  // the previous stage's wgmmas completed
         if (t > 0) release((it - 1) % STAGES);
       }
       wgmma_wait<0>();
-#pragma unroll
-      for (int h = 0; h < NH; ++h) reg_fence(acc[h]);
+      reg_fence(acc);
       release((it - 1) % STAGES);
 
-      const int row0 = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2);
-#pragma unroll
-      for (int h = 0; h < NH; ++h) {
-        const int col0 = n0 + h * 128 + 2 * (lane & 3);
-        if (out_dt == DT_F16) wgmma_epilogue<128, DT_F16>(e, acc[h], row0, col0, M);
-        else if (out_dt == DT_BF16) wgmma_epilogue<128, DT_BF16>(e, acc[h], row0, col0, M);
-        else if (out_dt == DT_F32) wgmma_epilogue<128, DT_F32>(e, acc[h], row0, col0, M);
-        else wgmma_epilogue<128, DT_I32>(e, acc[h], row0, col0, M);
-      }
+      const int row0 = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2), col0 = n0 + 2 * (lane & 3);
+      if (out_dt == DT_F16) wgmma_epilogue<BN, DT_F16>(e, acc, row0, col0, M);
+      else if (out_dt == DT_BF16) wgmma_epilogue<BN, DT_BF16>(e, acc, row0, col0, M);
+      else if (out_dt == DT_F32) wgmma_epilogue<BN, DT_F32>(e, acc, row0, col0, M);
+      else wgmma_epilogue<BN, DT_I32>(e, acc, row0, col0, M);
     }
+  }
+  if (CL > 1) {  // no CTA leaves while a peer may still arrive on its barriers
+    cluster_arrive_relaxed();
+    cluster_wait();
   }
 #else
   __trap();  // sm_90a only (gemm.py launches it on compute capability 9.0)
