@@ -93,7 +93,7 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
 
     defaults = set(gemm.default_variants())
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (576, 640), (1536, 640), (576, 1536)]:
-        for m in (1, 5, 8, 9, 16, 17, 24, 32, 33, 48, 64, 65, 100, 255, 256, 4096):
+        for m in (1, 5, 8, 9, 16, 17, 24, 32, 33, 48, 64, 65, 100, 255, 256, 512, 1024, 2048, 4096, 16384):
             cfg = gemm.choose_config(m, n, k, 132, cc=cc)
             if isinstance(cfg, gemm.IntMMConfig):
                 continue

@@ -485,7 +485,8 @@ DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2
     GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (5, 6, 7, 8)
     for w, u, cl in ((8, 2, 1), (4, 1, 2), (4, 2, 2))) + (
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
-    WgmmaConfig(), TmaConfig(), TmaConfig(128, 3, 2)) + tuple(
+    WgmmaConfig(), TmaConfig(), TmaConfig(128, 3, 2), TmaConfig(256, 4, cluster=2),
+    TmaConfig(128, 6, cluster=2)) + tuple(
     SwapConfig(bt, cluster=cl) for bt in (32, 64, 128) for cl in (1, 2, 4, 8))
 
 
