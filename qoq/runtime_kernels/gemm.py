@@ -39,7 +39,6 @@ class GemmConfig:
     wn: int
     stages: int = 4
     min_blocks: int = 1
-    cluster: int = 1  # 2: pairs of CTAs (adjacent row tiles) share the weight tile by TMA multicast
     splits: int | None = None
 
 
