@@ -144,13 +144,12 @@ def tune_swap(log=print, shapes=LLAMA3_8B_SHAPES, ms=SWAP_MS, group: int = 128) 
     return rows
 
 
-
 LARGE_MS = (1024, 4096, 16384)  # 16384: the engines' prefill chunk
 
 
 def tune_large(log=print, shapes=LLAMA3_8B_SHAPES, ms=LARGE_MS, groups=(128, -1)) -> list[dict]:
     """The Hopper (sm_90a) large-M kernels (the 128 x 128 wgmma kernel, the swapped-operand kernel with 128-token
-    tiles, the two-pass TMA path with 128 x 256 and 128 x 128 tiles) against the current dispatch and FP8
+    tiles, the two-pass TMA path's tile, ring and multicast-cluster configs) against the current dispatch and FP8
     `_scaled_mm`, timed in the same process."""
     dev = torch.device("cuda")
     cfgs = {"wgmma": G.WgmmaConfig(), "swap128": G.SwapConfig(128), "tma256": G.TmaConfig(256, 4),

@@ -97,9 +97,9 @@ GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-6
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
 SWAP_MIN_M, SWAP_MID_M = 17, 128  # sm_90a swapped-operand kernel ranges (_swap_wins)
 WGMMA_MIN_M = 33  # (M <= 64 reaches it only with >= 4 channel groups per SM; below that the GEMV wins)
-# sm_90a two-pass TMA path from here: grouped weights on short K (< 8192) / on long K / per-channel weights;
-# measured on H100 (`--tune-large`, NOTES.md)
-TMA_MIN_M_SHORT_K, TMA_MIN_M_LONG_K, TMA_MIN_M_PER_CHANNEL = 512, 512, 2048
+# sm_90a two-pass TMA path from here: per-group weights / per-channel weights; measured on H100 (`--tune-large`,
+# NOTES.md)
+TMA_MIN_M, TMA_MIN_M_PER_CHANNEL = 512, 2048
 TMA_LONG_K = 8192  # Kp from which K counts as long (Llama-3-8B: down_proj's 14336)
 TMA_WIDE_M = 2048, 16384  # from here 128 x 256 tiles: on long K / on short K (with the weight tile multicast)
 
@@ -112,14 +112,14 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True, cc: i
                   grouped: bool = True) -> GemvConfig | GemmConfig | IntMMConfig | WgmmaConfig | SwapConfig | TmaConfig:
     """Measured on H100 (`python -m qoq.bench.gemm --tune`, NOTES.md). M <= 32 (M <= 64 with few channel groups):
     the weight-streaming GEMV, its shape by how many 32-channel groups there are per SM and by K. On sm_90 above
-    that: the two-pass TMA path from M = 512 (1024 on long K; 2048 for per-channel weights, whose fused kernels
-    dequantize more cheaply), the wgmma kernel when its 128 x 128 tiles give at least half the SMs a CTA (it has
-    no split-K).
+    that: the two-pass TMA path from M = 512 (2048 for per-channel weights, whose fused kernels dequantize more
+    cheaply; `choose_tma` picks its tiles), the wgmma kernel when its 128 x 128 tiles give at least half the SMs a
+    CTA (it has no split-K).
     Otherwise from M = 256 the dequant + `_int_mm` path, below it the largest tiled-kernel tile that still gives
     every SM a CTA (16 warps per SM beat bigger warp tiles: the kernel is latency-bound). `cc`: compute
     capability (90 enables the thread-block-cluster split-K and the sm_90a wgmma kernel). `intmm=False`: the
     tiled mma.sync kernel only (benchmark baseline)."""
-    if intmm and cc == 90 and _tma_wins(m, kp, grouped):
+    if intmm and cc == 90 and _tma_wins(m, grouped):
         return choose_tma(m, kp)
     if intmm and cc == 90 and _swap_wins(m, kp // 32):
         return _choose_swap(m, np_, kp // 32, sms)
@@ -137,10 +137,8 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True, cc: i
     return GemmConfig(32, 128, 1, 4, stages=4, min_blocks=3)
 
 
-def _tma_wins(m: int, kp: int, grouped: bool) -> bool:
-    if not grouped:
-        return m >= TMA_MIN_M_PER_CHANNEL
-    return m >= (TMA_MIN_M_LONG_K if kp >= TMA_LONG_K else TMA_MIN_M_SHORT_K)
+def _tma_wins(m: int, grouped: bool) -> bool:
+    return m >= (TMA_MIN_M if grouped else TMA_MIN_M_PER_CHANNEL)
 
 
 def choose_tma(m: int, kp: int) -> TmaConfig:
