@@ -100,32 +100,31 @@ QOQ_DEV u32 hfma2(u32 a, u32 b, u32 c) { u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3
 QOQ_DEV u32 prmt(u32 a, u32 b, u32 sel) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel)); return r; }
 
 // sm_90 thread-block clusters: barrier over the cluster (release/acquire: shared-memory writes before it are
-// visible to every CTA of the cluster after it), this CTA's rank, a load from CTA `rank`'s shared memory at the
-// address that is `local` in this CTA
+// visible to every CTA of the cluster after it), this CTA's rank, the address in CTA `rank`'s shared memory of
+// what is at `local` in this CTA, and loads from there
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 QOQ_DEV void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 QOQ_DEV u32 cluster_rank() { u32 r; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r)); return r; }
-QOQ_DEV int ld_dsmem_s32(u32 local, u32 rank) {
+QOQ_DEV u32 dsmem_addr(u32 local, u32 rank) {
   u32 remote;
-  int v;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(remote) : "memory");
+  return remote;
+}
+QOQ_DEV int ld_dsmem_s32(u32 local, u32 rank) {
+  int v;
+  asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(dsmem_addr(local, rank)) : "memory");
   return v;
 }
 QOQ_DEV float ld_dsmem_f32(u32 local, u32 rank) {
-  u32 remote;
   float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(dsmem_addr(local, rank)) : "memory");
   return v;
 }
 QOQ_DEV double ld_dsmem_f64(u32 local, u32 rank) {
-  u32 remote;
   double v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(remote) : "memory");
+  asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(dsmem_addr(local, rank)) : "memory");
   return v;
 }
 #endif
