@@ -348,7 +348,10 @@ def _swap_configs():
     # token tiles 16..128, register prefetch 1..4, cluster split-K with trailing CTAs that get no k-tiles
     return [SwapConfig(16, 4, 2, 1), SwapConfig(64, 4, 2, 4), SwapConfig(128, 3, 3, 2), SwapConfig(32, 2, 1, 8),
             SwapConfig(48, 4, 4, 1), SwapConfig(32, 3, 2, 8, overlap=True), SwapConfig(64, 4, 2, 4, overlap=True),
-            SwapConfig(128, 4, 2, 1, overlap=True), SwapConfig(16, 5, 4, 2, overlap=True)]
+            SwapConfig(128, 4, 2, 1, overlap=True), SwapConfig(16, 5, 4, 2, overlap=True),
+            SwapConfig(16, 4, 2, 1, tma=True), SwapConfig(64, 4, 2, 4, tma=True), SwapConfig(128, 3, 3, 2, tma=True),
+            SwapConfig(32, 2, 1, 8, tma=True), SwapConfig(64, cluster=8, tma=True), SwapConfig(32, cluster=4, tma=True),
+            SwapConfig(64, cluster=1, tma=True)]
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -97,6 +97,7 @@ def swap_candidates(m: int, np_: int, kt: int, sms: int) -> list:
                 continue
             overlaps = (False,) if bt in smaller else (False, True)
             out += [G.SwapConfig(bt, stages=4, pf=2, cluster=cl, overlap=ov) for ov in overlaps]
+            out += [G.SwapConfig(bt, stages=4, pf=pf, cluster=cl, tma=True) for pf in (2, 4)]
     return out
 
 
@@ -109,7 +110,7 @@ def _fp8_and_dispatch(wf8s, xf8, lins, a) -> dict:
 
 
 def _swap_name(cfg) -> str:
-    return f"swap_t{cfg.bt}_p{cfg.pf}_c{cfg.cluster}" + ("_ov" if cfg.overlap else "")
+    return f"swap_t{cfg.bt}_p{cfg.pf}_c{cfg.cluster}" + ("_ov" if cfg.overlap else "") + ("_tma" if cfg.tma else "")
 
 
 def tune_swap(log=print, shapes=LLAMA3_8B_SHAPES, ms=SWAP_MS, group: int = 128) -> list[dict]:

@@ -116,16 +116,19 @@ def wgmma_tma_smem_bytes(bn: int, stages: int) -> int:
 
 
 def wgmma_swap_variant(bt: int, stages: int, pf: int, cluster: int, grouped: bool, min_blocks: int = 1,
-                       overlap: bool = False) -> Variant:
+                       overlap: bool = False, tma: bool = False) -> Variant:
     """The swapped-operand kernel (weights as wgmma's register A operand, tokens as N; wgmma.cu): `bt` tokens per
     CTA, `stages` activation buffers, weights `pf` stages ahead in registers, split-K over a `cluster` of CTAs;
-    `overlap`: the next stage is dequantized while this one's wgmmas run."""
+    `overlap`: the next stage is dequantized while this one's wgmmas run; `tma`: the activations arrive by the
+    tensor-memory accelerator (a tensor map as the last parameter) instead of cp.async."""
     name = (f"qoq_wgswap_t{bt}_s{stages}_p{pf}_b{min_blocks}_{'g' if grouped else 'c'}"
-            + (f"_cl{cluster}" if cluster > 1 else "") + ("_ov" if overlap else ""))
+            + (f"_cl{cluster}" if cluster > 1 else "") + ("_ov" if overlap else "") + ("_tma" if tma else ""))
     dims = f"__cluster_dims__(1, 1, {cluster}) " if cluster > 1 else ""
-    body = (f'extern "C" __global__ void {dims}__launch_bounds__(128, {min_blocks}) {name}(GEMM_PARAMS) '
+    params, map_arg = ("GEMM_PARAMS, const __grid_constant__ TmaMap tma_a", "&tma_a") if tma else ("GEMM_PARAMS",
+                                                                                                   "nullptr")
+    body = (f'extern "C" __global__ void {dims}__launch_bounds__(128, {min_blocks}) {name}({params}) '
             f'{{ wgmma_swap_body<{bt}, {stages}, {pf}, {cluster}, {str(grouped).lower()}, '
-            f'{str(overlap).lower()}>(GEMM_ARGS); }}')
+            f'{str(overlap).lower()}, {str(tma).lower()}>(GEMM_ARGS, {map_arg}); }}')
     return Variant("wgmma.cu", name, body)
 
 

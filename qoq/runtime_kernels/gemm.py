@@ -76,6 +76,7 @@ class SwapConfig:
     cluster: int = 1
     min_blocks: int = 1
     overlap: bool = False  # dequantize the next stage while this one's wgmmas run (two fragment buffers)
+    tma: bool = False  # activations by the tensor-memory accelerator (no proxy fence per stage); not with overlap
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,8 @@ def variant_for(cfg: GemvConfig | GemmConfig, grouped: bool, smem_optin: int = 2
         return (B.wgmma_tma_variant(cfg.bn, cfg.stages, cfg.min_blocks, cfg.cluster),
                 B.wgmma_tma_smem_bytes(cfg.bn, cfg.stages))
     if isinstance(cfg, SwapConfig):
-        return (B.wgmma_swap_variant(cfg.bt, cfg.stages, cfg.pf, cfg.cluster, grouped, cfg.min_blocks, cfg.overlap),
+        return (B.wgmma_swap_variant(cfg.bt, cfg.stages, cfg.pf, cfg.cluster, grouped, cfg.min_blocks, cfg.overlap,
+                                     cfg.tma),
                 B.wgmma_swap_smem_bytes(cfg.bt, cfg.stages, cfg.cluster))
     if isinstance(cfg, GemvConfig):
         return B.gemv_variant(cfg.tb, cfg.nt, grouped, cfg.warps, cfg.u, cfg.red, cfg.cluster, cfg.early_trigger), 0
@@ -349,8 +351,8 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
             raise ValueError(f"SwapConfig needs compute capability 9.0 (sm_90a), this GPU has {info['cc']}")
         if cfg.bt % 16 or not 16 <= cfg.bt <= 128 or not 1 <= cfg.cluster <= 8:
             raise ValueError(f"{cfg}: bt must be 16, 32, ..., 128 and cluster 1..8")
-        if cfg.overlap and (cfg.stages < 3 or cfg.pf % 2):
-            raise ValueError(f"{cfg}: the overlapped kernel needs stages >= 3 and an even pf")
+        if cfg.overlap and (cfg.stages < 3 or cfg.pf % 2 or cfg.tma):
+            raise ValueError(f"{cfg}: the overlapped kernel needs stages >= 3, an even pf and no tma")
         splits, tps = cfg.cluster, _swap_k_tiles(kt, cfg.cluster)
         grid, block = (math.ceil(np_ / 128), math.ceil(m / cfg.bt), splits), (128, 1, 1)
         ncounters = 0
@@ -378,6 +380,8 @@ def w4a8_linear(a: QuantAct, w: QLinear, out_dtype: torch.dtype = torch.float16,
     args = (B.ptr(q), B.ptr(scale), B.ptr(qsum), B.ptr(qw), B.ptr(s2), B.ptr(z2), B.ptr(s1), B.ptr(szeros),
             B.ptr(bias), B.i32(bias_dt), B.ptr(out), B.i32(DTYPE_CODES[out_dtype]), B.ptr(ws), B.ptr(counters),
             B.i32(m), B.i32(n), B.i32(np_), B.i32(kp), B.i32(log2g), B.i32(splits), B.i32(tps))
+    if isinstance(cfg, SwapConfig) and cfg.tma:
+        args += (B.tensor_map_2d(q, cfg.bt),)
     pdl = isinstance(cfg, GemvConfig) and cfg.pdl and info["cc"] >= 90 and PDL_ENABLED
     B.launch(variant, device, grid, block, args, smem, pdl=pdl)
     return out

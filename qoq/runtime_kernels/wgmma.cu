@@ -299,6 +299,51 @@ QOQ_DEV void wgmma_gemm_body(GEMM_PARAMS) {
 
 
 // ---------------------------------------------------------------------------------------------------------------
+// Tensor-memory-accelerator copies and mbarriers (sm_90a): a copy into shared memory runs in the async proxy and
+// completes on an mbarrier, so what it writes needs no proxy fence before wgmma reads it (a generic-proxy write
+// does: fence.proxy.async, which compiles to MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S).
+struct __align__(64) TmaMap { u64 v[16]; };  // CUtensorMap: opaque, 128 bytes, 64-byte aligned
+
+#if defined(QOQ_WGMMA)
+// mbarriers: init with the arrivals a phase takes; arrive (release; with expect_tx also the bytes the bulk copies
+// will complete on it; `_remote`: on the barrier at the same offset in cluster CTA `rank`); wait until the phase
+// of a parity has completed (acquire)
+QOQ_DEV void mbar_init(u32 bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+QOQ_DEV void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+QOQ_DEV void mbar_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+QOQ_DEV void mbar_arrive_remote(u32 bar, u32 rank) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(dsmem_addr(bar, rank)) : "memory");
+}
+QOQ_DEV void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+QOQ_DEV void mbar_wait(u32 bar, u32 parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+// 2-D tensor-map box at (c0 = byte column, c1 = row) into this CTA's shared memory (`mask`: into every CTA of the
+// cluster in the mask, at the same offset), completing on `bar` (in each destination CTA)
+QOQ_DEV void tma_load_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+               :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+QOQ_DEV void tma_load_2d_multicast(u32 dst, const TmaMap* map, int c0, int c1, u32 bar, u16 mask) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+               " [%0], [%1, {%2, %3}], [%4], %5;"
+               :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar), "h"(mask) : "memory");
+}
+// every thread of the cluster's CTAs (no .aligned: the producer warp arrives diverged)
+QOQ_DEV void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
+QOQ_DEV void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
 // W4A8 GEMM with swapped operands (Hopper, sm_90a): Y^T = W X^T, so the weights are wgmma's A operand, taken from
 // registers, and the tokens its N dimension (BT tokens per CTA, 16..128). Each warp of the single warpgroup streams
 // one 32-channel n-tile's packed 16-byte lane chunks from global memory straight into registers (PF stages ahead)
@@ -446,13 +491,15 @@ template <int U> struct WgFrag {  // wgmma A fragments of U k-tiles: rows 0-15 (
   u32 lo[U][4], hi[U][4];
 };
 
-template <int BT, int STAGES, int PF, int CL, bool GROUPED, bool OV>
-QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
+template <int BT, int STAGES, int PF, int CL, bool GROUPED, bool OV, bool TMA>
+QOQ_DEV void wgmma_swap_body(GEMM_PARAMS, const TmaMap* tma_a) {
 #if defined(QOQ_WGMMA)
   constexpr int BK = 128, KTS = BK / 32, THREADS = 128, NACC = BT / 2;
   constexpr int STAGE = BT * BK, A_IT = BT * 8 / THREADS;  // activation bytes per stage, 16-byte chunks per thread
   static_assert(BT % 16 == 0 && BT <= 128 && STAGES >= 2 && PF >= 1, "swap kernel shape");
+  static_assert(!(TMA && OV), "the TMA-fed swap kernel has no overlapped variant");
   extern __shared__ uint4 dsmem[];
+  __shared__ __align__(8) u64 full[STAGES];  // TMA: stage buffer b's activations have landed
   const u32 sraw = smem_u32(dsmem), sbase = (sraw + 1023u) & ~1023u;  // swizzle atoms need 1024-byte alignment
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int c = lane >> 2, l = lane & 3;
@@ -464,7 +511,23 @@ QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
   const int a_row0 = tid >> 3, a_ch = tid & 7;
   const i8* a_base = A + (i64)(t0 + a_row0) * Kp + a_ch * 16;
   const u32 a_dst0 = a_row0 * BK + ((a_ch ^ (a_row0 & 7)) << 4);  // (row & 7) is the same for every it
+  const u32 full0 = smem_u32(&full[0]);
+  if (TMA) {
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) mbar_init(full0 + 8 * s, 1);
+      mbar_init_fence();
+    }
+    __syncthreads();
+  }
   auto load_a = [&](int buf, int kt0) {
+    if (TMA) {  // one thread: the box's rows past M and k past Kp arrive as zeros
+      if (tid == 0) {
+        mbar_arrive_expect_tx(full0 + 8 * buf, (u32)STAGE);
+        tma_load_2d(sbase + buf * STAGE, tma_a, kt0 * 32, t0, full0 + 8 * buf);
+      }
+      return;
+    }
     const bool k_ok = kt0 * 32 + a_ch * 16 < ke * 32;
 #pragma unroll
     for (int it = 0; it < A_IT; ++it) {
@@ -532,9 +595,15 @@ QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
     for (int p = 0; p < PF; ++p)
       if (p < nst) load_w(wr[p], kb + p * KTS);
     auto step = [&](int t, WgW<KTS>& r) {
-      cp_async_wait<STAGES - 2>();
-      fence_proxy_async();
-      __syncthreads();
+      if (TMA) {
+        __syncthreads();  // every warp's wgmmas of step t - 1 completed: their buffer takes stage t + STAGES - 1
+        mbar_wait(full0 + 8 * (t % STAGES), (u32)((t / STAGES) & 1));
+      } else {
+        // the fence compiles to MEMBAR.ALL.CTA, which may also wait for the weight loads in flight
+        cp_async_wait<STAGES - 2>();
+        fence_proxy_async();
+        __syncthreads();
+      }
       WgFrag<KTS> f;
       dequant_stage(r, f);
       if (t + PF < nst) load_w(r, kb + (t + PF) * KTS);
@@ -662,8 +731,6 @@ QOQ_DEV void wgmma_swap_body(GEMM_PARAMS) {
 // `full[s]` completes when a stage's bytes have landed (the local producer's arrival with expect_tx, and the
 // bytes of every CTA's copies); `empty[s]` takes one arrival per consumer warp of every CTA of the cluster once its
 // wgmmas that read stage s completed (a peer's copies write into this CTA's stage s too).
-struct __align__(64) TmaMap { u64 v[16]; };  // CUtensorMap: opaque, 128 bytes, 64-byte aligned
-
 #define TMA_GEMM_PARAMS                                                                                          \
   const __grid_constant__ TmaMap tma_a, const __grid_constant__ TmaMap tma_w, const float *__restrict__ sa,     \
       const int *__restrict__ qsum, const u16 *__restrict__ s1, const u16 *__restrict__ szeros,                 \
@@ -674,45 +741,6 @@ struct __align__(64) TmaMap { u64 v[16]; };  // CUtensorMap: opaque, 128 bytes, 
   const TmaMap &tma_a, const TmaMap &tma_w, const float *__restrict__ sa, const int *__restrict__ qsum,         \
       const u16 *__restrict__ s1, const u16 *__restrict__ szeros, const void *__restrict__ bias, int bias_dt,   \
       void *__restrict__ out, int out_dt, int M, int N, int Np, int Kp
-
-#if defined(QOQ_WGMMA)
-// mbarriers: init with the arrivals a phase takes; arrive (release; with expect_tx also the bytes the bulk copies
-// will complete on it; `_remote`: on the barrier at the same offset in cluster CTA `rank`); wait until the phase
-// of a parity has completed (acquire)
-QOQ_DEV void mbar_init(u32 bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-QOQ_DEV void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-QOQ_DEV void mbar_arrive(u32 bar) {
-  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-QOQ_DEV void mbar_arrive_remote(u32 bar, u32 rank) {
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(dsmem_addr(bar, rank)) : "memory");
-}
-QOQ_DEV void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-}
-QOQ_DEV void mbar_wait(u32 bar, u32 parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
-}
-// 2-D tensor-map box at (c0 = byte column, c1 = row) into this CTA's shared memory (`mask`: into every CTA of the
-// cluster in the mask, at the same offset), completing on `bar` (in each destination CTA)
-QOQ_DEV void tma_load_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-               :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar) : "memory");
-}
-QOQ_DEV void tma_load_2d_multicast(u32 dst, const TmaMap* map, int c0, int c1, u32 bar, u16 mask) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-               " [%0], [%1, {%2, %3}], [%4], %5;"
-               :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar), "h"(mask) : "memory");
-}
-// every thread of the cluster's CTAs (no .aligned: the producer warp arrives diverged)
-QOQ_DEV void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
-QOQ_DEV void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
-#endif
 
 template <int BN, int STAGES, int CL>
 QOQ_DEV void wgmma_tma_body(TMA_BODY_PARAMS) {
