@@ -119,18 +119,29 @@ QOQ_DEV void wgmma_epilogue(const EpiArgs& e, const int (&acc)[BN / 2], int row0
     qs_[hh] = (pc && row < M) ? __int2float_rn(e.qsum[row]) : 0.f;
   }
   const bool pairs = !(e.N & 1);
+  // channel parameters: lane L loads the tile's column pairs L, L + 32, ... all at once and each pair's owners
+  // take them by shuffle (loaded next to each pair's stores, every pair waited for its own L2 round trip)
+  constexpr int T = BN / 64;
+  const int lane = threadIdx.x & 31, nb = col0 - 2 * (lane & 3);
+  u32 s1p[T], szp[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const int c = nb + 2 * (lane + 32 * t);  // even; c + 1 < Np whenever c < N (Np is a multiple of 32)
+    s1p[t] = DT != DT_I32 && c < e.N ? *(const u32*)(e.s1 + c) : 0u;
+    szp[t] = DT != DT_I32 && pc && c < e.N ? *(const u32*)(e.szeros + c) : 0u;
+  }
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
-    const int col = col0 + 8 * j;  // even; col + 1 < Np whenever col < N (Np is a multiple of 32)
+    const int col = col0 + 8 * j, owner = 4 * (j % 8) + (lane & 3);  // column pair 4j + (lane & 3)
+    const u32 s1w = DT != DT_I32 ? __shfl_sync(0xffffffffu, s1p[j / 8], owner) : 0u;
+    const u32 szw = DT != DT_I32 && pc ? __shfl_sync(0xffffffffu, szp[j / 8], owner) : 0u;
     if (col >= e.N) continue;
     const bool has1 = col + 1 < e.N;
     float s1a = 0.f, s1b = 0.f, sza = 0.f, szb = 0.f, ba = 0.f, bb = 0.f;
     if (DT != DT_I32) {
-      const u32 s1w = *(const u32*)(e.s1 + col);
       s1a = h2f((u16)(s1w & 0xffffu));
       s1b = h2f((u16)(s1w >> 16));
       if (pc) {
-        const u32 szw = *(const u32*)(e.szeros + col);
         sza = h2f((u16)(szw & 0xffffu));
         szb = h2f((u16)(szw >> 16));
       }
