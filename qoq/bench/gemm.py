@@ -86,7 +86,8 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                 if cc >= 90 and isinstance(picked_cfg, GemvConfig) and picked_cfg.pdl:  # the GEMV without PDL
                     paths["_nopdl"] = replace(picked_cfg, pdl=False)
                 if isinstance(picked_cfg, SwapConfig):  # the swapped-operand kernel with the other pipeline
-                    paths["_swapalt"] = replace(picked_cfg, overlap=not picked_cfg.overlap)
+                    paths["_swapalt"] = (replace(picked_cfg, tma=False) if picked_cfg.tma
+                                          else replace(picked_cfg, overlap=not picked_cfg.overlap))
                 for suffix, cfg in paths.items():
                     res[name + suffix] = time_calls([lambda w=w, cfg=cfg, a=a: K.w4a8_linear(a, w, config=cfg)
                                                      for w in lins])
