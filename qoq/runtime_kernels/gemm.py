@@ -163,21 +163,18 @@ def _swap_wins(m: int, kt: int) -> bool:
 def _choose_swap(m: int, np_: int, kt: int, sms: int) -> SwapConfig:
     """Token tile: the smallest of 32 / 64 / 128 that holds M (128 above). Up to M = 64 the activations come by
     TMA and the cluster split-K is the largest of 1 / 2 / 4 / 8 whose CTAs all fit at two per SM (4096 x 4096 and
-    4096 x 14336 at M = 64: 8 CTAs, 12.5 / 23.6 us against 15.5 / 34.8 with cp.async and 4); M = 65-128 uses
+    4096 x 14336 at M = 64: 8 CTAs, 12.8 / 23.9 us against 15.7 / 34.7 with cp.async and 4); M = 65-128 uses
     cp.async and the smallest cluster that gives 0.9 CTAs per SM; above M = 128 (long K) 2 while the tiles cover
     fewer than 1.5 CTAs per SM. Measured on H100 (NOTES.md)."""
     bt = 32 if m <= 32 else 64 if m <= 64 else 128
     tiles = math.ceil(np_ / 128) * math.ceil(m / bt)
     if m > SWAP_MID_M:
         return SwapConfig(bt, cluster=2 if tiles < 1.5 * sms else 1)
-    cluster = 1
-    if bt <= 64:
-        while cluster < 8 and tiles * cluster * 2 <= 2 * sms and kt // (2 * cluster) >= 8:
-            cluster *= 2
-        return SwapConfig(bt, cluster=cluster, tma=True)
-    while cluster < 8 and tiles * cluster < 0.9 * sms and kt // (2 * cluster) >= 8:
+    cluster = 1  # doubled while each split keeps >= 8 k-tiles and (bt <= 64) the CTAs still fit two per SM
+    while cluster < 8 and kt // (2 * cluster) >= 8 and (
+            tiles * 2 * cluster <= 2 * sms if bt <= 64 else tiles * cluster < 0.9 * sms):
         cluster *= 2
-    return SwapConfig(bt, cluster=cluster)
+    return SwapConfig(bt, cluster=cluster, tma=bt <= 64)
 
 
 def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig:
