@@ -123,15 +123,15 @@ def test_choose_config_large_m_paths():
                               (4096, 4096, 4096, 89, I), (100, 4096, 4096, 80, T), (64, 28672, 4096, 89, T)]:
         assert isinstance(gemm.choose_config(m, n, k, 132, cc=cc), kind), (m, n, k, cc)
     assert isinstance(gemm.choose_config(4096, 4096, 4096, 132, intmm=False, cc=90), T)
-    # token tile by M (activations by TMA up to 64); cluster split-K by how many 128-channel tiles there are per SM
+    # token tile by M (activations by TMA up to 128); cluster split-K by how many 128-channel tiles there are per SM
     # (Llama-3-8B, 132 SMs)
     assert gemm.choose_config(32, 4096, 4096, 132, cc=90) == S(32, cluster=8, tma=True)
     assert gemm.choose_config(32, 6144, 4096, 132, cc=90) == S(32, cluster=4, tma=True)
     assert gemm.choose_config(64, 4096, 14336, 132, cc=90) == S(64, cluster=8, tma=True)
     assert gemm.choose_config(64, 6144, 4096, 132, cc=90) == S(64, cluster=4, tma=True)
     assert gemm.choose_config(64, 28672, 4096, 132, cc=90) == S(64, cluster=1, tma=True)
-    assert gemm.choose_config(100, 4096, 4096, 132, cc=90) == S(128, cluster=4)
-    assert gemm.choose_config(128, 28672, 4096, 132, cc=90) == S(128, cluster=1)
+    assert gemm.choose_config(100, 4096, 4096, 132, cc=90) == S(128, cluster=4, tma=True)
+    assert gemm.choose_config(128, 28672, 4096, 132, cc=90) == S(128, cluster=1, tma=True)
     assert gemm.choose_config(511, 4096, 14336, 132, cc=90) == S(128, cluster=2)
     assert gemm.choose_config(2048, 4096, 14336, 132, cc=90) == X(256, 4)
     assert gemm.choose_config(1024, 4096, 14336, 132, cc=90) == X(128, 6, cluster=2)

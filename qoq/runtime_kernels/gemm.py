@@ -161,11 +161,11 @@ def _swap_wins(m: int, kt: int) -> bool:
 
 
 def _choose_swap(m: int, np_: int, kt: int, sms: int) -> SwapConfig:
-    """Token tile: the smallest of 32 / 64 / 128 that holds M (128 above). Up to M = 64 the activations come by
-    TMA and the cluster split-K is the largest of 1 / 2 / 4 / 8 whose CTAs all fit at two per SM (4096 x 4096 and
-    4096 x 14336 at M = 64: 8 CTAs, 12.8 / 23.9 us against 15.7 / 34.7 with cp.async and 4); M = 65-128 uses
-    cp.async and the smallest cluster that gives 0.9 CTAs per SM; above M = 128 (long K) 2 while the tiles cover
-    fewer than 1.5 CTAs per SM. Measured on H100 (NOTES.md)."""
+    """Token tile: the smallest of 32 / 64 / 128 that holds M (128 above). Up to M = 128 the activations come by
+    TMA; up to M = 64 the cluster split-K is the largest of 1 / 2 / 4 / 8 whose CTAs all fit at two per SM
+    (4096 x 4096 and 4096 x 14336 at M = 64: 8 CTAs, 12.8 / 23.9 us against 15.7 / 34.7 with cp.async and 4);
+    M = 65-128 the smallest that gives 0.9 CTAs per SM (TMA 2-11 % faster than cp.async there); above M = 128
+    (long K, cp.async) 2 while the tiles cover fewer than 1.5 CTAs per SM. Measured on H100 (NOTES.md)."""
     bt = 32 if m <= 32 else 64 if m <= 64 else 128
     tiles = math.ceil(np_ / 128) * math.ceil(m / bt)
     if m > SWAP_MID_M:
@@ -174,7 +174,7 @@ def _choose_swap(m: int, np_: int, kt: int, sms: int) -> SwapConfig:
     while cluster < 8 and kt // (2 * cluster) >= 8 and (
             tiles * 2 * cluster <= 2 * sms if bt <= 64 else tiles * cluster < 0.9 * sms):
         cluster *= 2
-    return SwapConfig(bt, cluster=cluster, tma=bt <= 64)
+    return SwapConfig(bt, cluster=cluster, tma=True)
 
 
 def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig:
@@ -489,7 +489,8 @@ DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
     WgmmaConfig(), TmaConfig(), TmaConfig(128, 3, 2), TmaConfig(256, 4, cluster=2),
     TmaConfig(128, 6, cluster=2)) + tuple(
-    SwapConfig(bt, cluster=cl, tma=bt <= 64) for bt in (32, 64, 128) for cl in (1, 2, 4, 8))
+    SwapConfig(bt, cluster=cl, tma=True) for bt in (32, 64, 128) for cl in (1, 2, 4, 8)) + (
+    SwapConfig(128, cluster=1), SwapConfig(128, cluster=2))
 
 
 def default_variants() -> list:
