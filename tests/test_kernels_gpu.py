@@ -352,7 +352,7 @@ def _swap_configs():
             SwapConfig(16, 4, 2, 1, tma=True), SwapConfig(64, 4, 2, 4, tma=True), SwapConfig(128, 3, 3, 2, tma=True),
             SwapConfig(32, 2, 1, 8, tma=True), SwapConfig(64, cluster=8, tma=True), SwapConfig(32, cluster=4, tma=True),
             SwapConfig(64, cluster=1, tma=True), SwapConfig(128, cluster=4, tma=True),
-            SwapConfig(128, cluster=1, tma=True)]
+            SwapConfig(128, cluster=1, tma=True), SwapConfig(64, cluster=2, tma=True)]
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -372,6 +372,26 @@ def test_w4a8_swap_kernel(group, n, k):
             for dt in (torch.float16, torch.bfloat16, torch.float32):
                 y, ref = K.w4a8_linear(a, w, out_dtype=dt, config=cfg), ops.w4a8_linear(a, w, out_dtype=dt)
                 assert torch.equal(y, ref), f"{cfg} {dt} differs at M={m}"
+
+
+def test_every_swap_tuner_candidate_is_exact():
+    """Whatever `--tune-swap` finds fastest can be dispatched: every configuration it times on the Llama-3-8B
+    tilings at M = 16-256 (g128) is bit-exact here, on a shape with N and K tails."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma needs sm_90a")
+    from qoq.bench.gemm_tuner import swap_candidates
+    from qoq.runtime_kernels.gemm import variant_for
+
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    cfgs = sorted({c for m in (16, 32, 64, 128, 256) for c in swap_candidates(m, 4096, 128, sms)}, key=repr)
+    K.precompile(list(dict.fromkeys(variant_for(c, True)[0] for c in cfgs)))
+    w = _linear(576, 4128, 128)
+    for m in (1, 17, 100):
+        a = _act(m, 4128, w.padded_in, w.per_channel, seed=m)
+        ref_acc, ref = _ref_acc(a, w), ops.w4a8_linear(a, w, out_dtype=torch.float16)
+        for cfg in cfgs:
+            assert torch.equal(K.w4a8_linear(a, w, out_dtype=torch.int32, config=cfg), ref_acc), f"{cfg} M={m}"
+            assert torch.equal(K.w4a8_linear(a, w, out_dtype=torch.float16, config=cfg), ref), f"{cfg} M={m}"
 
 
 @pytest.mark.parametrize("group", [128, -1])
