@@ -109,28 +109,32 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
 
 def test_choose_config_large_m_paths():
     """sm_90: the two-pass TMA path from M = 512 (2048 per-channel); below it the swapped-operand
-    kernel at M = 17-128 and on long K above 128, the wgmma kernel above 128 once its 128 x 128 tiles cover half
+    kernel at M = 17-256 and on long K above 256, the wgmma kernel above 256 once its 128 x 128 tiles cover half
     the SMs; else (and below sm_90) dequant + _int_mm from M = 256, the tiled kernel below that."""
     from qoq.runtime_kernels import gemm
 
     W, I, T, S, X = gemm.WgmmaConfig, gemm.IntMMConfig, gemm.GemmConfig, gemm.SwapConfig, gemm.TmaConfig
-    for m, n, k, cc, kind in [(4096, 4096, 4096, 90, X), (1024, 28672, 4096, 90, X), (256, 6144, 4096, 90, W),
-                              (1024, 4096, 14336, 90, X), (500, 6144, 4096, 90, W),
-                              (512, 28672, 4096, 90, X), (511, 28672, 4096, 90, W), (256, 4096, 4096, 90, I),
-                              (65, 4096, 14336, 90, S),
+    for m, n, k, cc, kind in [(4096, 4096, 4096, 90, X), (1024, 28672, 4096, 90, X), (1024, 4096, 14336, 90, X),
+                              (256, 6144, 4096, 90, S), (257, 6144, 4096, 90, W), (500, 6144, 4096, 90, W),
+                              (512, 28672, 4096, 90, X), (511, 28672, 4096, 90, W), (256, 4096, 4096, 90, S),
+                              (257, 4096, 4096, 90, W), (300, 2048, 4096, 90, I), (65, 4096, 14336, 90, S),
                               (256, 4096, 14336, 90, S), (33, 28672, 4096, 90, S), (100, 4096, 4096, 90, S),
                               (16, 4096, 4096, 90, gemm.GemvConfig), (4096, 4096, 4096, 80, I),
                               (4096, 4096, 4096, 89, I), (100, 4096, 4096, 80, T), (64, 28672, 4096, 89, T)]:
         assert isinstance(gemm.choose_config(m, n, k, 132, cc=cc), kind), (m, n, k, cc)
     assert isinstance(gemm.choose_config(4096, 4096, 4096, 132, intmm=False, cc=90), T)
-    # token tile by M (activations by TMA up to 128); cluster split-K by how many 128-channel tiles there are per SM
+    # token tile by M (activations by TMA up to 256); cluster split-K by how many 128-channel tiles there are per SM
     # (Llama-3-8B, 132 SMs)
     assert gemm.choose_config(32, 4096, 4096, 132, cc=90) == S(32, cluster=8, tma=True)
     assert gemm.choose_config(32, 6144, 4096, 132, cc=90) == S(32, cluster=4, tma=True)
     assert gemm.choose_config(64, 4096, 14336, 132, cc=90) == S(64, cluster=8, tma=True)
     assert gemm.choose_config(64, 6144, 4096, 132, cc=90) == S(64, cluster=4, tma=True)
     assert gemm.choose_config(64, 28672, 4096, 132, cc=90) == S(64, cluster=1, tma=True)
-    assert gemm.choose_config(100, 4096, 4096, 132, cc=90) == S(128, cluster=4, tma=True)
+    assert gemm.choose_config(100, 4096, 4096, 132, cc=90) == S(64, cluster=4, tma=True)
+    assert gemm.choose_config(100, 6144, 4096, 132, cc=90) == S(128, cluster=4, tma=True)
+    assert gemm.choose_config(256, 4096, 4096, 132, cc=90) == S(64, cluster=2, tma=True)
+    assert gemm.choose_config(256, 6144, 4096, 132, cc=90) == S(64, cluster=1, tma=True)
+    assert gemm.choose_config(256, 28672, 4096, 132, cc=90) == S(128, cluster=1, tma=True)
     assert gemm.choose_config(128, 28672, 4096, 132, cc=90) == S(128, cluster=1, tma=True)
     assert gemm.choose_config(511, 4096, 14336, 132, cc=90) == S(128, cluster=2)
     assert gemm.choose_config(2048, 4096, 14336, 132, cc=90) == X(256, 4)

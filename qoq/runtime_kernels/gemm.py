@@ -96,7 +96,7 @@ PDL_ENABLED = os.environ.get("QOQ_PDL", "1") != "0"  # QOQ_PDL=0: never use prog
 GEMV_MAX_M = 32  # 17-32 tokens: 2-3x faster than the tiled kernel on Llama-3-8B shapes (NOTES.md)
 GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-64 tokens: 1.1-1.7x)
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
-SWAP_MIN_M, SWAP_MID_M = 17, 128  # sm_90a swapped-operand kernel ranges (_swap_wins)
+SWAP_MIN_M, SWAP_MID_M = 17, 256  # sm_90a swapped-operand kernel ranges (_swap_wins)
 WGMMA_MIN_M = 33  # (M <= 64 reaches it only with >= 4 channel groups per SM; below that the GEMV wins)
 # sm_90a two-pass TMA path from here: per-group weights / per-channel weights; measured on H100 (`--tune-large`,
 # NOTES.md)
@@ -154,27 +154,42 @@ def choose_tma(m: int, kp: int) -> TmaConfig:
 
 def _swap_wins(m: int, kt: int) -> bool:
     """Where the swapped-operand kernel beat every other path on H100 (`--tune-swap`, `--tune-large`, NOTES.md):
-    M = 17-128 on every Llama-3-8B shape and M > 128 on long K (K >= 8192, where the 128 x 128 wgmma kernel has
-    no split-K). From M = 1024 on short K the 128 x 128 wgmma kernel measured as fast or faster (up to 24 %).
-    M <= 16 stays with the GEMV."""
+    M = 17-256 on every Llama-3-8B shape (M = 256: 24.8-88.4 us against the 128 x 128 wgmma kernel's 26.6-97.4)
+    and above that on long K (K >= 8192, where the wgmma kernel has no split-K). From M = 1024 on short K the
+    wgmma kernel measured as fast or faster (up to 24 %). M <= 16 stays with the GEMV."""
     return SWAP_MIN_M <= m <= SWAP_MID_M or (m > SWAP_MID_M and kt >= 256)
 
 
-def _choose_swap(m: int, np_: int, kt: int, sms: int) -> SwapConfig:
-    """Token tile: the smallest of 32 / 64 / 128 that holds M (128 above). Up to M = 128 the activations come by
-    TMA; up to M = 64 the cluster split-K is the largest of 1 / 2 / 4 / 8 whose CTAs all fit at two per SM
-    (4096 x 4096 and 4096 x 14336 at M = 64: 8 CTAs, 12.8 / 23.9 us against 15.7 / 34.7 with cp.async and 4);
-    M = 65-128 the smallest that gives 0.9 CTAs per SM (TMA 2-11 % faster than cp.async there); above M = 128
-    (long K, cp.async) 2 while the tiles cover fewer than 1.5 CTAs per SM. Measured on H100 (NOTES.md)."""
-    bt = 32 if m <= 32 else 64 if m <= 64 else 128
-    tiles = math.ceil(np_ / 128) * math.ceil(m / bt)
-    if m > SWAP_MID_M:
-        return SwapConfig(bt, cluster=2 if tiles < 1.5 * sms else 1)
-    cluster = 1  # doubled while each split keeps >= 8 k-tiles and (bt <= 64) the CTAs still fit two per SM
-    while cluster < 8 and kt // (2 * cluster) >= 8 and (
-            tiles * 2 * cluster <= 2 * sms if bt <= 64 else tiles * cluster < 0.9 * sms):
+def _fit_cluster(tiles: int, kt: int, sms: int) -> int:
+    """The largest cluster split-K of 1 / 2 / 4 / 8 that leaves each CTA >= 8 k-tiles and whose CTAs all fit at
+    two per SM (1 when none does)."""
+    cluster = 1
+    while cluster < 8 and kt // (2 * cluster) >= 8 and tiles * 2 * cluster <= 2 * sms:
         cluster *= 2
-    return SwapConfig(bt, cluster=cluster, tma=True)
+    return cluster
+
+
+def _choose_swap(m: int, np_: int, kt: int, sms: int) -> SwapConfig:
+    """Activations by TMA up to M = 256. M <= 32: 32-token tiles, M <= 64: 64, in the `_fit_cluster` split-K
+    (4096 x 4096 and 4096 x 14336 at M = 64: 8 CTAs, 12.8 / 23.9 us against 15.7 / 34.7 with cp.async and 4).
+    M = 65-256: still 64-token tiles where they fit two per SM in 4-CTA clusters (M <= 128) or unsplit (M > 128),
+    else 128-token tiles in the smallest cluster that gives 0.9 CTAs per SM (M <= 128) or in pairs while they
+    cover fewer than 1.5 CTAs per SM (M = 128: 4096 x 4096 17.2 us with 64-token tiles against 21.2 with 128;
+    M = 256: 4096 x 4096 24.8 against 26.6 for the wgmma kernel). Above M = 256 (long K only): 128-token tiles
+    by cp.async. Measured on H100 (NOTES.md)."""
+    tiles = lambda bt: math.ceil(np_ / 128) * math.ceil(m / bt)  # noqa: E731
+    if m <= 64:
+        bt = 32 if m <= 32 else 64
+        return SwapConfig(bt, cluster=_fit_cluster(tiles(bt), kt, sms), tma=True)
+    cluster = _fit_cluster(tiles(64), kt, sms)
+    if m <= SWAP_MID_M and (cluster >= 4 if m <= 128 else tiles(64) <= 2 * sms):
+        return SwapConfig(64, cluster=cluster, tma=True)
+    if m > 128:
+        return SwapConfig(128, cluster=2 if tiles(128) < 1.5 * sms else 1, tma=m <= SWAP_MID_M)
+    cluster = 1
+    while cluster < 8 and kt // (2 * cluster) >= 8 and tiles(128) * cluster < 0.9 * sms:
+        cluster *= 2
+    return SwapConfig(128, cluster=cluster, tma=True)
 
 
 def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig:
