@@ -104,7 +104,15 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
     assert gemm.choose_config(16, 6144, 4096, 132, cc=90) == gemm.GemvConfig(2, warps=16, u=1)
     assert gemm.choose_config(16, 4096, 14336, 132, cc=90) == gemm.GemvConfig(2, warps=16, u=1, cluster=2)
     assert gemm.choose_config(1, 4096, 4096, 132, cc=90) == gemm.GemvConfig(1, warps=32, u=1)
-    assert gemm.choose_config(16, 28672, 4096, 132, cc=90) == gemm.GemvConfig(2, nt=2, warps=4, u=1, pdl=False)
+    # M = 9-16 on sm_90 with >= 4 channel groups per SM and per-group weights: 16-token swapped-operand tiles in
+    # the largest cluster whose CTAs fit four per SM; per-channel weights and other archs keep the GEMV
+    assert gemm.choose_config(16, 28672, 4096, 132, cc=90) == gemm.SwapConfig(16, cluster=2, tma=True)
+    assert gemm.choose_config(9, 28672, 4096, 132, cc=90) == gemm.SwapConfig(16, cluster=2, tma=True)
+    assert gemm.choose_config(16, 28672, 4096, 66, cc=90) == gemm.SwapConfig(16, cluster=1, tma=True)
+    assert gemm.choose_config(8, 28672, 4096, 132, cc=90) == gemm.GemvConfig(1, warps=8, u=2, pdl=False)
+    assert gemm.choose_config(16, 28672, 4096, 132, cc=90, grouped=False) == gemm.GemvConfig(
+        2, nt=2, warps=4, u=1, pdl=False)
+    assert gemm.choose_config(16, 28672, 4096, 132, cc=89) == gemm.GemvConfig(2, warps=8, u=2)
 
 
 def test_choose_config_large_m_paths():

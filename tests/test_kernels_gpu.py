@@ -352,7 +352,8 @@ def _swap_configs():
             SwapConfig(16, 4, 2, 1, tma=True), SwapConfig(64, 4, 2, 4, tma=True), SwapConfig(128, 3, 3, 2, tma=True),
             SwapConfig(32, 2, 1, 8, tma=True), SwapConfig(64, cluster=8, tma=True), SwapConfig(32, cluster=4, tma=True),
             SwapConfig(64, cluster=1, tma=True), SwapConfig(128, cluster=4, tma=True),
-            SwapConfig(128, cluster=1, tma=True), SwapConfig(64, cluster=2, tma=True)]
+            SwapConfig(128, cluster=1, tma=True), SwapConfig(64, cluster=2, tma=True),
+            SwapConfig(16, cluster=2, tma=True)]
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -85,6 +85,8 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
                 picked_cfg = choose_config(m, np_, kp, sms, cc=cc, grouped=not is_per_channel(g))
                 if cc >= 90 and isinstance(picked_cfg, GemvConfig) and picked_cfg.pdl:  # the GEMV without PDL
                     paths["_nopdl"] = replace(picked_cfg, pdl=False)
+                if isinstance(picked_cfg, SwapConfig) and m <= 16:  # and the GEMV it displaced
+                    paths["_gemv"] = choose_config(m, np_, kp, sms, intmm=False, cc=cc)
                 if isinstance(picked_cfg, SwapConfig):  # the swapped-operand kernel with the other pipeline
                     paths["_swapalt"] = (replace(picked_cfg, tma=False) if picked_cfg.tma
                                           else replace(picked_cfg, overlap=not picked_cfg.overlap))

@@ -97,6 +97,7 @@ GEMV_MAX_M = 32  # 17-32 tokens: 2-3x faster than the tiled kernel on Llama-3-8B
 GEMV_MID_M = 64  # up to here too when there are < 4 channel groups per SM (33-64 tokens: 1.1-1.7x)
 INTMM_MIN_M = 256  # measured on H100: dequant + _int_mm beats the tiled kernel from M = 256 (NOTES.md)
 SWAP_MIN_M, SWAP_MID_M = 17, 256  # sm_90a swapped-operand kernel ranges (_swap_wins)
+SWAP16_MIN_M = 9  # and 16-token tiles at M = 9-16 on wide layers (_choose_swap16)
 WGMMA_MIN_M = 33  # (M <= 64 reaches it only with >= 4 channel groups per SM; below that the GEMV wins)
 # sm_90a two-pass TMA path from here: per-group weights / per-channel weights; measured on H100 (`--tune-large`,
 # NOTES.md)
@@ -124,6 +125,8 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True, cc: i
         return choose_tma(m, kp)
     if intmm and cc == 90 and _swap_wins(m, kp // 32):
         return _choose_swap(m, np_, kp // 32, sms)
+    if intmm and cc == 90 and grouped and SWAP16_MIN_M <= m <= 16 and np_ // 32 >= 4 * sms:
+        return _choose_swap16(np_, sms)
     if m <= GEMV_MAX_M or (m <= GEMV_MID_M and np_ // 32 < 4 * sms):
         return _choose_gemv(m, np_ // 32, kp // 32, sms, cc)
     if intmm and cc == 90 and m >= WGMMA_MIN_M and 2 * math.ceil(m / 128) * math.ceil(np_ / 128) >= sms:
@@ -190,6 +193,17 @@ def _choose_swap(m: int, np_: int, kt: int, sms: int) -> SwapConfig:
     while cluster < 8 and kt // (2 * cluster) >= 8 and tiles(128) * cluster < 0.9 * sms:
         cluster *= 2
     return SwapConfig(128, cluster=cluster, tma=True)
+
+
+def _choose_swap16(np_: int, sms: int) -> SwapConfig:
+    """M = 9-16 with per-group weights and >= 4 channel groups per SM (Llama-3-8B: gate_up's 28672 x 4096):
+    16-token tiles by TMA, in the largest cluster split-K whose CTAs fit four per SM (126 registers: four CTAs of
+    one warpgroup fill the register file), so all run in one wave (28672 x 4096: 224 tiles x 2 = 448 CTAs,
+    27.9-28.3 us against the GEMV's 30.3-30.7 on H100, NOTES.md)."""
+    tiles, cluster = math.ceil(np_ / 128), 1
+    while cluster < 8 and tiles * 2 * cluster <= 4 * sms:
+        cluster *= 2
+    return SwapConfig(16, cluster=cluster, tma=True)
 
 
 def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig:
@@ -504,7 +518,7 @@ DEFAULT_CONFIGS = tuple(GemvConfig(tb, warps=w, u=u, cluster=cl) for tb in (1, 2
     GemmConfig(32, 128, 1, 4, 4, 3), GemmConfig(64, 128, 2, 2, 4, 2), GemmConfig(128, 128, 2, 4, 4, 2),
     WgmmaConfig(), TmaConfig(), TmaConfig(128, 3, 2), TmaConfig(256, 4, cluster=2),
     TmaConfig(128, 6, cluster=2)) + tuple(
-    SwapConfig(bt, cluster=cl, tma=True) for bt in (32, 64, 128) for cl in (1, 2, 4, 8)) + (
+    SwapConfig(bt, cluster=cl, tma=True) for bt in (16, 32, 64, 128) for cl in (1, 2, 4, 8)) + (
     SwapConfig(128, cluster=1), SwapConfig(128, cluster=2))
 
 
