@@ -159,7 +159,8 @@ def _swap_wins(m: int, kt: int) -> bool:
     """Where the swapped-operand kernel beat every other path on H100 (`--tune-swap`, `--tune-large`, NOTES.md):
     M = 17-256 on every Llama-3-8B shape (M = 256: 24.8-88.4 us against the 128 x 128 wgmma kernel's 26.6-97.4)
     and above that on long K (K >= 8192, where the wgmma kernel has no split-K). From M = 1024 on short K the
-    wgmma kernel measured as fast or faster (up to 24 %). M <= 16 stays with the GEMV."""
+    wgmma kernel measured as fast or faster (up to 24 %). M <= 16 stays with the GEMV but on wide layers
+    (`_choose_swap16`)."""
     return SWAP_MIN_M <= m <= SWAP_MID_M or (m > SWAP_MID_M and kt >= 256)
 
 
