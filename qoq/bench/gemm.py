@@ -127,7 +127,7 @@ def _gemm_line(n, k, m, res):
 
     ratios = ["/".join(ratio(b, name) for b in ("fp8", "fp16", "int8")) for name in ("w4a8_g128", "w4a8_pc")
               if name in res]
-    paths = [p for p in ("tiled", "intmm", "wgmma", "tma", "nopdl", "swapalt") if f"w4a8_g128_{p}" in res]
+    paths = [p for p in ("tiled", "intmm", "wgmma", "tma", "nopdl", "gemv", "swapalt") if f"w4a8_g128_{p}" in res]
     extra = ""
     if paths:
         extra = (f"   [{'/'.join(paths)}: g128 " + " ".join(f(f"w4a8_g128_{p}") for p in paths)
