@@ -107,6 +107,7 @@ def test_choose_config_picks_precompiled_variants_for_the_arch(cc):
     # M = 9-16 on sm_90 with >= 4 channel groups per SM and per-group weights: 16-token swapped-operand tiles in
     # the largest cluster whose CTAs fit four per SM; per-channel weights and other archs keep the GEMV
     assert gemm.choose_config(16, 28672, 4096, 132, cc=90) == gemm.SwapConfig(16, cluster=2, tma=True)
+    assert gemm.choose_config(16, 28672, 256, 132, cc=90) == gemm.SwapConfig(16, cluster=1, tma=True)  # 8 k-tiles
     assert gemm.choose_config(9, 28672, 4096, 132, cc=90) == gemm.SwapConfig(16, cluster=2, tma=True)
     assert gemm.choose_config(16, 28672, 4096, 66, cc=90) == gemm.SwapConfig(16, cluster=1, tma=True)
     assert gemm.choose_config(8, 28672, 4096, 132, cc=90) == gemm.GemvConfig(1, warps=8, u=2, pdl=False)

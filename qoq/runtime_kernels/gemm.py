@@ -126,7 +126,7 @@ def choose_config(m: int, np_: int, kp: int, sms: int, intmm: bool = True, cc: i
     if intmm and cc == 90 and _swap_wins(m, kp // 32):
         return _choose_swap(m, np_, kp // 32, sms)
     if intmm and cc == 90 and grouped and SWAP16_MIN_M <= m <= 16 and np_ // 32 >= 4 * sms:
-        return _choose_swap16(np_, sms)
+        return _choose_swap16(np_, kp // 32, sms)
     if m <= GEMV_MAX_M or (m <= GEMV_MID_M and np_ // 32 < 4 * sms):
         return _choose_gemv(m, np_ // 32, kp // 32, sms, cc)
     if intmm and cc == 90 and m >= WGMMA_MIN_M and 2 * math.ceil(m / 128) * math.ceil(np_ / 128) >= sms:
@@ -196,13 +196,13 @@ def _choose_swap(m: int, np_: int, kt: int, sms: int) -> SwapConfig:
     return SwapConfig(128, cluster=cluster, tma=True)
 
 
-def _choose_swap16(np_: int, sms: int) -> SwapConfig:
+def _choose_swap16(np_: int, kt: int, sms: int) -> SwapConfig:
     """M = 9-16 with per-group weights and >= 4 channel groups per SM (Llama-3-8B: gate_up's 28672 x 4096):
-    16-token tiles by TMA, in the largest cluster split-K whose CTAs fit four per SM (126 registers: four CTAs of
-    one warpgroup fill the register file), so all run in one wave (28672 x 4096: 224 tiles x 2 = 448 CTAs,
-    27.9-28.3 us against the GEMV's 30.3-30.7 on H100, NOTES.md)."""
+    16-token tiles by TMA, in the largest cluster split-K (>= 8 k-tiles per CTA) whose CTAs fit four per SM (126
+    registers: four CTAs of one warpgroup fill the register file), so all run in one wave (28672 x 4096: 224 tiles
+    x 2 = 448 CTAs, 27.8-28.4 us against the GEMV's 30.2-30.7 in three H100 runs, NOTES.md)."""
     tiles, cluster = math.ceil(np_ / 128), 1
-    while cluster < 8 and tiles * 2 * cluster <= 4 * sms:
+    while cluster < 8 and kt // (2 * cluster) >= 8 and tiles * 2 * cluster <= 4 * sms:
         cluster *= 2
     return SwapConfig(16, cluster=cluster, tma=True)
 
