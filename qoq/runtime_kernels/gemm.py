@@ -200,7 +200,7 @@ def _choose_swap16(np_: int, kt: int, sms: int) -> SwapConfig:
     """M = 9-16 with per-group weights and >= 4 channel groups per SM (Llama-3-8B: gate_up's 28672 x 4096):
     16-token tiles by TMA, in the largest cluster split-K (>= 8 k-tiles per CTA) whose CTAs fit four per SM (126
     registers: four CTAs of one warpgroup fill the register file), so all run in one wave (28672 x 4096: 224 tiles
-    x 2 = 448 CTAs, 27.8-28.4 us against the GEMV's 30.2-30.7 in three H100 runs, NOTES.md)."""
+    x 2 = 448 CTAs, 27.9-28.3 us against the GEMV's 30.2-30.7 in three H100 runs, NOTES.md)."""
     tiles, cluster = math.ceil(np_ / 128), 1
     while cluster < 8 and kt // (2 * cluster) >= 8 and tiles * 2 * cluster <= 4 * sms:
         cluster *= 2
