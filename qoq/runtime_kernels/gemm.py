@@ -164,11 +164,11 @@ def _swap_wins(m: int, kt: int) -> bool:
     return SWAP_MIN_M <= m <= SWAP_MID_M or (m > SWAP_MID_M and kt >= 256)
 
 
-def _fit_cluster(tiles: int, kt: int, sms: int) -> int:
+def _fit_cluster(tiles: int, kt: int, sms: int, per_sm: int = 2) -> int:
     """The largest cluster split-K of 1 / 2 / 4 / 8 that leaves each CTA >= 8 k-tiles and whose CTAs all fit at
-    two per SM (1 when none does)."""
+    `per_sm` per SM (1 when none does)."""
     cluster = 1
-    while cluster < 8 and kt // (2 * cluster) >= 8 and tiles * 2 * cluster <= 2 * sms:
+    while cluster < 8 and kt // (2 * cluster) >= 8 and tiles * 2 * cluster <= per_sm * sms:
         cluster *= 2
     return cluster
 
@@ -201,10 +201,7 @@ def _choose_swap16(np_: int, kt: int, sms: int) -> SwapConfig:
     16-token tiles by TMA, in the largest cluster split-K (>= 8 k-tiles per CTA) whose CTAs fit four per SM (126
     registers: four CTAs of one warpgroup fill the register file), so all run in one wave (28672 x 4096: 224 tiles
     x 2 = 448 CTAs, 27.9-28.3 us against the GEMV's 30.2-30.7 in three H100 runs, NOTES.md)."""
-    tiles, cluster = math.ceil(np_ / 128), 1
-    while cluster < 8 and kt // (2 * cluster) >= 8 and tiles * 2 * cluster <= 4 * sms:
-        cluster *= 2
-    return SwapConfig(16, cluster=cluster, tma=True)
+    return SwapConfig(16, cluster=_fit_cluster(math.ceil(np_ / 128), kt, sms, per_sm=4), tma=True)
 
 
 def _choose_gemv(m: int, ngroups: int, kt: int, sms: int, cc: int) -> GemvConfig:
