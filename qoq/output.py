@@ -1,10 +1,11 @@
-"""Where `qoq quantize` may write, checked before any work: what `--overwrite` may replace, the hidden
-partial folder the artifact is written into (created up front, so an unwritable output fails at once),
-and partial folders that killed runs left behind.
+"""Where `qoq quantize` and `qoq export` may write, checked before any work: what `--overwrite` may
+replace, the hidden partial folder the output is written into (created up front, so an unwritable output
+fails at once), and partial folders that killed runs left behind.
 
 A folder counts as a qoq artifact when its config.json carries `quantization_config.quant_method: qoq`,
-the same test `read_artifact` applies. Only such a folder may be replaced, and never the current
-directory (or one above it) or the source model's folder (or one containing it or inside it).
+the same test `read_artifact` applies, and as a qoq export when it holds `qoq_export.json`. Each command
+replaces only its own kind of folder (or an empty one), and never the current directory (or one above
+it) or a protected folder: the source model, the artifact being exported (or one containing or inside it).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from qoq.errors import QoqError, arg
 from qoq.progress import Reporter
@@ -24,16 +26,35 @@ from qoq.scheme.schema import QUANT_METHOD
 PARTIAL_SUFFIX = ".partial"
 OWNER_FILE = ".qoq-partial-owner.json"  # inside a partial folder: which process is writing it
 RESUME_STATE = Path("resume") / "state.json"  # inside a partial folder: an interrupted run can continue
+EXPORT_MARKER = "qoq_export.json"  # in a folder `qoq export` wrote: its format and the artifact it came from
 
 
 def is_qoq_artifact(path: Path) -> bool:
-    """A folder whose config.json says `quant_method: qoq`: the only kind `--overwrite` may replace."""
+    """A folder whose config.json says `quant_method: qoq`: the only kind `qoq quantize --overwrite` replaces."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def is_qoq_export(path: Path) -> bool:
+    """A folder `qoq export` wrote (it holds EXPORT_MARKER): the only kind `qoq export --overwrite` replaces."""
+    return (Path(path) / EXPORT_MARKER).is_file()
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes, and how an earlier output of it (the only thing --overwrite replaces) is known."""
+
+    noun: str
+    is_one: Callable[[Path], bool]
+    mark: str  # what the test looks for, for the error message
+
+
+ARTIFACT = OutputKind("qoq artifact", is_qoq_artifact, "no qoq quantization_config in its config.json")
+EXPORT = OutputKind("qoq export", is_qoq_export, f"no {EXPORT_MARKER}")
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -48,27 +69,36 @@ def local_model_path(spec: str | None) -> Path | None:
     return p.resolve() if p.exists() else None
 
 
-def check_output(output: Path, model: str | None, overwrite: bool) -> Path:
-    """The resolved output path, or a one-line QoqError when writing there could destroy anything."""
+def check_output(output: Path, model: str | None, overwrite: bool, kind: OutputKind = ARTIFACT,
+                 protected: dict[Path, str] | None = None) -> Path:
+    """The resolved output path, or a one-line QoqError when writing there could destroy anything.
+
+    `protected` maps folders (their resolved paths) to how the error names them: the output may neither be,
+    contain nor lie inside one; the local source `model` is one. An empty folder is free to use."""
     resolved = Path(output).expanduser().resolve()
     if not resolved.exists():
         return resolved
-    if not overwrite:
-        raise QoqError(f"output folder {output} already exists; pass {arg('overwrite', True)} or choose another "
-                       f"{arg('output')}")
     if not resolved.is_dir():
-        raise QoqError(f"{arg('output')} {output} is a file; {arg('overwrite')} replaces only artifact folders qoq "
-                       f"quantize wrote, so choose another {arg('output')}")
+        raise QoqError(f"{arg('output')} {output} is a file; {arg('overwrite')} replaces only {kind.noun} folders, "
+                       f"so choose another {arg('output')}")
     if _is_within(Path.cwd().resolve(), resolved):
         raise QoqError(f"{arg('output')} {output} is the current directory or contains it; {arg('overwrite')} never "
                        f"replaces that, so choose another {arg('output')}")
+    protected = dict(protected or {})
     source = local_model_path(model)
-    if source is not None and (_is_within(source, resolved) or _is_within(resolved, source)):
-        raise QoqError(f"{arg('output')} {output} is, contains or lies inside the source model {model}; "
-                       f"{arg('overwrite')} never replaces it, so choose an {arg('output')} outside the model folder")
-    if not is_qoq_artifact(resolved):
-        raise QoqError(f"{arg('output')} {output} exists and is not a qoq artifact (no qoq quantization_config in "
-                       f"its config.json); {arg('overwrite')} replaces only artifacts, so choose another "
+    if source is not None:
+        protected[source] = f"the source model {model}"
+    for folder, label in protected.items():
+        if _is_within(folder, resolved) or _is_within(resolved, folder):
+            raise QoqError(f"{arg('output')} {output} is, contains or lies inside {label}; {arg('overwrite')} never "
+                           f"replaces it, so choose an {arg('output')} outside that folder")
+    if not any(resolved.iterdir()):
+        return resolved
+    if not kind.is_one(resolved):
+        raise QoqError(f"{arg('output')} {output} exists and is not a {kind.noun} ({kind.mark}); "
+                       f"{arg('overwrite')} replaces only those, so choose another {arg('output')}")
+    if not overwrite:
+        raise QoqError(f"output folder {output} already exists; pass {arg('overwrite', True)} or choose another "
                        f"{arg('output')}")
     return resolved
 

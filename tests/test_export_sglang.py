@@ -221,21 +221,57 @@ def test_export_refuses_shapes_sglang_cannot_run(artifacts, tmp_path):
     assert sglang_shape_problem(linears(4096, 14336, 4096, 1024), -1) is None  # Llama-3-8B
 
 
-def test_export_output_folder_rules(artifacts, tmp_path):
+def test_export_output_folder_rules(artifacts, tmp_path, monkeypatch):
     path = artifacts("llama", -1)
     out = tmp_path / "sglang"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    r = runner.invoke(app, ["export", str(path), "--output", str(out)])  # an empty folder is free to use
+    assert r.exit_code == 0, r.output
+    marker = json.loads((out / "qoq_export.json").read_text())
+    assert marker["format"] == "sglang" and marker["artifact"] == str(path.resolve())
     r = runner.invoke(app, ["export", str(path), "--output", str(out)])
     assert_one_line_error(r, "already exists", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
-    for inside in (path, path.parent):
-        r = runner.invoke(app, ["export", str(path), "--output", str(inside), "--overwrite"])
-        assert_one_line_error(r, "is or contains the artifact")
-    assert read_artifact(path).group_size == -1
-    r = runner.invoke(app, ["export", str(path), "--output", str(out), "--overwrite"])
+    r = runner.invoke(app, ["export", str(path), "--output", str(out), "--overwrite"])  # an earlier export
     assert r.exit_code == 0, r.output
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    assert (out / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("target,fragments", [
+    ("mine", ["exists and is not a qoq export", "choose another --output"]),
+    ("mine/keep.txt", ["is a file", "choose another --output"]),
+    (".", ["current directory", "choose another --output"]),
+    ("ART", ["is, contains or lies inside the artifact"]),
+    ("ART_PARENT", ["is, contains or lies inside the artifact"]),
+    ("MODEL", ["is, contains or lies inside the artifact's source model"]),
+    ("OTHER_ARTIFACT", ["is not a qoq export"]),
+])
+def test_export_overwrite_never_replaces_what_it_did_not_write(artifacts, tmp_path, monkeypatch, target, fragments):
+    path = artifacts("llama", -1)
+    other = artifacts("llama", 128)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "work")
+    named = {"ART": path, "ART_PARENT": path.parent, "MODEL": path.parent / "model", "OTHER_ARTIFACT": other}
+    target = str(named.get(target, tmp_path / target if target != "." else "."))
+    before = sorted(str(p) for root in (tmp_path, path.parent, other.parent) for p in root.rglob("*"))
+    r = runner.invoke(app, ["export", str(path), "--output", target, "--overwrite"])
+    assert_one_line_error(r, *fragments)
+    assert sorted(str(p) for root in (tmp_path, path.parent, other.parent) for p in root.rglob("*")) == before
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
+
+
+def test_export_into_an_unwritable_place_is_one_line(artifacts, tmp_path):
+    path = artifacts("llama", -1)
+    (tmp_path / "a-file").write_text("x")
+    r = runner.invoke(app, ["export", str(path), "--output", str(tmp_path / "a-file" / "out")])
+    assert_one_line_error(r, "cannot create the folder", "choose another --output")
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_export_vllm_format_is_named(artifacts, tmp_path):
+    path = artifacts("llama", -1)
     r = runner.invoke(app, ["export", str(path), "--format", "vllm", "--output", str(tmp_path / "x")])
     assert_one_line_error(r, "--format 'vllm'", "sglang")

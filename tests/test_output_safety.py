@@ -72,8 +72,8 @@ def make_artifact(workdir: Path, name: str) -> Path:
     ("precious", ["precious exists and is not a qoq artifact", "choose another --output"]),
     (".", ["current directory", "choose another --output"]),
     ("..", ["current directory", "choose another --output"]),
-    ("model", ["source model model", "outside the model folder"]),
-    ("model/inner-artifact", ["source model model", "outside the model folder"]),
+    ("model", ["source model model", "outside that folder"]),
+    ("model/inner-artifact", ["source model model", "outside that folder"]),
     ("precious/notes.txt", ["is a file", "choose another --output"]),
 ])
 def test_overwrite_replaces_only_artifacts(workdir, target, fragments):

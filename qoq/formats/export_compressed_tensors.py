@@ -58,7 +58,7 @@ def export_compressed_tensors(artifact: str | Path | Artifact, output: str | Pat
     config = {k: v for k, v in art.config.items() if k != "quantization_config"}
     config["torch_dtype"] = "float16"
     config["quantization_config"] = compressed_tensors_config()
-    return write_checkpoint(output, config, tensors, art.path, overwrite)
+    return write_checkpoint(output, config, tensors, art, "compressed-tensors", overwrite)
 
 
 def channel_tensors(art: Artifact, name: str, n: int, k: int) -> dict[str, torch.Tensor]:

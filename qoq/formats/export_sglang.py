@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from qoq.scheme.progressive import padded_dims
 from qoq.errors import QoqError, arg
+from qoq.output import EXPORT, EXPORT_MARKER, check_output, create_partial, drop_owner_record, finish_partial
+from qoq.signals import interrupts_deferred
+from qoq.version import __version__
 from qoq.formats.artifact import (INDEX_FILE, REPORT_FILE, WEIGHTS_FILE, Artifact, _replace_folder, write_weights,
                                   read_artifact)
 
@@ -44,7 +46,7 @@ FUSED = {
     "mlp.gate_up_proj": (("mlp.gate_proj", "mlp.up_proj"), "hidden_size", "2 * intermediate_size"),
     "mlp.down_proj": (("mlp.down_proj",), "intermediate_size", "hidden_size"),
 }
-SKIPPED_FILES = {"config.json", REPORT_FILE, WEIGHTS_FILE, INDEX_FILE}
+SKIPPED_FILES = {"config.json", REPORT_FILE, WEIGHTS_FILE, INDEX_FILE, EXPORT_MARKER}
 
 
 def sglang_quantization_config(group_size: int) -> dict:
@@ -101,7 +103,7 @@ def export_sglang(artifact: str | Path | Artifact, output: str | Path, overwrite
     config = {k: v for k, v in art.config.items() if k != "quantization_config"}
     config["torch_dtype"] = "float16"  # sglang's qoq kernels take fp16 activations only
     config["quantization_config"] = sglang_quantization_config(art.group_size)
-    return write_checkpoint(output, config, tensors, art.path, overwrite)
+    return write_checkpoint(output, config, tensors, art, "sglang", overwrite)
 
 
 def sglang_tensors(art: Artifact) -> dict[str, torch.Tensor]:
@@ -114,35 +116,35 @@ def sglang_tensors(art: Artifact) -> dict[str, torch.Tensor]:
 
 
 def checked_output(art: Artifact, output: str | Path, overwrite: bool) -> Path:
-    """The resolved output folder; QoqError when it exists (unless `overwrite`) or holds the artifact."""
-    output, source = Path(output).resolve(), art.path.resolve()
-    if output == source or output in source.parents:
-        raise QoqError(f"{arg('output')} {output} is or contains the artifact {source}; choose another folder")
-    if output.exists() and not overwrite:
-        raise _exists(output)
-    return output
+    """The resolved output folder; QoqError when it exists (unless `overwrite` and an earlier export is
+    there), or is, holds or lies inside the artifact or its source model."""
+    protected = {art.path.resolve(): f"the artifact {art.path}"}
+    source = art.report.get("source", {}).get("reload") if isinstance(art.report.get("source"), dict) else None
+    if isinstance(source, str) and Path(source).exists():
+        protected[Path(source).resolve()] = f"the artifact's source model {source}"
+    return check_output(Path(output), None, overwrite, kind=EXPORT, protected=protected)
 
 
-def _exists(output: Path) -> QoqError:
-    return QoqError(f"output folder {output} already exists; pass {arg('overwrite', True)} or choose another "
-                    f"{arg('output')}")
-
-
-def write_checkpoint(output: Path, config: dict, tensors: dict[str, torch.Tensor], source: Path,
+def write_checkpoint(output: Path, config: dict, tensors: dict[str, torch.Tensor], art: Artifact, fmt: str,
                      overwrite: bool) -> Path:
-    """Weights, config.json and the tokenizer files into a hidden sibling folder, renamed into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    """Weights, config.json, the tokenizer files and EXPORT_MARKER into a hidden sibling folder, renamed
+    into place."""
+    partial = create_partial(output)
+    tmp = partial.path
     try:
         write_weights(tmp, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for file in sorted(source.iterdir()):
+        for file in sorted(art.path.iterdir()):
             if file.is_file() and file.name not in SKIPPED_FILES and not file.name.endswith(".safetensors"):
                 shutil.copy2(file, tmp / file.name)
-        if output.exists() and not overwrite:  # appeared while we were writing
-            raise _exists(output)
-        _replace_folder(tmp, output)
+        marker = {"format": fmt, "artifact": str(art.path.resolve()), "qoq_version": __version__}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        finish_partial(tmp)
+        check_output(output, None, overwrite, kind=EXPORT)  # again: it may have appeared while we wrote
+        with interrupts_deferred():
+            _replace_folder(tmp, output)
+            drop_owner_record(output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        partial.discard()
         raise
     return output
