@@ -32,7 +32,7 @@ QUANTIZE_FLAGS = {"device": "--device", "model": "--model", "output": "--output"
 EXPORT_FLAGS = {"output": "--output", "overwrite": "--overwrite", "format": "--format",
                 "group_size": "qoq quantize --group"}  # the artifact's group size is set where it was made
 GENERATE_FLAGS = {**RUNTIME_FLAGS, "prompt": "-p", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
-                  "top_p": "--top-p"}
+                  "top_p": "--top-p", "seed": "--seed"}
 BENCH_FLAGS = {"backend": "--backend", "group_size": "--group"}
 
 
@@ -47,7 +47,7 @@ def quantize(
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration samples "
                                                 "(default 128; 32 for data-free on a CPU)"),
     calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="tokens per calibration sample "
-                                               "(default 1024; 512 for data-free on a CPU)"),
+                                               "(default 1024; 256 for data-free on a CPU)"),
     group: int = typer.Option(128, "--group", "-g", help="weight group size: 32, 64, 128, or -1 for per-channel"),
     recipe: str = typer.Option("qoq", "--recipe", help="qoq: the full QoQ recipe (rotation, smoothing, reordering, "
                                "GPTQ, clip search, SmoothAttention search); rtn: progressive RTN + SmoothAttention"),
@@ -227,7 +227,8 @@ def verify(
     ppl: str = typer.Option("wikitext2", "--ppl", help="perplexity dataset (wikitext2)"),
     data: Optional[str] = typer.Option(None, "--data", help="local WikiText-2 wiki.test.raw (or its folder); "
                                        "default: $QOQ_WIKITEXT2, the hub, then $QOQ_DATA_DIR"),
-    seq_len: int = typer.Option(2048, "--seq-len", help="tokens per non-overlapping window"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per non-overlapping window (default 2048, "
+                                          "or the model's context if shorter)"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows"),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the FP16 source model"),
     backend: str = typer.Option("auto", "--backend", help="auto | reference | cupy"),
@@ -361,6 +362,8 @@ def generate(
         raise QoqError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise QoqError(f"--top-p must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed < 2**64:  # torch.Generator's range
+        raise QoqError(f"--seed must be in [0, 2**64), got {seed}")
     path = resolve_artifact(artifact, RichReporter(err))
     with quiet_third_party(verbose):
         stats = generate_text(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

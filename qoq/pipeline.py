@@ -210,6 +210,7 @@ def _quantize_into(partial: PartialFolder | None, output: Path | None, opts: Qua
         require_finite_source(loaded.model)
     else:
         with reporter.status("checking the source tensors"):
+            loaded.reader.require_shapes(loaded.model)
             loaded.reader.require_finite()
     n_params = sum(p.numel() for p in loaded.model.parameters())
     how = "streamed block by block from its safetensors" if loaded.reader is not None else "loaded in memory"

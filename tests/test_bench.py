@@ -63,7 +63,11 @@ def test_no_gpu_is_one_line_and_exit_1(no_gpu, args, tmp_path, monkeypatch):
     (["--max-batch", "lots"], "--max-batch 'lots'"),
     (["--max-batch", "0"], "--max-batch '0'"),
     (["--output-len", "1"], "--output-len >= 2"),
-    (["--min-speedup", "-1"], "--min-speedup -1 must be positive"),
+    (["--min-speedup", "-1"], "--min-speedup -1 must be a positive number"),
+    (["--min-speedup", "nan"], "--min-speedup nan must be a positive number"),
+    (["--min-speedup", "inf"], "--min-speedup inf must be a positive number"),
+    (["--json", "."], "--json . is a folder"),
+    (["--json", "README.md/bench.json"], "README.md is a file"),
     (["--group", "48", "--shape", "llama-3-8b"], "--group 48"),
     (["--backend", "triton"], "--backend 'triton'"),
     (["--min-speedup", "1.5", "--skip-hf"], None),  # valid: reaches the GPU check

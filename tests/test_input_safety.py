@@ -96,6 +96,18 @@ def test_non_finite_source_weights_are_refused_before_any_work(tiny_model_dir, c
     assert "quantizing blocks" not in r.output and nothing_written(tmp_path, out)
 
 
+def test_a_source_tensor_of_the_wrong_shape_is_refused_before_any_work(tiny_model_dir, calib_text, tmp_path):
+    model = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:, :10].clone()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "art"
+    r = quantize_cli(model, calib_text, out)
+    assert_one_line_error(r, "model.layers.1.mlp.up_proj.weight", "[160, 10]", "[160, 96]", "consistent HF model")
+    assert "quantizing blocks" not in r.output and nothing_written(tmp_path, out)
+
+
 def test_overflowing_block_outputs_stop_the_run(tiny_model_dir, calib_text, tmp_path):
     """Finite weights whose activations overflow: the default recipe names the block instead of failing
     inside GPTQ ("Hessian is not positive definite")."""
@@ -206,6 +218,38 @@ def test_wrong_embedding_shape_is_corrupt_at_open(copy):
     assert_one_line_error(r, "corrupt artifact", "model.embed_tokens.weight", "(100, 96)")
 
 
+@pytest.mark.parametrize("key,value", [("w_bits", 8), ("a_bits", 16), ("kv_bits", 8), ("kv_bits", True),
+                                       ("protective_range", 127), ("s2_zeros", "plain")])
+def test_a_scheme_qoq_does_not_run_is_refused(copy, key, value):
+    edit_config(copy, lambda c: c["quantization_config"].__setitem__(key, value))
+    assert_one_line_error(runner.invoke(app, ["inspect", str(copy)]), f"quantization_config.{key}", "W4A8KV4")
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("num_hidden_layers", 1, "does not have"),
+    ("num_hidden_layers", 3, "needs model.layers.2.self_attn.q_proj"),
+    ("num_attention_heads", 8, "head and hidden sizes"),
+    ("num_key_value_heads", 4, "model.layers.0.self_attn.k_proj"),
+    ("head_dim", 8, "head and hidden sizes"),
+    ("intermediate_size", 64, "model.layers.0.mlp.gate_proj"),
+    ("num_hidden_layers", None, "num_hidden_layers"),
+])
+def test_a_config_that_does_not_match_the_weights_is_corrupt(copy, key, value, fragment):
+    edit_config(copy, lambda c: c.__setitem__(key, value))
+    for command in (["inspect", str(copy)], ["generate", str(copy), "-p", "hi", "-n", "2", "--device", "cpu"]):
+        assert_one_line_error(runner.invoke(app, command), "corrupt artifact", fragment)
+
+
+def test_generation_past_the_context_is_refused(artifact):
+    r = runner.invoke(app, ["generate", str(artifact), "-p", "hello", "-n", "600", "--device", "cpu"])
+    assert_one_line_error(r, "exceed the model's context of 512 tokens", "--max-new-tokens")
+
+
+def test_verify_windows_past_the_context_are_refused(artifact):
+    r = runner.invoke(app, ["verify", str(artifact), "--seq-len", "1024", "--no-baseline", "--backend", "reference"])
+    assert_one_line_error(r, "--seq-len 1024", "context of 512 tokens", "--seq-len 512")
+
+
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/model.safetensors"])
 def test_index_pointing_outside_the_artifact_is_corrupt(copy, shard):
     (copy / "model.safetensors.index.json").write_text(json.dumps(
@@ -227,6 +271,7 @@ def test_batch_size_is_validated_first(command, value):
 @pytest.mark.parametrize("args,fragment", [
     (["-n", "0"], "--max-new-tokens"), (["-t", "-1"], "--temperature"), (["-t", "nan"], "--temperature"),
     (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--top-p", "nan"], "--top-p"),
+    (["--seed", "99999999999999999999999"], "--seed"), (["--seed", "-1"], "--seed"),
 ])
 def test_generate_options_are_validated_before_the_artifact(args, fragment):
     r = runner.invoke(app, ["generate", "/no/such/artifact", "-p", "hi", *args])

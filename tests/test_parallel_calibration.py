@@ -214,8 +214,9 @@ def test_gpus_errors_are_one_line_before_any_launch(tiny_model_dir, tmp_path, mo
                           "drop --device cpu")
     assert_one_line_error(runner.invoke(app, ["quantize", *model, "--gpus", "0"]), "--gpus must be >= 1")
     monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 2)
-    existing = tmp_path / "art"
+    existing = tmp_path / "art"  # an earlier artifact
     existing.mkdir()
+    (existing / "config.json").write_text('{"quantization_config": {"quant_method": "qoq"}}')
     assert_one_line_error(runner.invoke(app, ["quantize", *model, "--gpus", "2", "--output", str(existing)]),
                           "already exists")
     assert_one_line_error(runner.invoke(app, ["quantize", *model, "--gpus", "2", "--calib-samples", "1",

@@ -8,6 +8,9 @@ Each engine: max batch first (plan + confirm), then its row at the max batch, th
 """
 from __future__ import annotations
 
+import math
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +85,8 @@ def validate_options(o: BenchOptions) -> BenchOptions:
         raise QoqError("give either ARTIFACT or --shape, not both")
     if o.input_len < 1 or o.output_len < 2:
         raise QoqError("--input-len must be >= 1 and --output-len >= 2")
-    if o.min_speedup is not None and o.min_speedup <= 0:
-        raise QoqError(f"--min-speedup {o.min_speedup:g} must be positive")
+    if o.min_speedup is not None and not (0 < o.min_speedup < math.inf):
+        raise QoqError(f"--min-speedup {o.min_speedup:g} must be a positive number")
     if group_size_problem(o.group_size):
         raise QoqError(f"--group {o.group_size} {group_size_problem(o.group_size)}")
     if o.backend not in ("auto", "cupy", "reference"):
@@ -100,7 +103,21 @@ def validate_options(o: BenchOptions) -> BenchOptions:
         raise QoqError("--min-speedup compares qoq with the FP16 engine: both must run")
     if o.plot is not None:
         require_matplotlib()
+    for flag, path in (("--json", o.json_path), ("--plot", o.plot)):
+        if path is not None:
+            _check_result_file(flag, Path(path))
     return o
+
+
+def _check_result_file(flag: str, path: Path) -> None:
+    """Before the run, not after it: a results path that cannot be written is refused at once."""
+    if path.is_dir():
+        raise QoqError(f"{flag} {path} is a folder; give a file path such as {path / 'bench.json'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise QoqError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag} path")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise QoqError(f"{flag} {path}: cannot write into {parent}; choose another {flag} path")
 
 
 # ---- kernels ----------------------------------------------------------------------------------------

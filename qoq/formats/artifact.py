@@ -34,6 +34,8 @@ from qoq.output import PartialFolder, check_output, create_partial, drop_owner_r
 from qoq.signals import interrupts_deferred
 
 REPORT_FILE = "qoq_report.json"
+# quantization_config fields every artifact carries with these values: the runtime assumes them
+FIXED_SCHEME = {"w_bits": 4, "a_bits": 8, "kv_bits": 4, "protective_range": PROTECTIVE_RANGE, "s2_zeros": "negated"}
 
 
 @dataclass
@@ -88,13 +90,9 @@ def quantization_config(group_size: int, modules: dict[str, tuple[int, int]], re
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
-        "w_bits": 4,
-        "a_bits": 8,
-        "kv_bits": 4,
+        **FIXED_SCHEME,
         "group_size": group_size,
-        "protective_range": PROTECTIVE_RANGE,
         "layout": LAYOUT_NAME,
-        "s2_zeros": "negated",
         "norms_folded": bool(recipe.get("rotation", False)),
         "recipe": recipe,
         "modules": {name: list(shape) for name, shape in modules.items()},
@@ -155,7 +153,9 @@ def read_artifact(path: str | Path) -> Artifact:
     if qc.get("format_version") != FORMAT_VERSION or qc.get("layout") != LAYOUT_NAME:
         raise QoqError(f"{path} has artifact format {qc.get('format_version')}/{qc.get('layout')}, this qoq reads "
                        f"{FORMAT_VERSION}/{LAYOUT_NAME}; re-run qoq quantize with this version")
+    _validate_scheme(path, qc)
     _validate_modules(path, qc)
+    _validate_architecture(path, config, qc["modules"])
     tensors = _read_weights(path)
     _validate_tensors(path, qc, tensors)
     _validate_model_tensors(path, config, tensors)
@@ -241,6 +241,49 @@ def _validate_modules(path: Path, qc: dict) -> None:
                 and all(type(d) is int and d > 0 for d in shape)):  # type(): bool is an int subclass
             raise QoqError(f"corrupt artifact {path}: modules[{name!r}] is {shape!r}, expected [N, K] of "
                            "positive integers; re-run qoq quantize")
+
+
+def _validate_scheme(path: Path, qc: dict) -> None:
+    for key, value in FIXED_SCHEME.items():
+        if qc.get(key) != value or type(qc.get(key)) is bool:
+            raise QoqError(f"{path} has quantization_config.{key} = {qc.get(key)!r}; qoq runs W4A8KV4 artifacts, "
+                           f"whose {key} is {value!r}: re-run qoq quantize")
+
+
+def decoder_linear_shapes(config: dict) -> dict[str, tuple[int, int]] | None:
+    """{linear: (N, K)} of every block of a Llama-family decoder by its config; None when a size is missing."""
+    heads, hidden, inter, layers = (config.get(k) for k in ("num_attention_heads", "hidden_size",
+                                                             "intermediate_size", "num_hidden_layers"))
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (hidden // heads if type(hidden) is int and type(heads) is int and heads
+                                          else None)
+    if not all(type(v) is int and v > 0 for v in (heads, kv_heads, head_dim, hidden, inter, layers)):
+        return None
+    q, kv = heads * head_dim, kv_heads * head_dim
+    block = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+             "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+             "mlp.down_proj": (hidden, inter)}
+    return {f"model.layers.{i}.{name}": shape for i in range(layers) for name, shape in block.items()}
+
+
+def _validate_architecture(path: Path, config: dict, modules: dict) -> None:
+    """config.json's layer count and attention / MLP sizes must be the stored linears' shapes: an edited
+    config would otherwise run (or export) the wrong model."""
+    expected = decoder_linear_shapes(config)
+    if expected is None:
+        raise QoqError(f"corrupt artifact {path}: config.json lacks a positive num_hidden_layers, hidden_size, "
+                       "intermediate_size or num_attention_heads; re-run qoq quantize")
+    for name, shape in expected.items():
+        if name not in modules:
+            raise QoqError(f"corrupt artifact {path}: config.json's num_hidden_layers = {config['num_hidden_layers']}"
+                           f" needs {name}, which the artifact does not hold; re-run qoq quantize")
+        if tuple(modules[name]) != shape:
+            raise QoqError(f"corrupt artifact {path}: {name} is stored as {list(modules[name])}, config.json's "
+                           f"head and hidden sizes give {list(shape)}; re-run qoq quantize")
+    extra = sorted(set(modules) - set(expected))
+    if extra:
+        raise QoqError(f"corrupt artifact {path}: it holds {extra[0]}, which config.json's num_hidden_layers = "
+                       f"{config['num_hidden_layers']} does not have; re-run qoq quantize")
 
 
 def _validate_model_tensors(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:

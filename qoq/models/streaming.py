@@ -56,6 +56,14 @@ class CheckpointReader:
                 bad += count_non_finite(stored if stored.dtype == self.dtype else stored.to(self.dtype))
             self._refuse_non_finite(name, bad)
 
+    def require_shapes(self, model: torch.nn.Module) -> None:
+        """Every stored parameter has the shape the model's config gives it: a mismatch is refused before
+        any work is done, not when its block is reached."""
+        for name, param in model.named_parameters():
+            if name in self.weight_map and self._entry(name).shape != tuple(param.shape):
+                raise QoqError(f"the checkpoint in {self.folder} stores {name} as {list(self._entry(name).shape)}, "
+                               f"its config.json gives {list(param.shape)}; pass a consistent HF model folder")
+
     def load(self, module: torch.nn.Module, prefix: str, names: dict[str, str] | None = None) -> torch.nn.Module:
         """Give every parameter of `module` (named `prefix.<param>` in the checkpoint, or as `names` maps
         them) its stored value, on the CPU."""

@@ -415,6 +415,8 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
         raise QoqError(f"{arg('max_new_tokens')} must be >= 1, got {max_new_tokens}")
     if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:  # NaN fails both
         raise QoqError(f"{arg('temperature')} must be >= 0 and {arg('top_p')} in (0, 1]")
+    if seed is not None and not 0 <= seed < 2**64:  # torch.Generator's range
+        raise QoqError(f"{arg('seed')} must be in [0, 2**64), got {seed}")
     t_load = time.perf_counter()
     art = read_artifact(artifact)
     try:
@@ -430,6 +432,11 @@ def generate_text(artifact, prompt: str, max_new_tokens: int = 128, temperature:
         ids = tok(prompt, return_tensors="pt").input_ids[0]
     if ids.numel() == 0:
         raise QoqError(f"the prompt is empty after tokenization; pass some text as {arg('prompt')}")
+    context = art.config.get("max_position_embeddings")
+    if type(context) is int and ids.numel() + max_new_tokens > context:
+        raise QoqError(f"the prompt's {ids.numel()} tokens plus {arg('max_new_tokens')} {max_new_tokens} exceed the "
+                       f"model's context of {context} tokens (max_position_embeddings); shorten the prompt or lower "
+                       f"{arg('max_new_tokens')}")
     eos = set()
     for src in (tok.eos_token_id, art.config.get("eos_token_id")):
         eos.update(src if isinstance(src, (list, tuple)) else ([] if src is None else [src]))

@@ -27,12 +27,15 @@ WIKITEXT2_DIR = "wikitext-2-raw-v1"
 LOGIT_CHUNK = 512  # tokens per lm_head chunk when computing the loss
 
 
+DEFAULT_SEQ_LEN = 2048
+
+
 @dataclass
 class VerifyOptions:
     artifact: Path
     ppl: str = "wikitext2"
     data: str | None = None
-    seq_len: int = 2048
+    seq_len: int | None = None  # None: DEFAULT_SEQ_LEN, or the model's context if shorter
     max_windows: int | None = None
     baseline: bool = True
     backend: str = "auto"
@@ -44,7 +47,7 @@ class VerifyOptions:
     def validate(self) -> None:
         if self.ppl not in DATASETS:
             raise QoqError(f"--ppl {self.ppl!r} is not supported; use --ppl wikitext2")
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise QoqError(f"--seq-len must be >= 2, got {self.seq_len}")
         if self.max_windows is not None and self.max_windows < 1:
             raise QoqError(f"--max-windows must be >= 1, got {self.max_windows}")
@@ -116,8 +119,10 @@ def _local_file(path: Path, what: str) -> Path:
             if cand.is_file():
                 return cand
         raise QoqError(f"{what} {path} is a folder without {WIKITEXT2_FILE}; point it at wiki.test.raw or its folder")
-    if not path.is_file():
+    if not path.exists():
         raise QoqError(f"{what} {path} does not exist; point it at WikiText-2's wiki.test.raw or its folder")
+    if not path.is_file():
+        raise QoqError(f"{what} {path} is not a regular file; point it at WikiText-2's wiki.test.raw or its folder")
     return path
 
 
@@ -164,6 +169,18 @@ def _hub_reachable() -> bool:
     except ImportError:
         return False
     return hub_reachable()
+
+
+def window_length(requested: int | None, context) -> int:
+    """--seq-len, checked against the model's context; by default DEFAULT_SEQ_LEN or the context if shorter."""
+    if type(context) is not int or context < 2:
+        return requested or DEFAULT_SEQ_LEN
+    if requested is None:
+        return min(DEFAULT_SEQ_LEN, context)
+    if requested > context:
+        raise QoqError(f"--seq-len {requested} is longer than the model's context of {context} tokens "
+                       f"(max_position_embeddings); pass --seq-len {context} or less")
+    return requested
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -295,11 +312,12 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
             source_checked = check_source_before_loading(art.path, reload_spec, recorded_sha)
         if not recorded_sha:
             notes.append("the artifact records no source sha256, so the FP16 baseline is not checked to be its source")
+    seq_len = window_length(opts.seq_len, art.config.get("max_position_embeddings"))
     text, source = load_wikitext2(opts.data)
     tokenizer = artifact_tokenizer(art)
     with reporter.status("tokenizing WikiText-2"):
-        windows = token_windows(tokenizer, text, opts.seq_len, opts.max_windows)
-    reporter.info(f"WikiText-2 test from {source}: {windows.shape[0]} windows x {opts.seq_len} tokens")
+        windows = token_windows(tokenizer, text, seq_len, opts.max_windows)
+    reporter.info(f"WikiText-2 test from {source}: {windows.shape[0]} windows x {seq_len} tokens")
     batch = opts.batch_size or (4 if device.type == "cuda" else 1)
 
     sglang = opts.semantics == "sglang"
@@ -335,10 +353,10 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
         from qoq.verify.kernel_check import check_kernels
 
         with reporter.status("checking kernels against the reference"):
-            kc = check_kernels(art, windows[:2, : min(opts.seq_len, 512)], device, get_backend("cupy", device),
+            kc = check_kernels(art, windows[:2, : min(seq_len, 512)], device, get_backend("cupy", device),
                                reference_backend())
         kernel_check = kc.as_dict()
-    return VerifyResult(artifact=str(art.path), dataset=opts.ppl, data_source=source, seq_len=opts.seq_len,
+    return VerifyResult(artifact=str(art.path), dataset=opts.ppl, data_source=source, seq_len=seq_len,
                         windows=int(windows.shape[0]), backend=backend.describe(), device=str(device),
                         quantized=quant, baseline=baseline, baseline_dtype=baseline_dtype,
                         kernel_check=kernel_check, notes=notes,
