@@ -87,6 +87,9 @@ def quantize(
 
     _require_positive("--batch-size", batch_size)
     _require_positive("--gpus", gpus)
+    if model is not None and not model.strip():
+        raise QoqError("--model is empty; pass a HF hub id, a local folder or a .gguf file, or leave --model out "
+                       "for the default model")
 
     opts = QuantizeOptions(model=model, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                            group_size=group, recipe_name=recipe, rotation=rotation, smooth_linear=smooth_linear,

@@ -357,7 +357,7 @@ def test_synthetic_artifact_has_the_artifact_layout(tiny_shapes):
 
 @pytest.mark.parametrize("shape", synthetic.SHAPE_CHOICES)
 def test_published_shapes_build_hf_configs(shape):
-    hf_config = pytest.importorskip("qoq.runtime.engine").hf_config
+    from qoq.runtime.engine import hf_config
 
     cfg = synthetic.shape_config(shape)
     c = hf_config(cfg)
@@ -369,7 +369,6 @@ def test_published_shapes_build_hf_configs(shape):
 @pytest.mark.parametrize("shape", ["tiny", "tiny-qwen2", "tiny-tied"])
 def test_fp16_engine_matches_transformers(tiny_shapes, shape):
     """The FP16 baseline engine computes the same function as HF on the FP16 twin (chunked prefill + decode)."""
-    pytest.importorskip("qoq.runtime.engine")
     art = synthetic.build_synthetic_artifact(shape, "cpu", 32)
     cfg = {k: v for k, v in art.config.items() if k != "quantization_config"}
     dims = synthetic.ModelDims.from_config(cfg)
@@ -390,7 +389,6 @@ def test_fp16_engine_matches_transformers(tiny_shapes, shape):
 
 
 def test_qoq_runner_chunked_prefill_matches_the_engine(tiny_shapes):
-    pytest.importorskip("qoq.runtime.engine")
     art = synthetic.build_synthetic_artifact("tiny", "cpu", 32)
     dims = synthetic.ModelDims.from_config(art.config)
     runner = runners.QoqRunner(art, dims, torch.device("cpu"), "reference", prefill_chunk_tokens=8)
@@ -408,7 +406,6 @@ def test_qoq_runner_chunked_prefill_matches_the_engine(tiny_shapes):
 
 def test_whole_bench_on_cpu_produces_a_valid_report(tiny_shapes, tmp_path):
     """The orchestration end to end on CPU (tiny shape, no max-batch search, which needs CUDA)."""
-    pytest.importorskip("qoq.runtime.engine")
     cpu = DeviceInfo(name="NVIDIA H100 80GB HBM3", memory_bytes=80 * 2**30, sm_count=132, capability=(9, 0))
     o = suite.BenchOptions(shape="tiny", gpu="l40s", input_len=8, output_len=3, batches=(1, 2), max_batch="none",
                            skip_kernels=True, group_size=32, backend="reference", json_path=tmp_path / "c.json")

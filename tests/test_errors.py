@@ -49,3 +49,23 @@ def test_cli_spells_arguments_with_flags_it_has(command, spelling):
             assert flag.removeprefix("qoq quantize ") in quantize_own, (command, name)
         else:
             assert flag in own, (command, name, flag)
+
+
+def test_a_bug_is_one_line_exit_2_naming_qoq_debug(monkeypatch):
+    from typer.testing import CliRunner
+
+    import qoq.formats.artifact
+
+    def broken(*a, **k):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.delenv("QOQ_DEBUG", raising=False)
+    monkeypatch.setattr(qoq.formats.artifact, "read_artifact", broken)
+    r = CliRunner().invoke(cli.app, ["inspect", "some-artifact"])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit)
+    text = r.output.strip()
+    assert len(text.splitlines()) == 1, text
+    assert "internal error: RuntimeError: boom second line" in text and "QOQ_DEBUG=1" in text
+    monkeypatch.setenv("QOQ_DEBUG", "1")
+    r = CliRunner().invoke(cli.app, ["inspect", "some-artifact"])
+    assert isinstance(r.exception, RuntimeError)  # the traceback is there for whoever asked for it

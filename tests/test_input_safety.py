@@ -96,6 +96,18 @@ def test_non_finite_source_weights_are_refused_before_any_work(tiny_model_dir, c
     assert "quantizing blocks" not in r.output and nothing_written(tmp_path, out)
 
 
+def test_non_finite_weights_of_a_model_loaded_in_memory_are_refused(tiny_model_dir, tmp_path):
+    """Data-free calibration loads the whole model in memory: that path has its own check."""
+    model = planted_model(tiny_model_dir("llama"), tmp_path / "bad", "model.layers.1.mlp.up_proj.weight", math.nan)
+    out = tmp_path / "art"
+    r = runner.invoke(app, ["quantize", "--model", str(model), "--calib", "data-free", "--calib-samples", "2",
+                            "--calib-seqlen", "16", "--output", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    last = r.output.strip().splitlines()[-1]  # after the note that the model is loaded in memory
+    assert last.startswith("error:") and "model.layers.1.mlp.up_proj.weight" in last and "NaN/Inf" in last
+    assert "sampling" not in r.output and nothing_written(tmp_path, out)
+
+
 def test_a_source_tensor_of_the_wrong_shape_is_refused_before_any_work(tiny_model_dir, calib_text, tmp_path):
     model = tmp_path / "bad"
     shutil.copytree(tiny_model_dir("llama"), model)
@@ -266,6 +278,11 @@ def test_index_pointing_outside_the_artifact_is_corrupt(copy, shard):
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_batch_size_is_validated_first(command, value):
     assert_one_line_error(runner.invoke(app, [*command, "--batch-size", value]), "--batch-size", ">= 1", value)
+
+
+@pytest.mark.parametrize("spec", ["", "   "])
+def test_an_empty_model_is_not_the_default_model(spec):
+    assert_one_line_error(runner.invoke(app, ["quantize", "--model", spec]), "--model is empty", "leave --model out")
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -91,6 +91,11 @@ def test_rotation_leaves_logits_unchanged(arch):
     assert torch.all(model.model.norm.weight == 1)
 
 
+def test_channel_order_is_descending_max_abs_and_stable():
+    absmax = torch.tensor([0.5, 3.0, 0.5, 7.0, 0.0, 3.0])
+    assert channel_order(absmax).tolist() == [3, 1, 5, 0, 2, 4]  # ties keep their order
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_reorder_and_down_smoothing_leave_logits_unchanged(arch):
     model = tiny_model(arch)
