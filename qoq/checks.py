@@ -1,8 +1,11 @@
-"""Input-side guards shared by the pipeline, the recipe and the artifact reader: finite tensors, strict JSON."""
+"""Input-side guards shared by the pipeline, the recipe and the artifact reader: finite tensors, strict JSON,
+file hashes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -74,3 +77,13 @@ def strict_json(obj, **kwargs) -> str:
 def _values(n: int, verb: str = "") -> str:
     text = f"{n} NaN/Inf value{'' if n == 1 else 's'}"
     return f"{verb} {text}" if verb else text
+
+
+def sha256_of_files(files: Iterable[Path]) -> str:
+    """sha256 of the concatenated contents of `files`, in the given order."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()

@@ -216,14 +216,29 @@ def test_verify_refuses_a_changed_source_model(workdir):
     assert_one_line_error(r, actual, recorded, "--no-baseline")
 
 
+def test_verify_refuses_artifact_weights_changed_since_they_were_written(workdir):
+    from safetensors.torch import load_file, save_file
+
+    art = make_artifact(workdir, "art")
+    recorded = json.loads((art / "qoq_report.json").read_text())["weights_sha256"]
+    assert list(recorded) == ["model.safetensors"]
+    assert recorded["model.safetensors"] == hashlib.sha256((art / "model.safetensors").read_bytes()).hexdigest()
+    tensors = load_file(art / "model.safetensors")
+    name = next(n for n in tensors if n.endswith(".qweight"))
+    tensors[name].view(-1)[0] ^= 0x11  # still a valid, finite artifact: only the hash tells
+    save_file(tensors, art / "model.safetensors", metadata={"format": "pt"})
+    r = runner.invoke(app, ["verify", "art", "--data", "calib.txt", "--seq-len", "16", "--device", "cpu"])
+    assert_one_line_error(r, "model.safetensors is not the file qoq quantize wrote", "re-run qoq quantize")
+
+
 def test_source_hash_is_cached_by_path_size_and_mtime(workdir, monkeypatch):
-    from qoq.models import sources
+    from qoq.verify import source_check
     from qoq.verify.source_check import check_source_before_loading
 
     art = make_artifact(workdir, "art")
     recorded = json.loads((art / "qoq_report.json").read_text())["source"]["sha256"]
     assert check_source_before_loading(art, str(workdir / "model"), recorded)
-    monkeypatch.setattr(sources, "_sha256_files", lambda files: pytest.fail("hashed again"))
+    monkeypatch.setattr(source_check, "sha256_of_files", lambda files: pytest.fail("hashed again"))
     assert check_source_before_loading(art, str(workdir / "model"), recorded)
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from qoq.scheme.progressive import PROTECTIVE_RANGE, QuantizedWeight, group_size_problem, is_per_channel
-from qoq.checks import first_non_finite, require_finite_tensors, strict_json
+from qoq.checks import first_non_finite, require_finite_tensors, sha256_of_files, strict_json
 from qoq.errors import QoqError
 from qoq.scheme.schema import (
     BIAS,
@@ -34,6 +34,7 @@ from qoq.output import PartialFolder, check_output, create_partial, drop_owner_r
 from qoq.signals import interrupts_deferred
 
 REPORT_FILE = "qoq_report.json"
+WEIGHTS_SHA256 = "weights_sha256"  # in the report: {shard file: sha256} as written
 # quantization_config fields every artifact carries with these values: the runtime assumes them
 FIXED_SCHEME = {"w_bits": 4, "a_bits": 8, "kv_bits": 4, "protective_range": PROTECTIVE_RANGE, "s2_zeros": "negated"}
 
@@ -113,7 +114,8 @@ def write_artifact(output: Path, config: dict, tensors: dict[str, torch.Tensor] 
     try:
         if shards is None:
             shards = _writer_of(tmp, tensors)
-        shards.finish()
+        files = shards.finish()
+        report = {**report, WEIGHTS_SHA256: {f: sha256_of_files([tmp / f]) for f in files}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -163,6 +165,15 @@ def read_artifact(path: str | Path) -> Artifact:
     report_file = path / REPORT_FILE
     report = _read_json(report_file, path) if report_file.exists() else {}
     return Artifact(path=path, config=config, tensors=tensors, report=report)
+
+
+def changed_weight_files(art: Artifact) -> list[str] | None:
+    """The shard files whose sha256 differs from the one recorded when they were written (None: no record)."""
+    recorded = art.report.get(WEIGHTS_SHA256)
+    if not isinstance(recorded, dict) or not recorded:
+        return None
+    return [f for f, sha in recorded.items()
+            if not (art.path / f).is_file() or sha256_of_files([art.path / f]) != sha]
 
 
 def expected_shapes(name: str, n: int, k: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

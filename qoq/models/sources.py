@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qoq.checks import sha256_of_files
 from qoq.errors import QoqError, arg
 from qoq.hub import hub_reachable
 from qoq.models import smollm2
@@ -167,18 +167,6 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _sha256_files(files: list[Path]) -> str:
-    """sha256 of the concatenated contents of `files` (in the given, sorted, order)."""
-    if len(files) == 1:
-        return smollm2.sha256_file(files[0])
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()
-
-
 def _dtype_kwargs(dtype: torch.dtype) -> dict:
     import transformers
 
@@ -221,7 +209,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, *, source: str, name: str | N
     if reader is None:
         model = _finish(model, dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, name=name or folder.name,
-                       source_sha256=source_sha256 or _sha256_files(files), architecture=arch,
+                       source_sha256=source_sha256 or sha256_of_files(files), architecture=arch,
                        reload_spec=reload_spec or str(folder), reader=reader)
 
 

@@ -279,7 +279,7 @@ def artifact_tokenizer(art):
 
 def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResult:
     """Perplexity of the artifact (and of its FP16 source unless opts.baseline is False), kernel check."""
-    from qoq.formats.artifact import read_artifact
+    from qoq.formats.artifact import changed_weight_files, read_artifact
     from qoq.runtime.backend import cupy_available, get_backend, reference_backend, resolve_device
     from qoq.runtime.engine import Engine
     from qoq.verify.source_check import check_source_before_loading, check_source_hash
@@ -302,6 +302,14 @@ def verify(opts: VerifyOptions, reporter: Reporter | None = None) -> VerifyResul
 
     with reporter.status("reading the artifact"):
         art = read_artifact(opts.artifact)
+    with reporter.status("checking the artifact's weights against their recorded sha256"):
+        changed = changed_weight_files(art)
+    if changed:
+        raise QoqError(f"{art.path / changed[0]} is not the file qoq quantize wrote (its sha256 differs from the one "
+                       "qoq_report.json records); re-run qoq quantize")
+    if changed is None:
+        notes.append("the artifact records no weights sha256, so its weights are not checked against what qoq "
+                     "quantize wrote")
     reload_spec = art.report.get("source", {}).get("reload") if opts.baseline else None
     if opts.baseline and not reload_spec:
         raise QoqError(f"{art.path} records no source model to compare with (qoq_report.json); pass --no-baseline")

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from qoq.checks import sha256_of_files
 from qoq.errors import QoqError
 from qoq.state import cache_dir
 
@@ -50,14 +51,12 @@ def _write_cache(cache: dict) -> None:
 
 def cached_sha256(files: list[Path]) -> str:
     """sha256 of the files' concatenated contents (as the report records it), cached by path+size+mtime."""
-    from qoq.models.sources import _sha256_files
-
     files = [Path(f).resolve() for f in files]
     key = json.dumps(_signature(files))
     cache = _read_cache()
     if isinstance(cache.get(key), str):
         return cache[key]
-    sha = _sha256_files(files)
+    sha = sha256_of_files(files)
     if _signature(files) == json.loads(key):  # unchanged while it was read
         cache.pop(key, None)
         cache[key] = sha
