@@ -122,6 +122,33 @@ def test_bad_config_json(tmp_path):
     assert "config.json" in _one_line(err)
 
 
+def test_a_config_transformers_rejects_is_named_as_the_config(tmp_path, tiny_model_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir("llama"), bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["num_attention_heads"] = 7  # hidden 96 is not a multiple of it
+    config.pop("head_dim", None)
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QoqError) as err:
+        load_model(str(bad))
+    assert "config.json' is not a valid model config" in _one_line(err) and "tokenizer" not in _one_line(err)
+
+
+def test_a_model_without_tokenizer_files_names_them(tmp_path, tiny_model_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir("llama"), bad)
+    for f in bad.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            f.unlink()
+    with pytest.raises(QoqError) as err:
+        load_model(str(bad))
+    assert "has no tokenizer (tokenizer.json" in _one_line(err) and "copy the tokenizer files" in _one_line(err)
+
+
 def _write_gguf(path, arch: str):
     import gguf
     import numpy as np

@@ -174,9 +174,26 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def _check_hf_config(folder: Path) -> None:
+    """transformers' own validation of config.json, reported as the config's problem (not the tokenizer's)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise QoqError(_oneline(f"'{folder / 'config.json'}' is not a valid model config: {type(e).__name__}: {e}; "
+                                "fix it or pass a complete HF model folder")) from e
+
+
 def _load_tokenizer(folder: Path, **kw):
     from transformers import AutoTokenizer
 
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise QoqError(f"'{folder}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files of "
+                       "the original model into it")
     try:
         return AutoTokenizer.from_pretrained(str(folder), **kw)
     except Exception as e:
@@ -197,6 +214,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, *, source: str, name: str | N
     folder = folder.resolve()
     cfg = _read_config(folder)
     arch_cls, arch = _check_architecture(cfg, f"'{folder / 'config.json'}'")
+    _check_hf_config(folder)
     files = _weight_files(folder)
     tokenizer = _load_tokenizer(folder)
     reader = None
