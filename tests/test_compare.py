@@ -54,6 +54,22 @@ def test_reference_against_itself_is_exact(tiny_art):
     assert f["frobenius_rel_error"] < 0.05 and f["nll_reference"] == o["nll_reference"]
 
 
+def test_a_wrong_candidate_is_measured_as_wrong(tiny_art):
+    """The candidate engine really runs the candidate backend: a GEMM off by 5% shows in every figure."""
+    from qoq.formats.artifact import read_artifact
+    from qoq.runtime.backend import Backend, reference_backend
+
+    ref = reference_backend()
+    bad = Backend("bad", {**ref.fns, "w4a8_linear": lambda a, w, out_dtype=torch.float16:
+                          ref.w4a8_linear(a, w, out_dtype) * 1.05})
+    art = read_artifact(tiny_art)
+    windows = torch.randint(0, art.config["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(0))
+    rep = compare_backends(art, windows, torch.device("cpu"), bad, "reference", decode_tokens=4, floor=False)
+    o = rep["overall"]
+    assert o["frobenius_rel_error"] > 1e-3 and o["max_rel_error"] > 1e-3 and o["kl_mean"] > 0
+    assert o["nll_candidate"] != o["nll_reference"]
+
+
 def test_metrics_of_a_known_difference():
     torch.manual_seed(0)
     r = torch.randn(6, 11)
