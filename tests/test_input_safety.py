@@ -245,6 +245,7 @@ def test_a_scheme_qoq_does_not_run_is_refused(copy, key, value):
     ("head_dim", 8, "head and hidden sizes"),
     ("intermediate_size", 64, "model.layers.0.mlp.gate_proj"),
     ("num_hidden_layers", None, "num_hidden_layers"),
+    ("rms_norm_eps", "x", "transformers rejects its config.json"),
 ])
 def test_a_config_that_does_not_match_the_weights_is_corrupt(copy, key, value, fragment):
     edit_config(copy, lambda c: c.__setitem__(key, value))

@@ -158,6 +158,7 @@ def read_artifact(path: str | Path) -> Artifact:
     _validate_scheme(path, qc)
     _validate_modules(path, qc)
     _validate_architecture(path, config, qc["modules"])
+    _validate_hf_config(path)
     tensors = _read_weights(path)
     _validate_tensors(path, qc, tensors)
     _validate_model_tensors(path, config, tensors)
@@ -295,6 +296,17 @@ def _validate_architecture(path: Path, config: dict, modules: dict) -> None:
     if extra:
         raise QoqError(f"corrupt artifact {path}: it holds {extra[0]}, which config.json's num_hidden_layers = "
                        f"{config['num_hidden_layers']} does not have; re-run qoq quantize")
+
+
+def _validate_hf_config(path: Path) -> None:
+    """transformers' own checks of config.json (types, head sizes), reported as the config's problem."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise QoqError(f"corrupt artifact {path}: transformers rejects its config.json ({type(e).__name__}: "
+                       f"{_one_line(e)}); re-run qoq quantize") from None
 
 
 def _validate_model_tensors(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
