@@ -18,6 +18,13 @@ from qoq.console import err, out, user_errors
 from qoq.progress import Reporter, RichReporter, quiet_third_party
 from qoq.summary import generate_summary, quantize_summary
 
+try:
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # a typer that uses click itself
+    from click import exceptions as click_exceptions
+ClickException = click_exceptions.ClickException
+NoArgsIsHelpError = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click < 8.2 exits 0 instead
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench, export.")
 ARTIFACT_ARG = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote")
@@ -427,8 +434,29 @@ def bench(
 
 
 def main() -> None:
-    app(prog_name="qoq")
+    """The `qoq` entry point: a usage error (bad flag, bad value, unknown command) is one line too."""
+    sys.exit(run_cli())
+
+
+def run_cli(args: Optional[list[str]] = None) -> int:
+    try:
+        code = app(args, prog_name="qoq", standalone_mode=False)
+    except ClickException as e:
+        if not isinstance(e, NoArgsIsHelpError):  # that one has printed the help already
+            err.print(f"[bold red]error:[/] {usage_error_line(e)}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except typer.Abort:
+        err.print("[bold red]interrupted[/]; nothing was written")
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def usage_error_line(e: ClickException) -> str:
+    """Click's message on one line, with the help command of the (sub)command it concerns."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,4 +1,7 @@
 """`qoq quantize` and `qoq inspect` end to end, and their answers to bad input."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -6,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from qoq.scheme.progressive import dequantize
-from qoq.cli import app
+from qoq.cli import app, run_cli
 from qoq.formats.artifact import read_artifact
 from qoq.pipeline import QuantizeOptions, quantize
 
@@ -131,3 +134,27 @@ def test_default_model_quantizes_on_cpu(smollm2_gguf, shared_data_dir, tmp_path)
     art = read_artifact(out)
     assert len(art.linear_names) == 30 * 7
     assert art.report["sizes"]["compression"] > 1.5
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["quantize", "--group", "abc"], "Invalid value for '--group'"),
+    (["quantize", "--no-such-flag"], "No such option: --no-such-flag"),
+    (["bogus"], "No such command 'bogus'"),
+    (["generate", "--temperature", "warm"], "Invalid value for '--temperature'"),
+])
+def test_usage_errors_are_one_line_naming_the_help(args, fragment, capsys):
+    assert run_cli(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    assert lines[0].endswith(f"(see 'qoq {args[0]} --help')" if args[0] != "bogus" else "(see 'qoq --help')")
+
+
+def test_help_still_prints_and_exits_zero(capsys):
+    assert run_cli(["quantize", "--help"]) == 0
+    assert "--group" in capsys.readouterr().out
+
+
+def test_the_installed_entry_point_exits_with_the_usage_error_code():
+    r = subprocess.run([sys.executable, "-m", "qoq.cli", "export", "--format", "nope", "--bogus"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, QOQ_DEBUG=""))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr

@@ -169,21 +169,13 @@ SEQ, WINDOWS = 512, 2
 
 
 @pytest.fixture(scope="module")
-def smol_artifact(request, smollm2_gguf, shared_data_dir, tmp_path_factory, module_cache) -> Path:
-    try:  # the suite-wide artifact, when conftest provides one
-        art = request.getfixturevalue("smollm2_artifact")
-        return Path(getattr(art, "path", art))
-    except pytest.FixtureLookupError:
-        pass
-    import dataclasses
-
+def smol_artifact(smollm2_gguf, shared_data_dir, tmp_path_factory, module_cache) -> Path:
     from qoq.pipeline import QuantizeOptions, quantize
 
     calib = shared_data_dir / "calibration" / "exllamav2-standard_cal_data" / "wiki.utf8"
     out = tmp_path_factory.mktemp("smol") / "art"
-    fast = {"recipe_name": "rtn"} if "recipe_name" in {f.name for f in dataclasses.fields(QuantizeOptions)} else {}
     return Path(quantize(QuantizeOptions(model=str(smollm2_gguf), calib=str(calib), calib_samples=4,
-                                         calib_seqlen=256, output=out, device="cpu", **fast)).path)
+                                         calib_seqlen=256, recipe_name="rtn", output=out, device="cpu")).path)
 
 
 def _nll_ppl(logits_fn, windows: torch.Tensor) -> float:
@@ -222,7 +214,9 @@ def test_verify_smollm2_wikitext2(smol_artifact, wikitext_dir):
     fp, q = report["ppl_fp16"], report["ppl_quantized"]
     assert report["tokens"] == WINDOWS * (SEQ - 1)
     assert math.isfinite(fp) and math.isfinite(q) and 1 < fp < 1000
-    assert q >= fp * 0.98
+    # measured 28.2 -> 64.9 (2.3x) for this RTN artifact of an already 4-bit model; a broken scale, zero
+    # or packing lands in the hundreds
+    assert fp * 0.98 <= q < fp * 3
 
     art = read_artifact(smol_artifact)
     tok = AutoTokenizer.from_pretrained(str(smol_artifact))
