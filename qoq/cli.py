@@ -130,13 +130,14 @@ def quantize(
 @app.command()
 @user_errors
 def inspect(
-    artifact: Path = typer.Argument(..., help="artifact folder written by qoq quantize"),
+    artifact: Optional[Path] = ARTIFACT_ARG,
     linears: bool = typer.Option(False, "--linears", help="one row per quantized linear instead of per block"),
 ):
     """What is inside an artifact: layers, bits per weight, sizes and the compression ratio."""
     from qoq.formats.artifact import read_artifact
+    from qoq.state import resolve_artifact
 
-    art = read_artifact(artifact)
+    art = read_artifact(resolve_artifact(artifact, RichReporter(err)))
     qc = art.qconfig
     rows = _inspect_rows(art, by_linear=linears)
     table = Table(title=f"{art.path}  (W4A8KV4, group {qc['group_size']}, layout {qc['layout']})")

@@ -255,6 +255,9 @@ def test_bare_verify_prefers_the_newest_artifact_in_the_current_directory(workdi
     assert r.exit_code == 0, r.output
     assert squeeze(f"artifact: {older} (the newest qoq artifact in the current directory)") in squeeze(r.stderr)
     assert json.loads(r.stdout)["artifact"] == str(older)
+    r = runner.invoke(app, ["inspect"])  # the same choice
+    assert r.exit_code == 0 and str(older) in squeeze(r.stdout), r.output
+    assert squeeze(f"artifact: {older} (the newest qoq artifact in the current directory)") in squeeze(r.stderr)
     (tmp_path / "empty").mkdir()
     os.chdir(tmp_path / "empty")  # no artifact here: the recorded one, and it says why
     r = runner.invoke(app, [*args[:2], str(workdir / "calib.txt"), *args[3:]])
