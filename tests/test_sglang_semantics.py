@@ -100,6 +100,20 @@ def lockstep_errors(art, ids: torch.Tensor, sglang: bool, twin_fp16_kv: bool, tw
 TIGHT = 2e-5  # fp32 rounding, relative to the largest element
 
 
+@pytest.mark.parametrize("group", [128, -1])
+def test_sglang_semantics_run_the_same_in_the_engines_fast_mode(artifacts, group):
+    """Fast mode (the default on CUDA) fuses the residual add into the norm's quantizer: it must carry
+    sglang's activation sum too."""
+    art = artifacts(group)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for fast in (False, True):
+        engine = Engine(art, device="cpu", backend=sglang_backend(reference_backend()), fast=fast)
+        engine.prefill_fp16 = True
+        logits[fast] = engine.logits(ids)
+    assert rel_err(logits[True], logits[False]) < TIGHT
+
+
 @pytest.mark.parametrize("group", [128, 32, -1])
 def test_sglang_semantics_differ_from_ours_only_by_fp16_kv_and_the_sum_term(artifacts, group):
     art = artifacts(group)

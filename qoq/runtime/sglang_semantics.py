@@ -42,6 +42,10 @@ def sglang_backend(base: Backend) -> Backend:
         a = base.rmsnorm_quantize(x, weight, eps, padded_in, with_qsum)
         return _summed(a, ops.rmsnorm(x, weight, eps) if with_qsum else None, with_qsum)
 
+    def add_rmsnorm_quantize(x, res, weight, eps, padded_in, with_qsum=False):
+        a = base.add_rmsnorm_quantize(x, res, weight, eps, padded_in, with_qsum)  # x now holds x + res
+        return _summed(a, ops.rmsnorm(x, weight, eps) if with_qsum else None, with_qsum)
+
     def silu_mul_quantize(gate, up, padded_in, with_qsum=False):
         a = base.silu_mul_quantize(gate, up, padded_in, with_qsum)
         g = gate.float()
@@ -55,6 +59,8 @@ def sglang_backend(base: Backend) -> Backend:
 
     fns.update(quantize_act=quantize_act, rmsnorm_quantize=rmsnorm_quantize, silu_mul_quantize=silu_mul_quantize,
                w4a8_linear=w4a8_linear)
+    if "add_rmsnorm_quantize" in fns:  # the engine's fast mode uses it when the backend has it
+        fns["add_rmsnorm_quantize"] = add_rmsnorm_quantize
     return Backend(base.name, fns, base.fallbacks)
 
 
