@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from qoq.algorithm.clip import quantize_per_channel, search_clip_ratios
-from qoq.scheme.fakequant import fake_kv4
 from qoq.algorithm.gptq import HessianAccumulator, gptq_quantize
 from qoq.scheme.progressive import PROTECTIVE_RANGE, dequantize, level1_scales, quantize_weight
 from qoq.algorithm.smooth_attention import search_smooth_attention, smooth_attention_grid
@@ -99,13 +98,6 @@ def test_smooth_attention_search_beats_no_smoothing_with_key_outliers():
     assert lam.shape == (hkv * d,) and torch.equal(lam.view(hkv, 2, d // 2)[:, 0], lam.view(hkv, 2, d // 2)[:, 1])
     a2, b2, _, errors2 = search_smooth_attention(q, k, v, h, hkv, query_stride=4)
     assert len(errors2) == 19 and errors2[f"{a2:g},{b2:g}"] < 0.7 * errors2["0,0"]
-
-
-def test_fake_kv4_matches_the_runtime_cache_rule():
-    from qoq.scheme.ops import kv4_dequantize, kv4_quantize
-    x = torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(4)) * 3
-    x[0, 0, 0] = 1.5  # a constant row
-    assert torch.equal(fake_kv4(x), kv4_dequantize(*kv4_quantize(x)))  # through the runtime's pack/unpack
 
 
 @pytest.mark.parametrize("group", [64, -1])

@@ -17,7 +17,8 @@ from qoq.runtime.backend import reference_backend
 from qoq.runtime.engine import Engine
 from qoq.runtime.sglang_semantics import sglang_backend
 from qoq.verify.lockstep import LINEAR_ORDER, QUANT_OF_LINEAR, record_engine, rel_err
-from qoq.verify.simulated import fake_kv4, simulated_model
+from qoq.scheme.fakequant import fake_kv4
+from qoq.verify.simulated import simulated_model
 
 from conftest import TINY_CORPUS  # noqa: E402
 from test_runtime import VOCAB, tiny_hf_model, write_tiny_artifact  # noqa: E402

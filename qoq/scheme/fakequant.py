@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from qoq.scheme.progressive import dequantize, quantize_weight
-from qoq.scheme.ops import INT8_MAX
+from qoq.scheme import ops
 
 
 def fake_weight(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -17,20 +17,14 @@ def fake_weight(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def fake_act8(x: torch.Tensor) -> torch.Tensor:
-    """Per-token (last dim) symmetric INT8, round half to even, as the runtime quantizes linear inputs."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    return torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX) * scale
+    """Per-token (last dim) symmetric INT8 quantize-dequantize of x [..., K], fp32: the integers and scale
+    of `ops.quantize_act`, as the runtime quantizes linear inputs."""
+    shape = x.shape
+    a = ops.quantize_act(x.reshape(-1, shape[-1]), shape[-1])
+    return (a.q.float() * a.scale[:, None]).reshape(shape)
 
 
 def fake_kv4(x: torch.Tensor) -> torch.Tensor:
-    """Per-token, per-head (last dim) asymmetric UINT4 with fp16 scale/zero, as the KV4 cache stores it:
-    the same arithmetic as `kv4_dequantize(*kv4_quantize(x))` without packing the nibbles."""
-    xf = x.float()
-    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).to(torch.float16).float()
-    zero = (-lo / scale).to(torch.float16).float()
-    q = torch.round(xf / scale + zero).clamp(0, 15)
-    return (q - zero) * scale
-
+    """Per-token, per-head (last dim) asymmetric UINT4 quantize-dequantize of x [..., D], fp32: the KV4
+    cache's `kv4_dequantize(*kv4_quantize(x))`."""
+    return ops.kv4_dequantize(*ops.kv4_quantize(x))

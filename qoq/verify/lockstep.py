@@ -15,7 +15,8 @@ from qoq.formats.artifact import Artifact
 from qoq.runtime.backend import Backend
 from qoq.runtime.engine import Engine
 from qoq.scheme import ops
-from qoq.verify.simulated import fake_kv4, simulated_model
+from qoq.scheme.fakequant import fake_kv4
+from qoq.verify.simulated import simulated_model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,22 +10,10 @@ import torch
 
 from qoq.formats.artifact import Artifact
 from qoq.runtime.engine import hf_config
-from qoq.scheme import ops
+from qoq.scheme.fakequant import fake_act8, fake_kv4
 from qoq.scheme.progressive import dequantize
 
 FAKE_KV4_ATTENTION = "qoq_fake_kv4"
-
-
-def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric INT8 quantize-dequantize of x [..., K] (ops.quantize_act's integers)."""
-    shape = x.shape
-    a = ops.quantize_act(x.reshape(-1, shape[-1]), shape[-1])
-    return (a.q.float() * a.scale[:, None]).reshape(shape).to(x.dtype)
-
-
-def fake_kv4(x: torch.Tensor) -> torch.Tensor:
-    """Per-token, per-head asymmetric UINT4 quantize-dequantize of x [..., D] (ops.kv4_quantize)."""
-    return ops.kv4_dequantize(*ops.kv4_quantize(x)).to(x.dtype)
 
 
 def _register_fake_kv4_attention() -> None:
@@ -37,7 +25,7 @@ def _register_fake_kv4_attention() -> None:
         if hook is not None:
             key, value = hook(module.layer_idx, key, value)
         elif getattr(module, "qoq_kv_quant", True):
-            key, value = fake_kv4(key), fake_kv4(value)
+            key, value = fake_kv4(key).to(key.dtype), fake_kv4(value).to(value.dtype)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(FAKE_KV4_ATTENTION, attention)
@@ -82,5 +70,6 @@ def simulated_model(art: Artifact, dtype: torch.dtype = torch.float32, device: s
             mod.qoq_kv_quant = kv_quant
     if act_quant:
         for name in art.linear_names:
-            model.get_submodule(name).register_forward_pre_hook(lambda _m, args: (fake_quant_act(args[0]),))
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args: (fake_act8(args[0]).to(args[0].dtype),))
     return model
