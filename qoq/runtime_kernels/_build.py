@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qoq.state import cache_dir
+
 SRC_DIR = Path(__file__).resolve().parent
 UNITS = ("gemm.cu", "quant.cu", "attention.cu", "wgmma.cu")
 UNIT_PREFIX = {"wgmma.cu": ("gemm.cu",)}  # sources a unit builds on
@@ -165,7 +167,7 @@ ATTN_COMBINE = Variant("attention.cu", "qoq_attn_combine")
 # ---- compile ------------------------------------------------------------------------------------------------------
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("QOQ_KERNEL_CACHE", Path.home() / ".cache" / "qoq" / "kernels"))
+    return Path(os.environ.get("QOQ_KERNEL_CACHE") or cache_dir() / "kernels").expanduser()
 
 
 def nvrtc_options(arch: str) -> tuple[str, ...]:
