@@ -90,9 +90,9 @@ class BlockRunner:
         return decoder_layers(self.model)
 
     @torch.no_grad()
-    def forward(self, layer, hidden: torch.Tensor | None = None, limit: int | None = None) -> torch.Tensor:
-        """The block's outputs for the cached inputs (or `hidden`), optionally the first `limit` samples."""
-        hidden = self.hidden if hidden is None else hidden
+    def forward(self, layer, limit: int | None = None) -> torch.Tensor:
+        """The block's outputs for the cached inputs, optionally the first `limit` samples."""
+        hidden = self.hidden
         if limit is not None:
             hidden = hidden[:limit]
         return self._stored((self._call(layer, x.to(self.device)) for x in hidden.split(self.batch_size)),

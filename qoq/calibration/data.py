@@ -124,13 +124,13 @@ def plan_calibration(spec: str | None, device: torch.device | str = "cpu", n_sam
 
 
 def load_calibration(spec: str | None, tokenizer, n_samples: int = PAPER_BUDGET[0], seqlen: int = PAPER_BUDGET[1],
-                     model=None, seed: int = 42, log: Callable[[str], None] | None = None,
-                     device: torch.device | str | None = None, reporter: Reporter | None = None) -> CalibrationSet:
+                     model=None, seed: int = 42, device: torch.device | str | None = None,
+                     reporter: Reporter | None = None) -> CalibrationSet:
     """Build `n_samples` x `seqlen` calibration token samples from `spec` (see module doc).
 
     `device`: where data-free sampling runs (default: where the model is); `reporter`: its progress."""
     try:
-        return _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log, device, reporter)
+        return _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, device, reporter)
     except QoqError:
         raise
     except Exception as e:  # tokenizers / datasets / generate / IO: one line for the user
@@ -138,7 +138,7 @@ def load_calibration(spec: str | None, tokenizer, n_samples: int = PAPER_BUDGET[
                                 f"{type(e).__name__}: {e}")) from e
 
 
-def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log, device=None,
+def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, device=None,
                        reporter=None) -> CalibrationSet:
     if not isinstance(n_samples, int) or n_samples < 1:
         raise QoqError(f"{arg('n_samples')} must be >= 1, got {n_samples}")
@@ -148,7 +148,6 @@ def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log, devi
     if isinstance(max_pos, int) and seqlen > max_pos:
         raise QoqError(f"{arg('seqlen')} {seqlen} is longer than the model's context ({max_pos} tokens, "
                        f"max_position_embeddings); lower {arg('seqlen')}")
-    log = log or (lambda _msg: None)
     budget = read_budget(n_samples, seqlen)
     s = "auto" if spec is None or not str(spec).strip() else str(spec).strip()
     shape = f"{n_samples} x {seqlen} tokens"
@@ -156,32 +155,32 @@ def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, log, devi
     if s.lower() == "auto":
         if hub_reachable():
             docs, what = _hub_docs("pileval")
-            ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
+            ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what)
             return _result(ids, f"auto: {what}, {shape}")
         local = _auto_local_path()
         if local is not None:
             docs, what = _local_docs(local, budget)
-            ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
+            ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what)
             return _result(ids, f"auto: hub unreachable → {what}, {shape}")
-        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, log, device, reporter)
+        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, device, reporter)
         return _result(ids, f"auto: hub unreachable, no local text → data-free (sampled from the model, "
                             f"top-k 50, T 1.0, seed {seed}), {shape}")
     if s.lower() == "data-free":
-        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, log, device, reporter)
+        ids = _data_free(model, tokenizer, n_samples, seqlen, seed, device, reporter)
         return _result(ids, f"data-free (sampled from the model, top-k 50, T 1.0, seed {seed}), {shape}")
     if s.lower() in HUB_DATASETS:
         if not hub_reachable():
             raise QoqError(f"calibration set '{s}' needs the Hugging Face hub, which is unreachable; pass a local "
                            f"text/jsonl file or folder as {arg('spec', 'PATH')}, or {arg('spec', 'data-free')}")
         docs, what = _hub_docs(s.lower())
-        ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
+        ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what)
         return _result(ids, f"{what}, {shape}")
     path = Path(s).expanduser()
     if not path.exists():
         raise QoqError(f"calibration path '{s}' does not exist; pass a text/jsonl file or folder, "
                        f"or one of: {', '.join(SPECS)}")
     docs, what = _local_docs(path, budget)
-    ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what, log)
+    ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what)
     return _result(ids, f"{what}, {shape}")
 
 
@@ -338,11 +337,10 @@ def _split_docs(path: Path, text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _build_samples(docs: Sequence[str], tokenizer, n_samples: int, seqlen: int, seed: int, what: str,
-                   log: Callable[[str], None]) -> torch.Tensor:
+def _build_samples(docs: Sequence[str], tokenizer, n_samples: int, seqlen: int, seed: int,
+                   what: str) -> torch.Tensor:
     if tokenizer is None:
         raise QoqError("calibration from text needs the model's tokenizer")
-    log(f"tokenizing calibration text: {what}")
     rng = random.Random(seed)
     order = list(range(len(docs)))
     rng.shuffle(order)
@@ -378,8 +376,8 @@ def _build_samples(docs: Sequence[str], tokenizer, n_samples: int, seqlen: int, 
 
 # ---------------------------------------------------------------------------------------- data-free
 
-def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Callable[[str], None],
-               device: torch.device | None = None, reporter: Reporter | None = None) -> torch.Tensor:
+def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, device: torch.device | None = None,
+               reporter: Reporter | None = None) -> torch.Tensor:
     if model is None:
         raise QoqError("data-free calibration samples text from the model, but no model was given")
     cfg = model.config
@@ -405,7 +403,6 @@ def _data_free(model, tokenizer, n_samples: int, seqlen: int, seed: int, log: Ca
     model.eval()
     out_rows: list[torch.Tensor] = []
     devices = [device.index or 0] if device.type == "cuda" else []
-    log(f"data-free calibration: sampling {n_samples} x {seqlen} tokens from the model")
     try:
         model.to(device)
         with torch.random.fork_rng(devices=devices), \

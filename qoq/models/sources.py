@@ -214,7 +214,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, *, source: str, name: str | N
 
     folder = folder.resolve()
     cfg = _read_config(folder)
-    arch_cls, arch = _check_architecture(cfg, f"'{folder / 'config.json'}'")
+    _, arch = _check_architecture(cfg, f"'{folder / 'config.json'}'")
     _check_hf_config(folder)
     files = _weight_files(folder)
     tokenizer = _load_tokenizer(folder)
@@ -452,7 +452,7 @@ def _write_gguf_cache(model, tokenizer, cache: Path, sha: str, gguf_path: Path) 
 
 # ------------------------------------------------------------------------------------------------- hub
 
-_WANTED_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken", ".py")
+_WANTED_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")  # never remote code
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype, stream: bool = False) -> LoadedModel:
@@ -471,7 +471,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype, stream: bool = False) -> LoadedM
         cfg_file = hf_hub_download(repo_id, "config.json")
         _check_architecture(json.loads(Path(cfg_file).read_text(encoding="utf-8")), f"hub model '{repo_id}'")
         files = [f for f in list_repo_files(repo_id) if "/" not in f]
-        wanted = [f for f in files if f.endswith(_WANTED_SUFFIXES) and not f.endswith(".py")]
+        wanted = [f for f in files if f.endswith(_WANTED_SUFFIXES)]
         if not any(f.endswith(".safetensors") for f in files):
             wanted += [f for f in files if f.endswith(".bin") and f != "training_args.bin"]
         local = snapshot_download(repo_id, allow_patterns=wanted)

@@ -64,14 +64,13 @@ class CheckpointReader:
                 raise QoqError(f"the checkpoint in {self.folder} stores {name} as {list(self._entry(name).shape)}, "
                                f"its config.json gives {list(param.shape)}; pass a consistent HF model folder")
 
-    def load(self, module: torch.nn.Module, prefix: str, names: dict[str, str] | None = None) -> torch.nn.Module:
-        """Give every parameter of `module` (named `prefix.<param>` in the checkpoint, or as `names` maps
-        them) its stored value, on the CPU."""
+    def load(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        """Give every parameter of `module` (named `prefix.<param>` in the checkpoint) its stored value, on
+        the CPU."""
         from accelerate.utils import set_module_tensor_to_device
 
         for pname, _ in list(module.named_parameters()):
-            stored = (names or {}).get(pname, f"{prefix}.{pname}")
-            set_module_tensor_to_device(module, pname, "cpu", value=self.tensor(stored), dtype=self.dtype)
+            set_module_tensor_to_device(module, pname, "cpu", value=self.tensor(f"{prefix}.{pname}"), dtype=self.dtype)
         return module
 
     @staticmethod

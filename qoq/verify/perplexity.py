@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qoq.errors import QoqError
+from qoq.hub import hub_reachable
 from qoq.progress import Reporter
 
 DATASETS = ("wikitext2",)
@@ -146,7 +147,7 @@ def load_wikitext2(data: str | None = None) -> tuple[str, str]:
     if env:
         f = _local_file(Path(env).expanduser(), "$QOQ_WIKITEXT2")
         return hf_text_from_raw(_read_raw(f)), str(f)
-    if _hub_reachable():
+    if hub_reachable():
         try:
             from datasets import load_dataset
 
@@ -161,14 +162,6 @@ def load_wikitext2(data: str | None = None) -> tuple[str, str]:
             return hf_text_from_raw(_read_raw(f)), str(f)
     raise QoqError("WikiText-2 is not available: the Hugging Face hub is unreachable and no local copy is set; "
                    "pass --data PATH/wiki.test.raw (or its folder), or set QOQ_WIKITEXT2 or QOQ_DATA_DIR")
-
-
-def _hub_reachable() -> bool:
-    try:
-        from qoq.hub import hub_reachable
-    except ImportError:
-        return False
-    return hub_reachable()
 
 
 def window_length(requested: int | None, context) -> int:
