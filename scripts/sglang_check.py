@@ -121,7 +121,7 @@ def sglang_allocations(config: dict) -> dict[str, tuple[torch.dtype, tuple[int, 
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[f"{p}.{norm}.weight"] = (fp16, (dims.hidden,))
         for lname, (n, k) in dims.linear_shapes().items():
-            name = f"{p}.{'self_attn' if lname in synthetic.ATTN else 'mlp'}.{lname}"
+            name = f"{p}.{lname}"
             out[f"{name}.qweight"] = (int8, (n, k // 2))
             out[f"{name}.s1_scales"] = (fp16, (n,))
             if group == -1:
@@ -175,7 +175,7 @@ def engine_artifact(folder: Path, config: dict, tensors: dict[str, torch.Tensor]
     """The exported checkpoint as our engine's input: the linears' shapes come from config.json (as sglang
     derives them), the norms are run as stored, as sglang runs them."""
     dims = synthetic.ModelDims.from_config(config)
-    modules = {f"model.layers.{i}.{'self_attn' if lname in synthetic.ATTN else 'mlp'}.{lname}": shape
+    modules = {f"model.layers.{i}.{lname}": shape
                for i in range(dims.layers) for lname, shape in dims.linear_shapes().items()}
     qconfig = quantization_config(config["quantization_config"]["group_size"], modules, {"name": "sglang export"})
     return Artifact(path=folder, config={**config, "quantization_config": qconfig}, tensors=tensors)

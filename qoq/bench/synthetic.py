@@ -15,10 +15,10 @@ import torch
 
 from qoq.scheme.progressive import dequantize, quantize_weight
 from qoq.errors import QoqError
-from qoq.formats.artifact import Artifact, quantization_config, quantized_tensors
+from qoq.formats.artifact import Artifact, block_linear_shapes, quantization_config, quantized_tensors
+from qoq.models.arch import ARCHITECTURES
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # the linears with a bias in HAS_QKV_BIAS
 
 # Published configs (the models' config.json on the Hugging Face hub).
 SHAPES: dict[str, dict] = {
@@ -72,10 +72,8 @@ class ModelDims:
                    tied=bool(cfg.get("tie_word_embeddings", False)))
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(N, K) of the seven linears of one block."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        """(N, K) of the seven linears of one block, by their names in the block ("self_attn.q_proj", ...)."""
+        return block_linear_shapes(self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim)
 
     @property
     def linear_params(self) -> int:
@@ -108,8 +106,7 @@ def shape_config(shape: str) -> dict:
     except KeyError:
         raise QoqError(f"--shape {shape!r} is not one of {', '.join(SHAPE_CHOICES)}") from None
     cfg.setdefault("torch_dtype", "float16")
-    cfg.setdefault("architectures", [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                      "qwen2": "Qwen2ForCausalLM"}[cfg["model_type"]]])
+    cfg.setdefault("architectures", [ARCHITECTURES[cfg["model_type"]]])
     return cfg
 
 
@@ -134,11 +131,11 @@ def build_synthetic_artifact(shape: str, device: torch.device | str, group_size:
     for i in layers:
         p = f"model.layers.{i}"
         for lname, (n, k) in dims.linear_shapes().items():
-            name = f"{p}.{'self_attn' if lname in ATTN else 'mlp'}.{lname}"
+            name = f"{p}.{lname}"
             w = randn(n, k, std=k ** -0.5)
             qw = quantize_weight(w, group_size)
             del w
-            b = randn(n, std=0.02).half() if bias and lname in ("q_proj", "k_proj", "v_proj") else None
+            b = randn(n, std=0.02).half() if bias and lname in QKV else None
             tensors.update(quantized_tensors(name, qw, b))
             modules[name] = (n, k)
         for norm in ("input_layernorm", "post_attention_layernorm"):

@@ -271,11 +271,17 @@ def decoder_linear_shapes(config: dict) -> dict[str, tuple[int, int]] | None:
                                           else None)
     if not all(type(v) is int and v > 0 for v in (heads, kv_heads, head_dim, hidden, inter, layers)):
         return None
-    q, kv = heads * head_dim, kv_heads * head_dim
-    block = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
-             "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-             "mlp.down_proj": (hidden, inter)}
+    block = block_linear_shapes(hidden, inter, heads, kv_heads, head_dim)
     return {f"model.layers.{i}.{name}": shape for i in range(layers) for name, shape in block.items()}
+
+
+def block_linear_shapes(hidden: int, inter: int, heads: int, kv_heads: int,
+                        head_dim: int) -> dict[str, tuple[int, int]]:
+    """{linear: (N, K)} of one Llama-family block, named as in the block ("self_attn.q_proj", ...)."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+            "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+            "mlp.down_proj": (hidden, inter)}
 
 
 def _validate_architecture(path: Path, config: dict, modules: dict) -> None:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+# The decoders qoq runs: HF model_type (also llama.cpp's GGUF `general.architecture`) -> transformers class
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
 ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 BLOCK_LINEARS = ATTENTION_LINEARS + MLP_LINEARS

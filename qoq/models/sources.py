@@ -24,6 +24,7 @@ from qoq.checks import sha256_of_files
 from qoq.errors import QoqError, arg
 from qoq.hub import hub_reachable
 from qoq.models import smollm2
+from qoq.models.arch import ARCHITECTURES
 from qoq.models.gguf_check import require_complete_gguf
 from qoq.models.streaming import CheckpointReader, can_stream, empty_model
 from qoq.state import cache_dir
@@ -31,10 +32,7 @@ from qoq.state import cache_dir
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# GGUF `general.architecture` values (llama.cpp names) that transformers maps onto the classes above.
-_GGUF_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {cls: cls.removesuffix("ForCausalLM") for cls in ARCHITECTURES.values()}
 _SUPPORTED_TEXT = "qoq supports Llama, Mistral and Qwen2 models"
 _FILE_EXTS = {".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".txt", ".onnx", ".ggml",
               ".h5", ".msgpack", ".model", ".zip", ".tar", ".gz", ".tgz", ".npz", ".npy", ".pkl"}
@@ -150,8 +148,8 @@ def _check_architecture(cfg: dict, where: str) -> tuple[str, str]:
     archs = cfg.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
-    if not archs and cfg.get("model_type") in _MODEL_TYPES:
-        archs = [_MODEL_TYPES[cfg["model_type"]]]
+    if not archs and cfg.get("model_type") in ARCHITECTURES:
+        archs = [ARCHITECTURES[cfg["model_type"]]]
     for a in archs:
         if a in SUPPORTED_ARCHITECTURES:
             return a, SUPPORTED_ARCHITECTURES[a]
@@ -342,7 +340,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, source: str) -> LoadedModel:
     """
     path = path.expanduser().resolve()
     garch = gguf_architecture(path)
-    if garch not in _GGUF_ARCHS:
+    if garch not in ARCHITECTURES:
         raise QoqError(f"unsupported architecture '{garch}' in GGUF '{path.name}'; {_SUPPORTED_TEXT}")
     sha = sha256_of_files([path])
     name = gguf_model_name(path)
