@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qoq.errors import QoqError, flags
+from qoq.errors import QoqError, flags, one_line
 from qoq.console import err, out, user_errors
 from qoq.progress import Reporter, RichReporter, quiet_third_party
 from qoq.summary import generate_summary, quantize_summary
@@ -454,7 +454,7 @@ def run_cli(args: Optional[list[str]] = None) -> int:
 
 def usage_error_line(e: ClickException) -> str:
     """Click's message on one line, with the help command of the (sub)command it concerns."""
-    message = " ".join(e.format_message().split())
+    message = one_line(e.format_message())
     ctx = getattr(e, "ctx", None)
     return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
 

@@ -8,7 +8,7 @@ from functools import wraps
 import typer
 from rich.console import Console
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, one_line
 from qoq.signals import Terminated, sigterm_as_interrupt
 
 out = Console()
@@ -34,7 +34,7 @@ def user_errors(fn):
         except Exception as e:  # a bug: still one line, with the way to get the traceback
             if os.environ.get("QOQ_DEBUG"):
                 raise
-            msg = " ".join(str(e).split())[:300]
+            msg = one_line(e, 300)
             err.print(f"[bold red]internal error:[/] {type(e).__name__}: {msg} (set QOQ_DEBUG=1 for the traceback)",
                       highlight=False, soft_wrap=True)
             raise typer.Exit(2) from e

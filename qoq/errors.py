@@ -17,6 +17,13 @@ class QoqError(Exception):
     """An error the user can fix; its message is a single line that says how."""
 
 
+def one_line(obj, limit: int = 500) -> str:
+    """str(obj) on one line (whitespace runs collapsed), cut to `limit` characters: for quoting a library's
+    message inside ours."""
+    s = " ".join(str(obj).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
 _FLAGS: ContextVar[Mapping[str, str]] = ContextVar("qoq_flags", default=MappingProxyType({}))
 _NO_VALUE = object()
 

@@ -20,7 +20,7 @@ from qoq.bench import capacity, e2e, gemm, runners
 from qoq.bench.profiles import GPU_CHOICES, detect_device, resolve_profile
 from qoq.bench.report import build_report, check_min_speedup, require_matplotlib, write_json
 from qoq.bench.synthetic import SHAPE_CHOICES, ModelDims, build_synthetic_artifact, fp16_twin
-from qoq.errors import QoqError
+from qoq.errors import QoqError, one_line
 from qoq.scheme.progressive import group_size_problem
 from qoq.progress import Reporter
 
@@ -130,7 +130,7 @@ def run_kernels(reporter: Reporter) -> tuple[list | None, str | None]:
         except QoqError:
             raise
         except Exception as e:  # noqa: BLE001 - a kernel failure must not lose the e2e numbers
-            return None, f"kernel benchmark failed: {type(e).__name__}: {_line(e)}"
+            return None, f"kernel benchmark failed: {type(e).__name__}: {one_line(e, 200)}"
     return [dict(r) for r in rows], None
 
 
@@ -266,7 +266,7 @@ def run_bench(o: BenchOptions, reporter: Reporter | None = None, device_override
             if capacity.is_oom(e):
                 errors[name] = "out of memory"
             else:
-                errors[name] = f"{type(e).__name__}: {_line(e)}"
+                errors[name] = f"{type(e).__name__}: {one_line(e, 200)}"
             reporter.info(f"{name}: not measured: {errors[name]}")
         finally:
             if runner is not None:
@@ -319,5 +319,3 @@ def min_speedup_error(report: dict, min_speedup: float | None) -> str | None:
     return line if passed is False else None
 
 
-def _line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200]

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from qoq.errors import QoqError, arg
+from qoq.errors import QoqError, arg, one_line
 from qoq.hub import hub_reachable
 from qoq.progress import Reporter
 
@@ -134,7 +134,7 @@ def load_calibration(spec: str | None, tokenizer, n_samples: int = PAPER_BUDGET[
     except QoqError:
         raise
     except Exception as e:  # tokenizers / datasets / generate / IO: one line for the user
-        raise QoqError(_oneline(f"could not build calibration data from '{spec if spec else 'auto'}': "
+        raise QoqError(one_line(f"could not build calibration data from '{spec if spec else 'auto'}': "
                                 f"{type(e).__name__}: {e}")) from e
 
 
@@ -242,7 +242,7 @@ def _hub_docs(name: str) -> tuple[Sequence[str], str]:
 
         ds = load_dataset(path, config, split=split) if config else load_dataset(path, split=split)
     except Exception as e:
-        raise QoqError(_oneline(f"could not load calibration set '{name}' ({path}) from the hub: {type(e).__name__}: "
+        raise QoqError(one_line(f"could not load calibration set '{name}' ({path}) from the hub: {type(e).__name__}: "
                                 f"{e}; pass a local text/jsonl file as {arg('spec', 'PATH')}")) from e
     if "text" not in ds.column_names:
         raise QoqError(f"calibration set '{name}' ({path}) has no 'text' column")
@@ -306,7 +306,7 @@ def _read_bytes(path: Path, limit: int) -> bytes:
         with open(path, "rb") as f:
             return f.read(limit)
     except OSError as e:
-        raise QoqError(_oneline(f"cannot read calibration file '{path}': {e}")) from e
+        raise QoqError(one_line(f"cannot read calibration file '{path}': {e}")) from e
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -328,7 +328,7 @@ def _split_docs(path: Path, text: str) -> list[str]:
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise QoqError(_oneline(f"{path}:{lineno}: not valid JSON ({e})")) from e
+                raise QoqError(one_line(f"{path}:{lineno}: not valid JSON ({e})")) from e
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise QoqError(f"{path}:{lineno}: expected a JSON object with a string \"text\" field")
             docs.append(obj["text"])
@@ -471,6 +471,3 @@ def _data_free_batch(cfg, seqlen: int, elem_size: int, n_samples: int) -> int:
     return max(1, min(n_samples, _DATA_FREE_MAX_BATCH, _DATA_FREE_KV_BUDGET // max(per_seq, 1)))
 
 
-def _oneline(s: str, limit: int = 500) -> str:
-    s = " ".join(str(s).split())
-    return s if len(s) <= limit else s[: limit - 1] + "…"

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from qoq.scheme.progressive import PROTECTIVE_RANGE, QuantizedWeight, group_size_problem, is_per_channel
 from qoq.checks import first_non_finite, require_finite_tensors, sha256_of_files, strict_json
-from qoq.errors import QoqError
+from qoq.errors import QoqError, one_line
 from qoq.scheme.schema import (
     BIAS,
     FORMAT_VERSION,
@@ -201,7 +201,7 @@ def _read_json(file: Path, artifact: Path) -> dict:
         raise QoqError(f"{artifact} is not a qoq artifact: {file.name} is missing; "
                        "run qoq quantize to create one") from None
     except (OSError, ValueError) as e:
-        raise QoqError(f"{artifact} is corrupt: {file.name} is not valid JSON ({_one_line(e)}); "
+        raise QoqError(f"{artifact} is corrupt: {file.name} is not valid JSON ({one_line(e, 200)}); "
                        "re-run qoq quantize") from None
     if not isinstance(data, dict):
         raise QoqError(f"{artifact} is corrupt: {file.name} is not a JSON object; re-run qoq quantize")
@@ -223,7 +223,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
         except Exception as e:  # safetensors raises several types for truncated/corrupt headers
-            raise QoqError(f"{path} is corrupt: {fname} cannot be read ({_one_line(e)}); re-run qoq quantize") from None
+            raise QoqError(f"{path} is corrupt: {fname} cannot be read ({one_line(e, 200)}); "
+                           "re-run qoq quantize") from None
     return tensors
 
 
@@ -312,7 +313,7 @@ def _validate_hf_config(path: Path) -> None:
         AutoConfig.from_pretrained(str(path))
     except Exception as e:
         raise QoqError(f"corrupt artifact {path}: transformers rejects its config.json ({type(e).__name__}: "
-                       f"{_one_line(e)}); re-run qoq quantize") from None
+                       f"{one_line(e, 200)}); re-run qoq quantize") from None
 
 
 def _validate_model_tensors(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -356,5 +357,3 @@ def _validate_tensors(path: Path, qc: dict, tensors: dict[str, torch.Tensor]) ->
                                "re-run qoq quantize")
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200]

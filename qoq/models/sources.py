@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from qoq.checks import sha256_of_files
-from qoq.errors import QoqError, arg
+from qoq.errors import QoqError, arg, one_line
 from qoq.hub import hub_reachable
 from qoq.models import smollm2
 from qoq.models.arch import ARCHITECTURES
@@ -68,7 +68,7 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: boo
     except QoqError:
         raise
     except Exception as e:  # transformers / gguf / IO: one line for the user
-        raise QoqError(_oneline(f"could not load model '{spec if spec is not None else DEFAULT_ALIAS}': "
+        raise QoqError(one_line(f"could not load model '{spec if spec is not None else DEFAULT_ALIAS}': "
                                 f"{type(e).__name__}: {e}")) from e
 
 
@@ -137,7 +137,7 @@ def _read_config(folder: Path) -> dict:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise QoqError(_oneline(f"cannot read '{cfg_path}': {e}")) from e
+        raise QoqError(one_line(f"cannot read '{cfg_path}': {e}")) from e
     if not isinstance(cfg, dict):
         raise QoqError(f"'{cfg_path}' is not a JSON object")
     return cfg
@@ -183,7 +183,7 @@ def _check_hf_config(folder: Path) -> None:
     try:
         AutoConfig.from_pretrained(str(folder))
     except Exception as e:
-        raise QoqError(_oneline(f"'{folder / 'config.json'}' is not a valid model config: {type(e).__name__}: {e}; "
+        raise QoqError(one_line(f"'{folder / 'config.json'}' is not a valid model config: {type(e).__name__}: {e}; "
                                 "fix it or pass a complete HF model folder")) from e
 
 
@@ -196,7 +196,7 @@ def _load_tokenizer(folder: Path, **kw):
     try:
         return AutoTokenizer.from_pretrained(str(folder), **kw)
     except Exception as e:
-        raise QoqError(_oneline(f"could not load the tokenizer from '{folder}': {type(e).__name__}: {e}")) from e
+        raise QoqError(one_line(f"could not load the tokenizer from '{folder}': {type(e).__name__}: {e}")) from e
 
 
 def _finish(model, dtype: torch.dtype):
@@ -323,7 +323,7 @@ def _cached_gguf_model(cache: Path, sha: str, dtype: torch.dtype, common: dict) 
         try:
             return _load_folder(cache, dtype, **common)
         except Exception as e:  # noqa: BLE001 - any unreadable cache file: rebuild it
-            problem = _oneline(f"{type(e).__name__}: {e}", 200)
+            problem = one_line(f"{type(e).__name__}: {e}", 200)
     if problem != "stale":
         smollm2._console().print(f"the converted-model cache {cache} is damaged ({problem}); rebuilding it from "
                                  "the GGUF (QOQ_NO_GGUF_CACHE=1 turns this cache off)", highlight=False,
@@ -482,6 +482,3 @@ def _load_hub(repo_id: str, dtype: torch.dtype, stream: bool = False) -> LoadedM
     return _load_folder(Path(local), dtype, source=repo_id, name=name, reload_spec=repo_id, stream=stream)
 
 
-def _oneline(s: str, limit: int = 500) -> str:
-    s = " ".join(str(s).split())
-    return s if len(s) <= limit else s[: limit - 1] + "…"

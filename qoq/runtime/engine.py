@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from qoq.errors import QoqError, arg
+from qoq.errors import QoqError, arg, one_line
 from qoq.formats.artifact import Artifact, read_artifact
 from qoq.models.arch import head_dims
 from qoq.runtime import fast as fast_mode
@@ -65,7 +65,7 @@ def hf_config(config: dict):
         return AutoConfig.for_model(model_type, **cfg)
     except Exception as e:
         raise QoqError(f"cannot build a {model_type} config from the artifact: {type(e).__name__}: "
-                       f"{' '.join(str(e).split())[:160]}") from None
+                       f"{one_line(e, 160)}") from None
 
 
 def rotary_embedding(config) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from dataclasses import fields
 import torch
 import torch.nn.functional as F
 
-from qoq.errors import QoqError
+from qoq.errors import QoqError, one_line
 from qoq.scheme import ops
 
 
@@ -178,7 +178,7 @@ class DecodeGraphs:
                 entry = self._graphs[key] = self._capture(engine, b)
             except Exception as e:  # noqa: BLE001 - a backend that cannot be captured runs eagerly
                 engine.cuda_graph = False
-                engine.graph_error = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+                engine.graph_error = f"{type(e).__name__}: {one_line(e, 160)}"
                 torch.cuda.synchronize(engine.device)
                 return engine.lm_logits(engine.hidden_states(tokens.reshape(-1, 1))[:, -1])
         ids, logits, graph = entry
