@@ -22,6 +22,7 @@ from typing import Callable
 from qoq.errors import QoqError, arg
 from qoq.progress import Reporter
 from qoq.scheme.schema import QUANT_METHOD
+from qoq.signals import interrupts_deferred
 
 PARTIAL_SUFFIX = ".partial"
 OWNER_FILE = ".qoq-partial-owner.json"  # inside a partial folder: which process is writing it
@@ -172,7 +173,27 @@ def create_partial(output: Path) -> PartialFolder:
     return partial
 
 
-def finish_partial(folder: Path) -> None:
+def commit_partial(folder: Path, output: Path) -> None:
+    """Make the written partial `folder` the `output` folder: plain file modes, then one rename (two when
+    an earlier output is replaced), with Ctrl-C and SIGTERM held off until the renames are done."""
+    _plain_modes(folder)
+    with interrupts_deferred():
+        _replace_folder(folder, output)
+        drop_owner_record(output)
+
+
+def _replace_folder(new: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output, old)
+        os.replace(new, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, output)
+
+
+def _plain_modes(folder: Path) -> None:
     """The files a library created private (mkstemp-style 0600) get the modes a plain write would give."""
     mask = _umask()
     for p in folder.rglob("*"):

@@ -6,8 +6,6 @@ against config.json before any tensor is used and never unpickles anything.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +28,7 @@ from qoq.scheme.schema import (
 )
 from qoq.scheme.layout import LAYOUT_NAME, pack_group_params, pack_weight, unpack_group_params, unpack_weight
 from qoq.formats.shards import INDEX_FILE, SHARD_BYTES, WEIGHTS_FILE, ShardWriter  # noqa: F401
-from qoq.output import PartialFolder, check_output, create_partial, drop_owner_record, finish_partial
-from qoq.signals import interrupts_deferred
+from qoq.output import PartialFolder, check_output, commit_partial, create_partial
 
 REPORT_FILE = "qoq_report.json"
 WEIGHTS_SHA256 = "weights_sha256"  # in the report: {shard file: sha256} as written
@@ -120,10 +117,8 @@ def write_artifact(output: Path, config: dict, tensors: dict[str, torch.Tensor] 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(strict_json(report, indent=2) + "\n")
-        finish_partial(tmp)
-        with interrupts_deferred():
-            _replace_folder(tmp, output)
-            drop_owner_record(output)
+        check_output(output, None, overwrite)  # again: it may have appeared while we wrote
+        commit_partial(tmp, output)
     except BaseException:
         partial.discard()
         raise
@@ -182,17 +177,6 @@ def expected_shapes(name: str, n: int, k: int, group_size: int) -> dict[str, tup
 
 
 # ---- internals ----------------------------------------------------------------------------------------
-
-def _replace_folder(new: Path, output: Path) -> None:
-    if output.exists():
-        old = output.with_name(f".{output.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-        os.replace(new, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, output)
-
 
 def _read_json(file: Path, artifact: Path) -> dict:
     try:

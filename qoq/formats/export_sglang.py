@@ -27,10 +27,9 @@ import torch
 
 from qoq.scheme.progressive import padded_dims
 from qoq.errors import QoqError, arg
-from qoq.output import EXPORT, EXPORT_MARKER, check_output, create_partial, drop_owner_record, finish_partial
-from qoq.signals import interrupts_deferred
+from qoq.output import EXPORT, EXPORT_MARKER, check_output, commit_partial, create_partial
 from qoq.version import __version__
-from qoq.formats.artifact import (INDEX_FILE, REPORT_FILE, WEIGHTS_FILE, Artifact, _replace_folder, write_weights,
+from qoq.formats.artifact import (INDEX_FILE, REPORT_FILE, WEIGHTS_FILE, Artifact, write_weights,
                                   read_artifact)
 
 SGLANG_GROUP_SIZES = (128, -1)
@@ -139,11 +138,8 @@ def write_checkpoint(output: Path, config: dict, tensors: dict[str, torch.Tensor
                 shutil.copy2(file, tmp / file.name)
         marker = {"format": fmt, "artifact": str(art.path.resolve()), "qoq_version": __version__}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        finish_partial(tmp)
         check_output(output, None, overwrite, kind=EXPORT)  # again: it may have appeared while we wrote
-        with interrupts_deferred():
-            _replace_folder(tmp, output)
-            drop_owner_record(output)
+        commit_partial(tmp, output)
     except BaseException:
         partial.discard()
         raise
