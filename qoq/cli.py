@@ -27,7 +27,8 @@ NoArgsIsHelpError = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="QoQ W4A8KV4 quantization: quantize, inspect, verify, generate, bench, export.")
-ARTIFACT_ARG = typer.Argument(None, help="artifact folder; default: the one the last qoq quantize wrote")
+ARTIFACT_ARG = typer.Argument(None, help="artifact folder; default: the newest qoq artifact in the current "
+                              "directory, else the one the last qoq quantize wrote")
 VERBOSE_OPT = typer.Option(False, "--verbose", "-v", help="also show transformers / datasets progress bars, "
                            "load reports and warnings")
 
@@ -76,7 +77,7 @@ def quantize(
                                     "auto (bfloat16 on CPUs with native bf16, else float32) | float32 | bfloat16"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact folder "
-                                          "(default ./<model>-qoq-w4a8kv4-g<group>)"),
+                                          "(default ./<model>-qoq-w4a8kv4-g<group>, -gchn for per-channel)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder if it "
                                    "is a qoq artifact (never the source model or the current directory)"),
     batch_size: int = typer.Option(4, "--batch-size", help="calibration samples per forward pass"),
@@ -290,7 +291,8 @@ def _verify_table(result) -> Table:
     table = Table(title=f"{result.artifact}: WikiText-2, {result.windows} x {result.seq_len} tokens "
                         f"({result.backend} on {result.device})")
     quant = "W4A8 (sglang)" if result.semantics == "sglang" else "W4A8KV4"
-    for col in ("PPL FP16", f"PPL {quant}", "delta", "tokens", "time FP16", f"time {quant}"):
+    base = {"float16": "FP16", "float32": "FP32", None: "FP16"}.get(result.baseline_dtype, result.baseline_dtype)
+    for col in (f"PPL {base}", f"PPL {quant}", "delta", "tokens", f"time {base}", f"time {quant}"):
         table.add_column(col, justify="right")
     b, q = result.baseline, result.quantized
     table.add_row("-" if b is None else f"{b.ppl:.4f}", f"{q.ppl:.4f}",
@@ -326,7 +328,8 @@ def export(
                             "artifacts as asymmetric W4A16 pack-quantized (vLLM)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="checkpoint folder "
                                           "(default: <artifact>-<format> beside the artifact)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier qoq export at --output (a folder "
+                                   "holding qoq_export.json)"),
 ):
     """Write an artifact as a serving engine's checkpoint (sglang W4A8, or compressed-tensors W4A16 for vLLM)."""
     from qoq.formats.export_compressed_tensors import export_compressed_tensors

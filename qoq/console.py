@@ -26,8 +26,9 @@ def user_errors(fn):
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:
-            err.print(f"[bold red]{'terminated' if isinstance(e, Terminated) else 'interrupted'}[/]; "
-                      "nothing was written")
+            kept = "the finished blocks are kept (above)" if getattr(e, "resume_point", None) else \
+                "nothing was written"
+            err.print(f"[bold red]{'terminated' if isinstance(e, Terminated) else 'interrupted'}[/]; {kept}")
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
         except (typer.Exit, typer.Abort):
             raise

@@ -166,6 +166,7 @@ def _quantize_to_output(opts: QuantizeOptions, ranks: DataParallelGroup, reporte
             done = saved_state(partial.path)["next_block"]
             reporter.info(f"stopped: {done} finished block{'' if done == 1 else 's'} kept in {partial.path}; "
                           f"run the same command with {arg('resume')} to continue from there")
+            e.resume_point = partial.path  # the front end must not say that nothing was kept
         else:
             partial.discard()
         raise

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qoq.calibration import CalibrationSet, load_calibration
+from qoq.calibration.data import check_calibration_path
 from qoq.errors import QoqError, flags
 
 PARAGRAPHS = [
@@ -145,6 +146,8 @@ def test_hub_sets_offline(tok, hub_offline, name):
     msg = str(err.value)
     assert "\n" not in msg and f"'{name}'" in msg and "unreachable" in msg and "spec='PATH'" in msg
     assert "spec='data-free'" in msg
+    with pytest.raises(QoqError, match="unreachable"):  # what quantize checks before it loads the model
+        check_calibration_path(name)
 
 
 def test_data_free(tiny_model_dir):

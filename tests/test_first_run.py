@@ -68,8 +68,16 @@ def test_budget_stays_the_papers_elsewhere(hub_offline, no_local_text, calib_tex
     text = plan_calibration(str(calib_text), "cpu")
     assert (text.source, text.budget, text.n_samples, text.seqlen) == ("local", "paper", *PAPER_BUDGET)
     assert "\n" not in text.message
-    user = plan_calibration(None, "cpu", n_samples=7)
+    user = plan_calibration(None, "cuda", n_samples=7)
     assert (user.budget, user.n_samples, user.seqlen) == ("user", 7, PAPER_BUDGET[1])
+
+
+def test_a_given_budget_flag_keeps_the_other_flags_default(hub_offline, no_local_text):
+    assert (plan_calibration("data-free", "cpu", n_samples=7).n_samples,
+            plan_calibration("data-free", "cpu", n_samples=7).seqlen) == (7, DATA_FREE_CPU_BUDGET[1])
+    only_seqlen = plan_calibration("data-free", "cpu", seqlen=64)
+    assert (only_seqlen.budget, only_seqlen.n_samples, only_seqlen.seqlen) == ("user", DATA_FREE_CPU_BUDGET[0], 64)
+    assert plan_calibration("data-free", "cuda", seqlen=64).n_samples == PAPER_BUDGET[0]
 
 
 def test_cli_data_free_fallback_says_so_first_and_records_it(tiny_model_dir, hub_offline, no_local_text, tmp_path,

@@ -209,3 +209,21 @@ def test_shard_writer_keeps_units_whole_and_restores_its_state(tmp_path):
     second = load_file(tmp_path / names[1])
     assert set(second) == {"u2.a", "u2.b", "u3.a", "u3.b"} and torch.equal(second["u3.a"], unit(3)["u3.a"])
     assert not (tmp_path / "staging").exists()
+
+
+def test_ctrl_c_that_keeps_a_resume_point_says_so(model4, calib, tmp_path, monkeypatch):
+    save = Checkpoints.save
+
+    def interrupt_after_block_1(self, next_block, hidden, reports):
+        save(self, next_block, hidden, reports)
+        if next_block == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "save", interrupt_after_block_1)
+    r = CliRunner().invoke(app, ["quantize", "--model", str(model4), "--calib", str(calib), "--calib-samples", "4",
+                                 "--calib-seqlen", "32", "--group", "32", "--device", "cpu",
+                                 "--output", str(tmp_path / "art")])
+    assert r.exit_code == 130 and len(partials(tmp_path)) == 1
+    lines = r.stderr.strip().splitlines()
+    assert "1 finished block kept" in lines[-2] and "--resume" in lines[-2], lines
+    assert lines[-1] == "interrupted; the finished blocks are kept (above)"

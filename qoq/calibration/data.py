@@ -102,14 +102,12 @@ def plan_calibration(spec: str | None, device: torch.device | str = "cpu", n_sam
         source, what = "hub", f"{low} from the Hugging Face hub"
     else:
         source, what = "local", f"local text {s}"
-    on_cpu = torch.device(device).type == "cpu"
+    small = source == "data-free" and torch.device(device).type == "cpu"
     if n_samples is not None or seqlen is not None:
         budget = "user"
-    elif source == "data-free" and on_cpu:
-        budget = "data-free-cpu"
     else:
-        budget = "paper"
-    default = DATA_FREE_CPU_BUDGET if budget == "data-free-cpu" else PAPER_BUDGET
+        budget = "data-free-cpu" if small else "paper"
+    default = DATA_FREE_CPU_BUDGET if small else PAPER_BUDGET  # per flag: a given one keeps the other's default
     n = default[0] if n_samples is None else n_samples
     t = default[1] if seqlen is None else seqlen
     if seqlen is None and source == "data-free" and context:
@@ -170,8 +168,7 @@ def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, device=No
         return _result(ids, f"data-free (sampled from the model, top-k 50, T 1.0, seed {seed}), {shape}")
     if s.lower() in HUB_DATASETS:
         if not hub_reachable():
-            raise QoqError(f"calibration set '{s}' needs the Hugging Face hub, which is unreachable; pass a local "
-                           f"text/jsonl file or folder as {arg('spec', 'PATH')}, or {arg('spec', 'data-free')}")
+            raise QoqError(_hub_unreachable(s))
         docs, what = _hub_docs(s.lower())
         ids = _build_samples(docs, tokenizer, n_samples, seqlen, seed, what)
         return _result(ids, f"{what}, {shape}")
@@ -185,9 +182,11 @@ def _load_calibration(spec, tokenizer, n_samples, seqlen, model, seed, device=No
 
 
 def check_calibration_path(spec: str | None) -> None:
-    """Refuse a local calibration file that is missing, not a regular file or not text, before the model
-    is loaded (a folder's files are checked as they are read)."""
+    """Refuse, before the model is loaded, a hub calibration set when the hub is unreachable and a local
+    calibration file that is missing, not a regular file or not text (a folder's files are checked as read)."""
     s = "" if spec is None else str(spec).strip()
+    if s.lower() in HUB_DATASETS and not hub_reachable():
+        raise QoqError(_hub_unreachable(s))
     if not s or s.lower() in SPECS or s.lower() in HUB_DATASETS:
         return
     path = Path(s).expanduser()
@@ -196,6 +195,11 @@ def check_calibration_path(spec: str | None) -> None:
                        f"or one of: {', '.join(SPECS)}")
     if not path.is_dir():
         _require_text_file(path.resolve())
+
+
+def _hub_unreachable(spec: str) -> str:
+    return (f"calibration set '{spec}' needs the Hugging Face hub, which is unreachable; pass a local "
+            f"text/jsonl file or folder as {arg('spec', 'PATH')}, or {arg('spec', 'data-free')}")
 
 
 def _result(ids: torch.Tensor, description: str) -> CalibrationSet:
