@@ -166,13 +166,6 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _dtype_kwargs(dtype: torch.dtype) -> dict:
-    import transformers
-
-    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 
 
@@ -220,7 +213,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, *, source: str, name: str | N
     if stream and can_stream(folder):
         model, reader = empty_model(folder, dtype), CheckpointReader(folder, dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), low_cpu_mem_usage=True, **_dtype_kwargs(dtype))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), low_cpu_mem_usage=True, dtype=dtype)
     if type(model).__name__ not in SUPPORTED_ARCHITECTURES:  # config said one thing, transformers built another
         raise QoqError(f"unsupported architecture '{type(model).__name__}' in '{folder}'; {_SUPPORTED_TEXT}")
     if reader is None:
@@ -381,7 +374,7 @@ def _convert_gguf(path: Path):
 
     with _gguf_bar_follows_transformers():
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     **_dtype_kwargs(torch.float32))
+                                                     dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
 
