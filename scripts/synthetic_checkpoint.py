@@ -38,9 +38,8 @@ import torch
 
 from qoq.bench.synthetic import HAS_QKV_BIAS, SHAPES
 from qoq.errors import QoqError
-from qoq.output import create_partial, drop_owner_record, finish_partial, remove_stale_partials
+from qoq.output import commit_partial, create_partial, remove_stale_partials
 from qoq.progress import Reporter
-from qoq.signals import interrupts_deferred
 
 # Published shapes: the bench's table, plus the two it lacks. Qwen2.5-7B has exactly Qwen2-7B's shape.
 PRESETS: dict[str, dict] = {
@@ -327,12 +326,7 @@ def run(args: argparse.Namespace) -> Path:
     try:
         check_disk_space(out.parent, total_bytes(tensor_specs(fields), DTYPES[args.dtype]))
         write_checkpoint(partial.path, args, fields, tokenizer)
-        finish_partial(partial.path)  # safetensors creates owner-only files: give them the umask's modes
-        with interrupts_deferred():
-            if out.exists():
-                out.rmdir()  # checked empty above
-            os.replace(partial.path, out)
-            drop_owner_record(out)
+        commit_partial(partial.path, out)  # --out was checked to be missing or empty above
     except BaseException:
         partial.discard()
         raise
