@@ -22,14 +22,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qoq.errors import QoqError
-from qoq.models.arch import head_dims
+from qoq.models.arch import BLOCK_LINEARS, head_dims
 from qoq.runtime.fast import DecodeGraphs, HostMirroredLengths
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 # cuDNN attention (preferred by torch on Hopper) builds a plan per new key length: every prefill length
 # would pay it. Flash (then memory-efficient, then math) attention takes any length as it comes.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-MLP = ("gate_proj", "up_proj", "down_proj")
 FLASH_DECODE = "flash attention (variable length, seqused_k)"
 MASKED_DECODE = "SDPA over the whole cache with a length mask"
 
@@ -91,8 +89,7 @@ class FP16Engine(HostMirroredLengths):
 
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}"
-            w = {n: take(f"{p}.self_attn.{n}.weight") for n in ATTN}
-            w.update({n: take(f"{p}.mlp.{n}.weight") for n in MLP})
+            w = {name.rsplit(".", 1)[1]: take(f"{p}.{name}.weight") for name in BLOCK_LINEARS}
             b = [take(f"{p}.self_attn.{n}.bias", False) for n in ("q_proj", "k_proj", "v_proj")]
             layer = {
                 "wqkv": self.prepare_weight(torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]])),

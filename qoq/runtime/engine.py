@@ -28,14 +28,11 @@ import torch
 
 from qoq.errors import QoqError, arg, one_line
 from qoq.formats.artifact import Artifact, read_artifact
-from qoq.models.arch import head_dims
+from qoq.models.arch import BLOCK_LINEARS, head_dims
 from qoq.runtime import fast as fast_mode
 from qoq.scheme import ops
 from qoq.scheme.progressive import is_per_channel
 from qoq.runtime.backend import Backend, get_backend, resolve_device
-
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -160,8 +157,7 @@ class Engine(fast_mode.HostMirroredLengths):
         self.layers = []
         for i in range(n_layers):
             p = f"model.layers.{i}"
-            lin = {n: linear(f"{p}.self_attn.{n}") for n in ATTN}
-            lin.update({n: linear(f"{p}.mlp.{n}") for n in MLP})
+            lin = {name.rsplit(".", 1)[1]: linear(f"{p}.{name}") for name in BLOCK_LINEARS}
             self.layers.append(Layer(**lin, input_layernorm=norm(f"{p}.input_layernorm.weight"),
                                      post_attention_layernorm=norm(f"{p}.post_attention_layernorm.weight")))
         embed = tensor("model.embed_tokens.weight")
