@@ -187,11 +187,7 @@ def nvrtc_compile(source: str, name: str, arch: str) -> bytes:
     from cupy_backends.cuda.libs import nvrtc
 
     options = nvrtc_options(arch)
-    try:
-        version = nvrtc.getVersion()
-    except Exception:  # pragma: no cover - older bindings
-        version = "?"
-    path = cached_cubin_path(source, name, options, version)
+    path = cached_cubin_path(source, name, options, nvrtc.getVersion())
     if path.is_file():
         return path.read_bytes()
     prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
@@ -437,10 +433,7 @@ def device_info(device: int) -> dict:
         import torch
 
         p = torch.cuda.get_device_properties(device)
-        try:
-            optin = cupy.cuda.runtime.deviceGetAttribute(97, device)  # cudaDevAttrMaxSharedMemoryPerBlockOptin
-        except Exception:
-            optin = 48 * 1024
+        optin = cupy.cuda.runtime.deviceGetAttribute(97, device)  # cudaDevAttrMaxSharedMemoryPerBlockOptin
         info = {"sms": p.multi_processor_count, "smem_optin": int(optin), "name": p.name, "cc": 10 * p.major + p.minor}
         _props[device] = info
     return info
