@@ -15,7 +15,7 @@ import torch
 
 from qoq.bench.fp16_engine import FP16Engine
 
-FP8 = getattr(torch, "float8_e4m3fn", None)
+FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale
 
@@ -54,16 +54,8 @@ class FP8Weight:
         return self.w.shape[0]
 
 
-def require_fp8() -> None:
-    if FP8 is None:
-        from qoq.errors import QoqError
-
-        raise QoqError("this torch has no float8_e4m3fn: the FP8 engine needs torch >= 2.1")
-
-
 def quantize_weight_fp8(w: torch.Tensor) -> FP8Weight:
     """Per-output-channel absmax scaling of w [N, K] to FP8 e4m3."""
-    require_fp8()
     w = w.float()
     scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)  # [N, 1]
     q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -107,7 +99,6 @@ class FP8Engine(FP16Engine):
 
     def __init__(self, config: dict, weights: dict[str, torch.Tensor], device: torch.device | str,
                  dtype: torch.dtype | None = None, cuda_graph: bool | None = None):
-        require_fp8()
         dev = torch.device(device)
         super().__init__(config, weights, dev, dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32),
                          cuda_graph)

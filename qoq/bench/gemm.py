@@ -49,7 +49,7 @@ def bench_gemm(shapes=LLAMA3_8B_SHAPES, ms=MS, groups=(128, -1), fp8: bool = Tru
         w8 = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
         c8 = copies_beyond_l2(n * k)
         w8s = [w8] + [w8.clone() for _ in range(c8 - 1)]
-        have_fp8 = fp8 and hasattr(torch, "float8_e4m3fn") and torch.cuda.get_device_capability() >= (8, 9)
+        have_fp8 = fp8 and torch.cuda.get_device_capability() >= (8, 9)
         wf8s = [w.to(torch.float8_e4m3fn) for w in w16s[: c8]] if have_fp8 else []
         q4 = {g: quantized_weights(n, k, g, copies_beyond_l2(n * k // 2 + n * 8), dev) for g in groups}
         np_, kp = q4[groups[0]][0].qweight.shape[0], q4[groups[0]][0].padded_in
