@@ -291,13 +291,17 @@ def _verify_table(result) -> Table:
     table = Table(title=f"{result.artifact}: WikiText-2, {result.windows} x {result.seq_len} tokens "
                         f"({result.backend} on {result.device})")
     quant = "W4A8 (sglang)" if result.semantics == "sglang" else "W4A8KV4"
-    base = {"float16": "FP16", "float32": "FP32", None: "FP16"}.get(result.baseline_dtype, result.baseline_dtype)
+    b, q = result.baseline, result.quantized
+    if b is None:  # --no-baseline: no baseline columns to leave empty
+        for col in (f"PPL {quant}", "tokens", f"time {quant}"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{q.ppl:.4f}", f"{q.tokens:,}", f"{q.seconds:.1f} s")
+        return table
+    base = {"float16": "FP16", "float32": "FP32"}.get(result.baseline_dtype, result.baseline_dtype)
     for col in (f"PPL {base}", f"PPL {quant}", "delta", "tokens", f"time {base}", f"time {quant}"):
         table.add_column(col, justify="right")
-    b, q = result.baseline, result.quantized
-    table.add_row("-" if b is None else f"{b.ppl:.4f}", f"{q.ppl:.4f}",
-                  "-" if result.delta is None else f"{result.delta:+.4f}", f"{q.tokens:,}",
-                  "-" if b is None else f"{b.seconds:.1f} s", f"{q.seconds:.1f} s")
+    table.add_row(f"{b.ppl:.4f}", f"{q.ppl:.4f}", f"{result.delta:+.4f}", f"{q.tokens:,}", f"{b.seconds:.1f} s",
+                  f"{q.seconds:.1f} s")
     return table
 
 

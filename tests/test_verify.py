@@ -82,6 +82,9 @@ def test_verify_tiny_json_table_and_max_delta(tiny_artifact, wikitext_dir):
     r = runner.invoke(app, args + ["--no-baseline"])
     assert r.exit_code == 0, r.output
     assert "PPL W4A8KV4" in r.stdout and f"{report['ppl_quantized']:.4f}" in r.stdout
+    assert "PPL FP" not in r.stdout and "delta" not in r.stdout  # no empty baseline columns
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "PPL FP32" in r.stdout and f"{report['delta']:+.4f}" in r.stdout  # CPU baseline
     # --max-delta: a bound nobody meets fails with one line
     r = runner.invoke(app, args + ["--max-delta", "-1000000"])
     assert r.exit_code == 1 and "Traceback" not in r.output
